@@ -1,0 +1,69 @@
+//! Errors of the test host.
+
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+/// What went wrong while preparing or running a guest or the nested host.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A guest image is not there.
+    #[error("guest image {0} is missing: run guest-images/build")]
+    ImagesMissing(PathBuf),
+    /// `guest-images/build` failed.
+    #[error("guest-images/build failed ({0}); its messages are above")]
+    ImageBuild(ExitStatus),
+    /// A program could not be started.
+    #[error("cannot start {0}: {1}")]
+    Spawn(String, #[source] std::io::Error),
+    /// QEMU, needed for the nested host, is not installed.
+    #[error("qemu-system-x86_64 not found on PATH: the nested test host needs it (apt-get install qemu-system-x86)")]
+    QemuMissing,
+    /// No release binary of the repository was found for the payload.
+    #[error("no release binaries in {0}: run cargo build --release first")]
+    NoBinaries(PathBuf),
+    /// Preparing the run's files failed.
+    #[error("preparing the nested host's payload failed: {0}")]
+    Payload(#[source] std::io::Error),
+    /// L1 did not print its ready marker in time or ended before it.
+    #[error("the nested host (L1) did not come up within {limit:?}{}", console_tail(.console))]
+    L1NotUp {
+        /// The boot time limit.
+        limit: Duration,
+        /// The end of L1's console log.
+        console: String,
+    },
+    /// QEMU ended before the command reported its status.
+    #[error("the nested host ended without reporting the command's status ({status}){}", console_tail(.console))]
+    L1Died {
+        /// QEMU's exit status.
+        status: String,
+        /// The end of L1's console log and QEMU's stderr.
+        console: String,
+    },
+    /// The command ran longer than its limit and was stopped.
+    #[error("the command exceeded its time limit of {limit:?} in the nested host and was stopped")]
+    TimedOut {
+        /// The limit.
+        limit: Duration,
+        /// What the command printed before it was stopped.
+        output: String,
+    },
+    /// The capability probe failed or said something unexpected.
+    #[error("the KVM capability probe failed: {0}")]
+    Probe(String),
+    /// Another I/O failure.
+    #[error("{0}: {1}")]
+    Io(&'static str, #[source] std::io::Error),
+}
+
+fn console_tail(console: &str) -> String {
+    if console.trim().is_empty() {
+        String::new()
+    } else {
+        format!("; the end of its console:\n{console}")
+    }
+}
+
+/// Result of this crate.
+pub type Result<T> = std::result::Result<T, Error>;

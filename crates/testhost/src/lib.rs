@@ -1,0 +1,16 @@
+//! Test support for evmm: the guest images, the nested KVM test host that boots Linux
+//! guests on hosts whose /dev/kvm cannot, the route between the two, and parsing of
+//! guest consoles.
+
+pub mod cpio;
+pub mod error;
+pub mod guest;
+pub mod images;
+pub mod nested;
+pub mod route;
+
+pub use error::{Error, Result};
+pub use guest::GuestConsole;
+pub use images::GuestImages;
+pub use nested::{NestedHost, RunOutput};
+pub use route::Route;

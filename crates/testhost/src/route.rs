@@ -1,0 +1,167 @@
+//! Which way a test boots Linux guests: directly on this host's /dev/kvm when it runs
+//! ring-0 guest code natively, else inside the nested test host.
+
+use crate::error::{Error, Result};
+use crate::images::target_dir;
+use crate::nested::{NestedHost, RunOutput};
+use std::fmt;
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where Linux guests run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// This host's /dev/kvm runs ring-0 guest code natively.
+    Direct {
+        /// The capability probe's verdict.
+        probe: String,
+    },
+    /// Ring 0 is emulated here: guests run in the nested test host (L1).
+    Nested {
+        /// The capability probe's verdict.
+        probe: String,
+    },
+}
+
+impl Route {
+    /// Runs the capability probe (`evmm-kvm-probe` of the release build) and picks the route.
+    pub fn detect() -> Result<Self> {
+        let probe = target_dir().join("release/evmm-kvm-probe");
+        let out = Command::new(&probe).output().map_err(|e| {
+            Error::Spawn(
+                format!("{} (run cargo build --release)", probe.display()),
+                e,
+            )
+        })?;
+        let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if !out.status.success() {
+            return Err(Error::Probe(format!(
+                "{}{}",
+                line,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Self::from_probe_line(&line)
+    }
+
+    /// The route for a line of `evmm-kvm-probe` output.
+    pub fn from_probe_line(line: &str) -> Result<Self> {
+        let probe = line.to_string();
+        if line.starts_with("ring 0 native") {
+            Ok(Route::Direct { probe })
+        } else if line.starts_with("ring 0 emulated") {
+            Ok(Route::Nested { probe })
+        } else {
+            Err(Error::Probe(format!("unexpected probe output: {line}")))
+        }
+    }
+
+    /// Runs `argv` where guests boot: on this host (in the repository, release binaries on
+    /// PATH) or in the nested host, stopping it after `limit`.
+    pub fn run<S: AsRef<str>>(&self, argv: &[S], limit: Duration) -> Result<RunOutput> {
+        match self {
+            Route::Direct { .. } => run_here(argv, limit),
+            Route::Nested { .. } => NestedHost::new()?.timeout(limit).run(argv),
+        }
+    }
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Route::Direct { probe } => write!(f, "route: direct on this host's /dev/kvm ({probe})"),
+            Route::Nested { probe } => write!(
+                f,
+                "route: nested KVM inside QEMU's emulator, because this host's /dev/kvm cannot boot Linux ({probe})"
+            ),
+        }
+    }
+}
+
+fn run_here<S: AsRef<str>>(argv: &[S], limit: Duration) -> Result<RunOutput> {
+    let (program, args) = argv.split_first().ok_or_else(|| {
+        Error::Spawn(
+            "an empty command".into(),
+            std::io::ErrorKind::InvalidInput.into(),
+        )
+    })?;
+    let path = std::env::join_paths(
+        std::iter::once(target_dir().join("release")).chain(
+            std::env::var_os("PATH")
+                .iter()
+                .flat_map(std::env::split_paths),
+        ),
+    )
+    .map_err(|e| Error::Spawn("PATH".into(), std::io::Error::other(e)))?;
+    let started = Instant::now();
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("exec \"$@\" 2>&1")
+        .arg("sh")
+        .arg(program.as_ref())
+        .args(args.iter().map(AsRef::as_ref))
+        .current_dir(crate::images::repo_root())
+        .env("PATH", path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::Spawn(program.as_ref().to_string(), e))?;
+    let mut stdout = child.stdout.take().expect("stdout is piped");
+    let reader = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = stdout.read_to_end(&mut bytes);
+        String::from_utf8_lossy(&bytes).into_owned()
+    });
+    let status = loop {
+        if let Some(status) = child
+            .try_wait()
+            .map_err(|e| Error::Io("waiting for the command", e))?
+        {
+            break status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(Error::TimedOut {
+                limit,
+                output: reader.join().unwrap_or_default(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok(RunOutput {
+        status: status.code().unwrap_or(-1),
+        output: reader.join().unwrap_or_default().trim_end().to_string(),
+        l1_boot: Duration::ZERO,
+        command_time: started.elapsed(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_lines_pick_the_route() {
+        let r = Route::from_probe_line("ring 0 emulated: 450 ns/iteration at CPL0").unwrap();
+        assert!(matches!(r, Route::Nested { .. }));
+        assert!(r.to_string().contains("nested"));
+        let r = Route::from_probe_line("ring 0 native: 0.3 ns/iteration at CPL0").unwrap();
+        assert!(matches!(r, Route::Direct { .. }));
+        assert!(Route::from_probe_line("error: no /dev/kvm").is_err());
+    }
+
+    #[test]
+    fn direct_runs_report_status_and_output() {
+        let out = run_here(
+            &["sh", "-c", "echo out; echo err >&2; exit 3"],
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        assert_eq!(out.status, 3);
+        assert_eq!(out.output, "out\nerr");
+        let err = run_here(&["sleep", "5"], Duration::from_millis(200)).unwrap_err();
+        assert!(matches!(err, Error::TimedOut { .. }), "{err}");
+    }
+}

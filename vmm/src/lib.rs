@@ -1,0 +1,3 @@
+//! evmm: a minimal KVM virtual machine monitor.
+
+pub mod probe;
