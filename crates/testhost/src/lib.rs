@@ -7,10 +7,12 @@ pub mod error;
 pub mod guest;
 pub mod images;
 pub mod nested;
+pub mod qemu;
 pub mod route;
 
 pub use error::{Error, Result};
 pub use guest::GuestConsole;
 pub use images::GuestImages;
 pub use nested::{NestedHost, RunOutput};
+pub use qemu::QemuGuest;
 pub use route::Route;

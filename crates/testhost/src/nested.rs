@@ -49,6 +49,7 @@ pub struct NestedHost {
     command_limit: Duration,
     extra_files: Vec<(PathBuf, String)>,
     on_line: Option<LineSink>,
+    temp_parent: PathBuf,
 }
 
 impl NestedHost {
@@ -68,6 +69,7 @@ impl NestedHost {
             command_limit: Duration::from_secs(600),
             extra_files: Vec::new(),
             on_line: None,
+            temp_parent: std::env::temp_dir(),
         }
     }
 
@@ -101,6 +103,13 @@ impl NestedHost {
         self
     }
 
+    /// Where each run's temporary folder (the initramfs, L1's console log) is made; the
+    /// folder is removed when the run ends. Default: the system's temporary folder.
+    pub fn temp_parent(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.temp_parent = dir.into();
+        self
+    }
+
     /// Calls `sink` with each line of the command's output as it arrives.
     pub fn on_line(mut self, sink: impl FnMut(&str) + Send + 'static) -> Self {
         self.on_line = Some(Box::new(sink));
@@ -114,7 +123,7 @@ impl NestedHost {
         let _lock = RunLock::acquire()?;
         let work = tempfile::Builder::new()
             .prefix("evmm-nested-")
-            .tempdir()
+            .tempdir_in(&self.temp_parent)
             .map_err(|e| Error::Io("cannot create a temporary folder", e))?;
         let nonce = nonce();
         let initrd = work.path().join("l1.cpio");

@@ -1,0 +1,91 @@
+//! Command lines that boot the guest images under QEMU, the reference VMM the tests and
+//! benchmarks compare evmm with.
+
+use crate::images::GuestImages;
+
+/// A Linux guest of `guest-images/build` under QEMU with KVM.
+#[derive(Debug, Clone)]
+pub struct QemuGuest {
+    /// The QEMU machine type (`microvm` or `pc`).
+    pub machine: String,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// Guest vCPUs.
+    pub cpus: u32,
+    /// Kernel command line after the console settings (e.g. `evmm.test=sysinfo`).
+    pub cmdline: String,
+    /// Further QEMU arguments (devices).
+    pub extra: Vec<String>,
+}
+
+impl QemuGuest {
+    /// A `-M microvm` guest running the guest test `test`.
+    pub fn microvm(test: &str) -> Self {
+        Self {
+            machine: "microvm".into(),
+            memory_mib: 512,
+            cpus: 1,
+            cmdline: crate::guest::test_arg(test),
+            extra: Vec::new(),
+        }
+    }
+
+    /// The full command line, console on stdout, exiting when the guest reboots.
+    pub fn argv(&self, images: &GuestImages) -> Vec<String> {
+        let mut argv: Vec<String> = [
+            "qemu-system-x86_64",
+            "-L",
+            "/usr/share/qemu",
+            "-cpu",
+            "host",
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-no-reboot",
+            "-serial",
+            "stdio",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        argv.extend([
+            "-M".into(),
+            format!("{},accel=kvm", self.machine),
+            "-m".into(),
+            self.memory_mib.to_string(),
+            "-smp".into(),
+            self.cpus.to_string(),
+            "-kernel".into(),
+            images.vmlinuz.display().to_string(),
+            "-initrd".into(),
+            images.initramfs.display().to_string(),
+            "-append".into(),
+            format!("console=ttyS0 reboot=t panic=-1 quiet {}", self.cmdline),
+        ]);
+        argv.extend(self.extra.iter().cloned());
+        argv
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    #[test]
+    fn microvm_command_line() {
+        let images = GuestImages {
+            dir: "/o".into(),
+            vmlinuz: "/o/vmlinuz".into(),
+            initramfs: "/o/initramfs.cpio.gz".into(),
+            l1_initramfs: PathBuf::from("/o/l1.cpio"),
+        };
+        let mut g = QemuGuest::microvm("sysinfo");
+        g.cpus = 2;
+        let argv = g.argv(&images).join(" ");
+        assert!(argv.starts_with("qemu-system-x86_64 "));
+        assert!(argv.contains("-M microvm,accel=kvm -m 512 -smp 2"));
+        assert!(argv.contains("-kernel /o/vmlinuz -initrd /o/initramfs.cpio.gz"));
+        assert!(argv.ends_with("quiet evmm.test=sysinfo"));
+    }
+}
