@@ -49,6 +49,14 @@ pub enum Error {
         /// What the command printed before it was stopped.
         output: String,
     },
+    /// A guest never printed the start marker of its init.
+    #[error("{command} never showed the guest's start marker; the end of its console:\n{console}")]
+    NoStartMarker {
+        /// The VMM.
+        command: String,
+        /// The end of the console.
+        console: String,
+    },
     /// The capability probe failed or said something unexpected.
     #[error("the KVM capability probe failed: {0}")]
     Probe(String),

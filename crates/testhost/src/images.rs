@@ -34,7 +34,9 @@ pub struct GuestImages {
 }
 
 impl GuestImages {
-    /// The images as they are on disk; fails when one is missing.
+    /// The images as they are on disk; fails when the guest kernel or initramfs is
+    /// missing (the nested host's initramfs is checked when a nested host starts, and
+    /// is not there inside the nested host itself).
     pub fn existing() -> Result<Self> {
         let dir = repo_root().join("guest-images/out");
         let images = Self {
@@ -43,7 +45,7 @@ impl GuestImages {
             l1_initramfs: dir.join("l1-initramfs.cpio"),
             dir,
         };
-        for path in [&images.vmlinuz, &images.initramfs, &images.l1_initramfs] {
+        for path in [&images.vmlinuz, &images.initramfs] {
             if !path.is_file() {
                 return Err(Error::ImagesMissing(path.clone()));
             }

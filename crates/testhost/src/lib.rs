@@ -2,6 +2,7 @@
 //! guests on hosts whose /dev/kvm cannot, the route between the two, and parsing of
 //! guest consoles.
 
+pub mod boottime;
 pub mod cpio;
 pub mod error;
 pub mod guest;

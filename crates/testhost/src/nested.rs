@@ -120,6 +120,9 @@ impl NestedHost {
     /// PATH), and returns its output and status. A non-zero status is not an error.
     pub fn run<S: AsRef<str>>(&mut self, argv: &[S]) -> Result<RunOutput> {
         let qemu = find_on_path(QEMU).ok_or(Error::QemuMissing)?;
+        if !self.images.l1_initramfs.is_file() {
+            return Err(Error::ImagesMissing(self.images.l1_initramfs.clone()));
+        }
         let _lock = RunLock::acquire()?;
         let work = tempfile::Builder::new()
             .prefix("evmm-nested-")
