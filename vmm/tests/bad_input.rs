@@ -1,0 +1,196 @@
+//! The evmm binary rejects bad input with one `error: ...` line and a
+//! non-zero status, before touching KVM where possible.
+
+use std::process::{Command, Output};
+
+fn evmm(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_evmm"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run evmm")
+}
+
+/// A file with a valid bzImage header magic but nothing behind it.
+fn fake_bzimage(dir: &tempfile::TempDir) -> String {
+    let mut img = vec![0u8; 0x1000];
+    img[0x1f1] = 4; // setup_sects
+    img[0x202..0x206].copy_from_slice(b"HdrS");
+    let path = dir.path().join("bz");
+    std::fs::write(&path, img).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+/// The smallest ELF evmm loads: a header and one 1-byte PT_LOAD (`hlt`)
+/// at 1 MiB.
+fn tiny_elf(dir: &tempfile::TempDir) -> String {
+    let mut f = Vec::new();
+    f.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    f.extend_from_slice(&2u16.to_le_bytes());
+    f.extend_from_slice(&0x3eu16.to_le_bytes());
+    f.extend_from_slice(&1u32.to_le_bytes());
+    f.extend_from_slice(&0x10_0000u64.to_le_bytes());
+    f.extend_from_slice(&64u64.to_le_bytes());
+    f.extend_from_slice(&0u64.to_le_bytes());
+    f.extend_from_slice(&0u32.to_le_bytes());
+    for v in [64u16, 56, 1, 64, 0, 0] {
+        f.extend_from_slice(&v.to_le_bytes());
+    }
+    f.extend_from_slice(&1u32.to_le_bytes());
+    f.extend_from_slice(&5u32.to_le_bytes());
+    for v in [0x1000u64, 0x10_0000, 0x10_0000, 1, 1, 0x1000] {
+        f.extend_from_slice(&v.to_le_bytes());
+    }
+    f.resize(0x1001, 0xf4);
+    let path = dir.path().join("tiny-elf");
+    std::fs::write(&path, f).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+fn assert_error(out: &Output, status: i32, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(status), "stderr: {stderr}");
+    assert!(stderr.starts_with("error: "), "stderr: {stderr}");
+    assert!(stderr.contains(needle), "{needle:?} not in {stderr:?}");
+    assert!(!stderr.contains("panicked"), "stderr: {stderr}");
+    if status == 1 {
+        assert_eq!(stderr.lines().count(), 1, "stderr: {stderr}");
+    }
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn missing_kernel() {
+    let out = evmm(&["--kernel", "/nonexistent/vmlinuz"], &[]);
+    assert_error(&out, 1, "cannot read kernel /nonexistent/vmlinuz");
+}
+
+#[test]
+fn unreadable_kernel_is_a_directory() {
+    let out = evmm(&["--kernel", "/"], &[]);
+    assert_error(&out, 1, "cannot read kernel /");
+}
+
+#[test]
+fn file_that_is_no_kernel() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notes.txt");
+    std::fs::write(&path, "just text\n").unwrap();
+    let out = evmm(&["--kernel", path.to_str().unwrap()], &[]);
+    assert_error(&out, 1, "is not a kernel image");
+}
+
+#[test]
+fn truncated_bzimage() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = evmm(&["--kernel", &fake_bzimage(&dir)], &[]);
+    assert_error(&out, 1, "kernel");
+}
+
+#[test]
+fn initramfs_that_does_not_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let elf = tiny_elf(&dir);
+    let initrd = dir.path().join("initrd");
+    let file = std::fs::File::create(&initrd).unwrap();
+    file.set_len(40 << 20).unwrap();
+    let out = evmm(
+        &[
+            "--kernel",
+            &elf,
+            "--initramfs",
+            initrd.to_str().unwrap(),
+            "--memory",
+            "32",
+        ],
+        &[],
+    );
+    assert_error(&out, 1, "does not fit in guest memory");
+}
+
+#[test]
+fn missing_initramfs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = evmm(
+        &[
+            "--kernel",
+            &tiny_elf(&dir),
+            "--initramfs",
+            "/nonexistent/initrd",
+        ],
+        &[],
+    );
+    assert_error(&out, 1, "cannot read initramfs /nonexistent/initrd");
+}
+
+#[test]
+fn zero_memory() {
+    let out = evmm(&["--kernel", "/k", "--memory", "0"], &[]);
+    assert_error(&out, 1, "--memory 0 MiB is too small");
+}
+
+#[test]
+fn memory_beyond_the_host() {
+    let out = evmm(&["--kernel", "/k", "--memory", "100000000"], &[]);
+    assert_error(&out, 1, "more than the host's physical memory");
+}
+
+#[test]
+fn zero_vcpus() {
+    let out = evmm(&["--kernel", "/k", "--cpus", "0"], &[]);
+    assert_error(&out, 1, "--cpus must be at least 1");
+}
+
+#[test]
+fn unknown_flag() {
+    let out = evmm(&["--kernel", "/k", "--frobnicate"], &[]);
+    assert_error(&out, 2, "unexpected argument '--frobnicate'");
+}
+
+#[test]
+fn no_kvm_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = tiny_elf(&dir);
+    let out = evmm(
+        &["--kernel", &k],
+        &[("EVMM_KVM_DEVICE", "/nonexistent/kvm")],
+    );
+    assert_error(&out, 1, "cannot open /nonexistent/kvm");
+    // A device without permission: a file with mode 000 (root ignores
+    // permissions, so only check when the open really fails).
+    let denied = dir.path().join("kvm");
+    std::fs::write(&denied, "").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&denied, std::fs::Permissions::from_mode(0o000)).unwrap();
+    if std::fs::File::open(&denied).is_err() {
+        let out = evmm(
+            &["--kernel", &k],
+            &[("EVMM_KVM_DEVICE", denied.to_str().unwrap())],
+        );
+        assert_error(&out, 1, "Permission denied");
+    }
+}
+
+#[test]
+fn command_line_too_long() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = "x".repeat(3000);
+    let out = evmm(&["--kernel", &tiny_elf(&dir), "--cmdline", &long], &[]);
+    assert_error(
+        &out,
+        1,
+        "--cmdline is 3000 bytes; this kernel accepts at most 2047",
+    );
+}
+
+#[test]
+fn help_exits_0() {
+    let out = evmm(&["--help"], &[]);
+    assert_eq!(out.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains("Usage: evmm [OPTIONS] --kernel <PATH>"),
+        "{help}"
+    );
+    assert!(help.contains("[default: 512]"), "{help}");
+}
