@@ -5,6 +5,7 @@
 pub mod boottime;
 pub mod cpio;
 pub mod error;
+pub mod evmm;
 pub mod guest;
 pub mod images;
 pub mod nested;
@@ -12,6 +13,7 @@ pub mod qemu;
 pub mod route;
 
 pub use error::{Error, Result};
+pub use evmm::EvmmGuest;
 pub use guest::GuestConsole;
 pub use images::GuestImages;
 pub use nested::{NestedHost, RunOutput};
