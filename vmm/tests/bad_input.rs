@@ -156,19 +156,26 @@ fn no_kvm_device() {
         &[("EVMM_KVM_DEVICE", "/nonexistent/kvm")],
     );
     assert_error(&out, 1, "cannot open /nonexistent/kvm");
-    // A device without permission: a file with mode 000 (root ignores
-    // permissions, so only check when the open really fails).
-    let denied = dir.path().join("kvm");
-    std::fs::write(&denied, "").unwrap();
+    // No permission on the real /dev/kvm (mode 0600, owned by root): run evmm as
+    // the unprivileged user "nobody", through setpriv when this test runs as root.
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    let euid = unsafe { libc::geteuid() };
+    let mut cmd = if euid == 0 {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_evmm"));
+        c
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_evmm"))
+    };
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&denied, std::fs::Permissions::from_mode(0o000)).unwrap();
-    if std::fs::File::open(&denied).is_err() {
-        let out = evmm(
-            &["--kernel", &k],
-            &[("EVMM_KVM_DEVICE", denied.to_str().unwrap())],
-        );
-        assert_error(&out, 1, "Permission denied");
-    }
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = cmd
+        .args(["--kernel", &k])
+        .output()
+        .expect("setpriv (util-linux) runs evmm as an unprivileged user");
+    assert_error(&out, 1, "Permission denied");
 }
 
 #[test]

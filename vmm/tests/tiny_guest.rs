@@ -83,16 +83,15 @@ fn elf(code: &[u8], pvh: bool) -> Vec<u8> {
     f
 }
 
-fn kvm_usable() -> bool {
-    let ok = std::fs::OpenOptions::new()
+/// These tests need /dev/kvm; without it they fail and say so.
+fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        eprintln!("skipped: /dev/kvm is not usable here");
+    {
+        panic!("these tests boot tiny guests and need a usable /dev/kvm: {e}");
     }
-    ok
 }
 
 struct Outcome {
@@ -159,9 +158,7 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 
 #[test]
 fn serial_output_then_acpi_poweroff_exits_0() {
-    if !kvm_usable() {
-        return;
-    }
+    require_kvm();
     let dir = tempfile::tempdir().unwrap();
     let mut c = code::print("hello from the guest\n");
     c.extend(code::poweroff());
@@ -175,9 +172,7 @@ fn serial_output_then_acpi_poweroff_exits_0() {
 
 #[test]
 fn i8042_reset_exits_0_with_several_vcpus() {
-    if !kvm_usable() {
-        return;
-    }
+    require_kvm();
     let dir = tempfile::tempdir().unwrap();
     let mut c = code::print("R");
     c.extend(code::i8042_reset());
@@ -191,9 +186,7 @@ fn i8042_reset_exits_0_with_several_vcpus() {
 
 #[test]
 fn triple_fault_exits_0() {
-    if !kvm_usable() {
-        return;
-    }
+    require_kvm();
     let dir = tempfile::tempdir().unwrap();
     let mut c = code::print("T");
     c.extend(code::UD2);
@@ -210,9 +203,7 @@ fn triple_fault_exits_0() {
 
 #[test]
 fn pvh_entry_is_used() {
-    if !kvm_usable() {
-        return;
-    }
+    require_kvm();
     let dir = tempfile::tempdir().unwrap();
     let mut c = code::print("PVH\n");
     c.extend(code::poweroff());
@@ -226,9 +217,7 @@ fn pvh_entry_is_used() {
 
 #[test]
 fn sigterm_stops_a_halted_guest() {
-    if !kvm_usable() {
-        return;
-    }
+    require_kvm();
     let dir = tempfile::tempdir().unwrap();
     let mut c = code::print("up\n");
     c.extend(code::HALT);
@@ -264,9 +253,7 @@ fn sigterm_stops_a_halted_guest() {
 #[test]
 fn terminal_is_raw_while_running_and_restored_after_sigterm() {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    if !kvm_usable() {
-        return;
-    }
+    require_kvm();
     let (mut master, mut slave) = (0, 0);
     // SAFETY: openpty writes two descriptors into the given locations; the
     // name, termios and winsize arguments may be null.
