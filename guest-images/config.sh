@@ -24,4 +24,4 @@ GUEST_TOOLS=""
 
 # Guest-side test programs built by this repository: cargo binaries built as static
 # executables and installed into the guest's /usr/bin.
-GUEST_RUST_BINS="evmm-guest-sysinfo"
+GUEST_RUST_BINS="evmm-guest-sysinfo evmm-guest-blk"

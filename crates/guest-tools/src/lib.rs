@@ -4,4 +4,5 @@
 //! their findings as single `KEY key=value ...` lines on the console, which the
 //! host-side tests parse.
 
+pub mod blk;
 pub mod sysinfo;

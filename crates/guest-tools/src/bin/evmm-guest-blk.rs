@@ -1,0 +1,73 @@
+//! Block-device checks for evmm's tests. In the guest:
+//!   evmm-guest-blk write-pattern DEV      the known pattern, O_DIRECT + fsync
+//!   evmm-guest-blk read-pattern DEV       verify the host's pattern
+//!   evmm-guest-blk readonly DEV           a write to a read-only disk must fail
+//!   evmm-guest-blk random DEV OPS SEED    a verified random workload
+//! On the host, on the disk file:
+//!   evmm-guest-blk host-write-pattern FILE
+//!   evmm-guest-blk host-verify-pattern FILE
+//!   evmm-guest-blk checksum FILE
+//! Each prints one `EVMM-BLK...` line; the exit status is 0 when the check passed.
+
+use evmm_guest_tools::blk;
+use std::path::Path;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    match run(&argv) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("evmm-guest-blk: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(argv: &[&str]) -> Result<bool, Box<dyn std::error::Error>> {
+    match argv {
+        ["write-pattern", dev] => {
+            blk::write_guest_pattern(Path::new(dev))?;
+            println!("EVMM-BLK-WRITE-PATTERN ok=1");
+            Ok(true)
+        }
+        ["read-pattern", dev] => {
+            let bad = blk::verify_host_pattern(Path::new(dev))?;
+            println!("EVMM-BLK-READ-PATTERN bad_bytes={bad}");
+            Ok(bad == 0)
+        }
+        ["readonly", dev] => {
+            let o = blk::try_readonly_write(Path::new(dev))?;
+            let errno = |e: &Option<std::io::Error>| e.as_ref().and_then(|e| e.raw_os_error()).unwrap_or(0);
+            println!(
+                "EVMM-BLK-READONLY open_errno={} write_errno={}",
+                errno(&o.open_error),
+                errno(&o.write_error)
+            );
+            Ok(o.open_error.is_some() && errno(&o.write_error) == libc::EIO)
+        }
+        ["random", dev, ops, seed] => {
+            let f = blk::open_direct(Path::new(dev), true)?;
+            let len = blk::device_len(&f)?;
+            let report = blk::random_workload(&f, len, ops.parse()?, seed.parse()?)?;
+            println!("{}", report.line());
+            Ok(report.mismatches == 0)
+        }
+        ["host-write-pattern", file] => {
+            blk::write_host_pattern(Path::new(file))?;
+            Ok(true)
+        }
+        ["host-verify-pattern", file] => {
+            let bad = blk::verify_guest_pattern_file(Path::new(file))?;
+            println!("EVMM-BLK-HOST-VERIFY bad_bytes={bad}");
+            Ok(bad == 0)
+        }
+        ["checksum", file] => {
+            println!("EVMM-BLK-CHECKSUM checksum={:016x}", blk::fnv1a(&std::fs::read(file)?));
+            Ok(true)
+        }
+        _ => Err("usage: see the top of src/bin/evmm-guest-blk.rs (write-pattern DEV | read-pattern DEV | readonly DEV | random DEV OPS SEED | host-write-pattern FILE | host-verify-pattern FILE | checksum FILE)".into()),
+    }
+}

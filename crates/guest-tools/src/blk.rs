@@ -1,0 +1,325 @@
+//! Block-device checks run in the guest, and their host-side counterparts on the disk
+//! file: a known pattern at known offsets, and a verified random workload.
+//!
+//! All guest I/O uses O_DIRECT with 4 KiB-aligned buffers, so it reaches the device
+//! rather than the guest's page cache.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+
+/// Sector size of the I/O.
+pub const SECTOR: u64 = 512;
+
+/// Offsets (bytes) and lengths of the pattern the guest writes: odd places on purpose
+/// (sector 1, across a 4 KiB boundary, past 1 MiB, the last 4 KiB of a 64 MiB disk).
+pub const GUEST_PATTERN: &[(u64, usize)] = &[
+    (512, 512),
+    (7 * 512, 4096),
+    (1024 * 1024 + 3 * 512, 64 * 1024),
+    (64 * 1024 * 1024 - 4096, 4096),
+];
+
+/// Where the host writes the pattern the guest reads back.
+pub const HOST_PATTERN: &[(u64, usize)] = &[(0, 4096), (5 * 1024 * 1024 + 512, 128 * 1024)];
+
+/// The pattern's byte at `offset` (a function of the offset and a seed, so misplaced
+/// data shows).
+pub fn pattern_byte(offset: u64, seed: u8) -> u8 {
+    let x = offset.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56;
+    (x as u8) ^ seed ^ ((offset / SECTOR) as u8)
+}
+
+/// The pattern for `len` bytes at `offset`.
+pub fn pattern(offset: u64, len: usize, seed: u8) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| pattern_byte(offset + i, seed))
+        .collect()
+}
+
+/// A heap buffer aligned for O_DIRECT.
+pub struct AlignedBuf {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+impl AlignedBuf {
+    /// A zeroed buffer of `len` bytes (a multiple of 512) aligned to 4 KiB.
+    pub fn new(len: usize) -> Self {
+        let layout = std::alloc::Layout::from_size_align(len.max(SECTOR as usize), 4096)
+            .expect("aligned layout");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Self { ptr, layout }
+    }
+
+    /// The first `len` bytes.
+    pub fn slice(&mut self, len: usize) -> &mut [u8] {
+        assert!(len <= self.layout.size());
+        // SAFETY: ptr is valid for layout.size() bytes, owned by self, and borrowed mutably.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: ptr came from alloc_zeroed with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+    }
+}
+
+/// Opens a block device for O_DIRECT I/O.
+pub fn open_direct(dev: &Path, write: bool) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_DIRECT)
+        .open(dev)
+}
+
+/// Writes [`GUEST_PATTERN`] with O_DIRECT and fsyncs.
+pub fn write_guest_pattern(dev: &Path) -> io::Result<()> {
+    let f = open_direct(dev, true)?;
+    for &(offset, len) in GUEST_PATTERN {
+        let mut buf = AlignedBuf::new(len);
+        buf.slice(len).copy_from_slice(&pattern(offset, len, 0xa5));
+        f.write_all_at(buf.slice(len), offset)?;
+    }
+    f.sync_all()
+}
+
+/// Reads [`HOST_PATTERN`] with O_DIRECT; the number of bytes that differ.
+pub fn verify_host_pattern(dev: &Path) -> io::Result<usize> {
+    let f = open_direct(dev, false)?;
+    let mut bad = 0;
+    for &(offset, len) in HOST_PATTERN {
+        let mut buf = AlignedBuf::new(len);
+        f.read_exact_at(buf.slice(len), offset)?;
+        bad += count_diff(buf.slice(len), &pattern(offset, len, 0x3c));
+    }
+    Ok(bad)
+}
+
+/// Host side: writes [`HOST_PATTERN`] into a disk file.
+pub fn write_host_pattern(file: &Path) -> io::Result<()> {
+    let f = OpenOptions::new().write(true).open(file)?;
+    for &(offset, len) in HOST_PATTERN {
+        f.write_all_at(&pattern(offset, len, 0x3c), offset)?;
+    }
+    f.sync_all()
+}
+
+/// Host side: the number of bytes of a disk file that differ from "zeros with
+/// [`GUEST_PATTERN`] written".
+pub fn verify_guest_pattern_file(file: &Path) -> io::Result<usize> {
+    let data = std::fs::read(file)?;
+    let mut expected = vec![0u8; data.len()];
+    for &(offset, len) in GUEST_PATTERN {
+        let at = offset as usize;
+        if at + len <= expected.len() {
+            expected[at..at + len].copy_from_slice(&pattern(offset, len, 0xa5));
+        }
+    }
+    Ok(count_diff(&data, &expected))
+}
+
+fn count_diff(a: &[u8], b: &[u8]) -> usize {
+    a.iter().zip(b).filter(|(x, y)| x != y).count() + a.len().abs_diff(b.len())
+}
+
+/// What a write to a read-only disk did.
+#[derive(Debug)]
+pub struct ReadonlyOutcome {
+    /// The error of opening the device for writing (the kernel knows it is read-only).
+    pub open_error: Option<io::Error>,
+    /// The error of an O_DIRECT write after forcing the device writable (BLKROSET 0):
+    /// the device itself must refuse it.
+    pub write_error: Option<io::Error>,
+}
+
+/// Tries to write to a read-only disk: first as is, then with the kernel's read-only
+/// flag cleared so that the request reaches the device.
+pub fn try_readonly_write(dev: &Path) -> io::Result<ReadonlyOutcome> {
+    let open_error = open_direct(dev, true).err();
+    let f = open_direct(dev, false)?;
+    let zero: libc::c_int = 0;
+    const BLKROSET: libc::c_ulong = 0x125d;
+    // SAFETY: BLKROSET reads one c_int through the pointer, which is valid for the call.
+    if unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&f), BLKROSET, &zero) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    drop(f);
+    let f = open_direct(dev, true)?;
+    let mut buf = AlignedBuf::new(4096);
+    buf.slice(4096).fill(0xee);
+    let write_error = f
+        .write_all_at(buf.slice(4096), 0)
+        .and_then(|_| f.sync_all())
+        .err();
+    Ok(ReadonlyOutcome {
+        open_error,
+        write_error,
+    })
+}
+
+/// A small deterministic generator (xorshift64*), so a workload can be replayed.
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from `seed` (any value).
+    pub fn new(seed: u64) -> Self {
+        Self(seed ^ 0x2545_F491_4F6C_DD1D | 1)
+    }
+    /// The next value.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// A value in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next_u64() % (hi - lo + 1)
+    }
+}
+
+/// Result of [`random_workload`].
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct WorkloadReport {
+    /// Reads done.
+    pub reads: u64,
+    /// Writes done.
+    pub writes: u64,
+    /// Flushes (fdatasync) done.
+    pub flushes: u64,
+    /// Bytes moved.
+    pub bytes: u64,
+    /// Bytes read that differed from what was last written there.
+    pub mismatches: u64,
+    /// FNV-1a of the whole disk as the workload left it (its in-memory shadow).
+    pub checksum: u64,
+}
+
+impl WorkloadReport {
+    /// The one-line form the host-side tests parse.
+    pub fn line(&self) -> String {
+        format!(
+            "EVMM-BLK-RANDOM reads={} writes={} flushes={} bytes={} mismatches={} checksum={:016x}",
+            self.reads, self.writes, self.flushes, self.bytes, self.mismatches, self.checksum
+        )
+    }
+}
+
+/// FNV-1a over `data`.
+pub fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// `ops` random reads and writes (60/40), sizes 512 B–128 KiB at sector-aligned
+/// offsets, each read checked against an in-memory shadow of the disk; the disk is
+/// expected to hold zeros at the start.
+pub fn random_workload(
+    dev: &File,
+    disk_len: u64,
+    ops: u64,
+    seed: u64,
+) -> io::Result<WorkloadReport> {
+    let mut shadow = vec![0u8; disk_len as usize];
+    let mut rng = Rng::new(seed);
+    let mut buf = AlignedBuf::new(128 * 1024);
+    let mut report = WorkloadReport::default();
+    let sectors = disk_len / SECTOR;
+    for _ in 0..ops {
+        let len_sectors = rng.range(1, 256).min(sectors);
+        let start = rng.range(0, sectors - len_sectors) * SECTOR;
+        let len = (len_sectors * SECTOR) as usize;
+        let at = start as usize;
+        if rng.range(0, 99) < 40 {
+            for b in buf.slice(len).iter_mut() {
+                *b = rng.next_u64() as u8;
+            }
+            dev.write_all_at(buf.slice(len), start)?;
+            shadow[at..at + len].copy_from_slice(buf.slice(len));
+            report.writes += 1;
+            if rng.range(0, 99) < 5 {
+                dev.sync_data()?;
+                report.flushes += 1;
+            }
+        } else {
+            dev.read_exact_at(buf.slice(len), start)?;
+            report.mismatches += count_diff(buf.slice(len), &shadow[at..at + len]) as u64;
+            report.reads += 1;
+        }
+        report.bytes += len as u64;
+    }
+    dev.sync_all()?;
+    report.checksum = fnv1a(&shadow);
+    Ok(report)
+}
+
+/// The size of a block device or file in bytes.
+pub fn device_len(f: &File) -> io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = f;
+    f.seek(SeekFrom::End(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_depend_on_offset_and_seed() {
+        assert_ne!(pattern(0, 512, 1), pattern(512, 512, 1));
+        assert_ne!(pattern(0, 512, 1), pattern(0, 512, 2));
+        assert_eq!(pattern(4096, 16, 7), pattern(4096, 16, 7));
+    }
+
+    #[test]
+    fn guest_pattern_file_check_finds_every_stray_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("disk");
+        let f = File::create(&file).unwrap();
+        f.set_len(64 << 20).unwrap();
+        for &(offset, len) in GUEST_PATTERN {
+            f.write_all_at(&pattern(offset, len, 0xa5), offset).unwrap();
+        }
+        assert_eq!(verify_guest_pattern_file(&file).unwrap(), 0);
+        f.write_all_at(&[1], 10 << 20).unwrap();
+        assert_eq!(verify_guest_pattern_file(&file).unwrap(), 1);
+    }
+
+    #[test]
+    fn random_workload_on_a_file_matches_its_shadow() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("disk");
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&file)
+            .unwrap();
+        f.set_len(4 << 20).unwrap();
+        let report = random_workload(&f, 4 << 20, 500, 42).unwrap();
+        assert_eq!(report.mismatches, 0);
+        assert_eq!(report.reads + report.writes, 500);
+        assert_eq!(report.checksum, fnv1a(&std::fs::read(&file).unwrap()));
+    }
+
+    #[test]
+    fn rng_is_deterministic_and_in_range() {
+        let (mut a, mut b) = (Rng::new(7), Rng::new(7));
+        for _ in 0..100 {
+            let x = a.range(3, 9);
+            assert_eq!(x, b.range(3, 9));
+            assert!((3..=9).contains(&x));
+        }
+    }
+}
