@@ -1,0 +1,212 @@
+//! The virtio-blk worker: one thread per device, blocked in epoll on the queues' kick
+//! eventfds and a kill eventfd.
+
+use super::backend::BlockBackend;
+use super::request::RequestLimits;
+use super::{process_chain, ChainOutcome, FaultLog, GuestFault};
+use crate::epoll::{EpollHelper, EpollToken};
+use crate::interrupt::{InterruptKind, InterruptSignal};
+use crate::metrics::QueueMetrics;
+use std::io;
+use std::os::unix::io::AsRawFd;
+use std::sync::Arc;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// What woke the worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Token {
+    /// Stop.
+    Kill,
+    /// The kick eventfd of the queue in this slot of [`BlockWorker::queues`].
+    Queue(usize),
+}
+
+impl EpollToken for Token {
+    fn to_raw(self) -> u64 {
+        match self {
+            Token::Kill => 0,
+            Token::Queue(slot) => slot as u64 + 1,
+        }
+    }
+
+    fn from_raw(raw: u64) -> Option<Self> {
+        match raw {
+            0 => Some(Token::Kill),
+            n => usize::try_from(n - 1).ok().map(Token::Queue),
+        }
+    }
+}
+
+/// One queue the worker serves.
+pub(crate) struct WorkerQueue {
+    /// The virtio queue index (indexes the metrics).
+    pub index: usize,
+    /// The queue.
+    pub queue: Queue,
+    /// Its kick eventfd.
+    pub kick: EventFd,
+    /// A guest fault made the queue unusable until reset.
+    pub broken: bool,
+}
+
+/// Everything the worker thread owns.
+pub(crate) struct BlockWorker {
+    pub mem: GuestMemoryMmap,
+    pub queues: Vec<WorkerQueue>,
+    pub backend: BlockBackend,
+    pub limits: RequestLimits,
+    pub interrupt: Arc<dyn InterruptSignal>,
+    pub metrics: Arc<[QueueMetrics]>,
+    pub faults: Arc<FaultLog>,
+}
+
+impl BlockWorker {
+    /// Builds the epoll set for the queues' kicks (the kill eventfd is added by `run`).
+    pub fn epoll(&self) -> io::Result<EpollHelper<Token>> {
+        let epoll = EpollHelper::new(self.queues.len() + 1)?;
+        for (slot, q) in self.queues.iter().enumerate() {
+            epoll.add(q.kick.as_raw_fd(), Token::Queue(slot))?;
+        }
+        Ok(epoll)
+    }
+
+    /// The thread body: serves kicks until `kill` is written; hands the backend back.
+    pub fn run(mut self, mut epoll: EpollHelper<Token>, kill: EventFd) -> BlockBackend {
+        if let Err(e) = epoll.add(kill.as_raw_fd(), Token::Kill) {
+            log::error!("virtio-blk worker cannot watch its kill eventfd: {e}");
+            return self.backend;
+        }
+        loop {
+            let tokens = match epoll.wait() {
+                Ok(t) => t,
+                Err(e) => {
+                    log::error!("virtio-blk worker: epoll_wait failed: {e}");
+                    return self.backend;
+                }
+            };
+            for token in tokens {
+                match token {
+                    Token::Kill => return self.backend,
+                    Token::Queue(slot) => self.handle_kick(slot),
+                }
+            }
+        }
+    }
+
+    /// Reads the kick eventfd of `slot` and drains its queue.
+    fn handle_kick(&mut self, slot: usize) {
+        let Some(wq) = self.queues.get(slot) else {
+            return;
+        };
+        match wq.kick.read() {
+            Ok(n) => {
+                if let Some(m) = self.metrics.get(wq.index) {
+                    m.kicks.add(n);
+                    m.wakeups.inc();
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) => {
+                log::error!("virtio-blk queue {}: cannot read kick: {e}", wq.index);
+                return;
+            }
+        }
+        self.process_queue(slot);
+    }
+
+    /// Drains the queue in `slot` with EVENT_IDX suppression (disable notifications,
+    /// drain, enable, re-check), then interrupts the guest if the driver asked for
+    /// it. Returns the number of used entries added.
+    pub fn process_queue(&mut self, slot: usize) -> usize {
+        let Self {
+            mem,
+            queues,
+            backend,
+            limits,
+            interrupt,
+            metrics,
+            faults,
+        } = self;
+        let Some(wq) = queues.get_mut(slot) else {
+            return 0;
+        };
+        if wq.broken || !wq.queue.ready() {
+            return 0;
+        }
+        let default_metrics = QueueMetrics::default();
+        let m = metrics.get(wq.index).unwrap_or(&default_metrics);
+        let mut added = 0usize;
+        let mut fault: Option<GuestFault> = None;
+
+        'drain: loop {
+            if let Err(e) = wq.queue.disable_notification(mem) {
+                fault = Some(GuestFault::Ring(format!(
+                    "cannot disable notifications: {e}"
+                )));
+                break;
+            }
+            loop {
+                let chain = match wq.queue.iter(&*mem) {
+                    Ok(mut it) => it.next(),
+                    Err(e) => {
+                        fault = Some(GuestFault::Ring(format!("bad available ring: {e}")));
+                        break 'drain;
+                    }
+                };
+                let Some(chain) = chain else { break };
+                let head = chain.head_index();
+                let outcome = process_chain(backend, chain, &*mem, limits);
+                outcome.count(m);
+                let used_len = match outcome {
+                    ChainOutcome::Done { completion, .. } => completion.used_len(),
+                    ChainOutcome::Rejected { fault: f } => {
+                        faults.report(wq.index, &GuestFault::Chain(f));
+                        1
+                    }
+                    ChainOutcome::NeedsReset { fault: f } => {
+                        fault = Some(GuestFault::Chain(f));
+                        break 'drain;
+                    }
+                };
+                if let Err(e) = wq.queue.add_used(&*mem, head, used_len) {
+                    fault = Some(GuestFault::Ring(format!("cannot add a used entry: {e}")));
+                    break 'drain;
+                }
+                added += 1;
+            }
+            match wq.queue.enable_notification(mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    fault = Some(GuestFault::Ring(format!(
+                        "cannot enable notifications: {e}"
+                    )));
+                    break;
+                }
+            }
+        }
+
+        if added > 0 {
+            let notify = wq.queue.needs_notification(mem).unwrap_or(true);
+            if notify {
+                if let Err(e) = interrupt.trigger(InterruptKind::Vring) {
+                    log::error!(
+                        "virtio-blk queue {}: cannot signal the guest: {e}",
+                        wq.index
+                    );
+                }
+                m.interrupts.inc();
+            } else {
+                m.interrupts_suppressed.inc();
+            }
+        }
+        if let Some(f) = fault {
+            faults.report(wq.index, &f);
+            wq.broken = true;
+            interrupt.set_needs_reset();
+        }
+        added
+    }
+}
