@@ -839,6 +839,27 @@ fn event_idx_suppresses_interrupts_the_driver_did_not_ask_for() {
 }
 
 #[test]
+fn without_event_idx_the_no_interrupt_flag_is_honoured() {
+    let (mem, f, _) = setup();
+    let vq = MockSplitQueue::new(&mem, QSIZE);
+    header(&mem, HDR, VIRTIO_BLK_T_FLUSH, 0);
+    let mut h = Harness::new(&mem, &vq, &f, false, "");
+    // VRING_AVAIL_F_NO_INTERRUPT in the available ring's flags: a polling driver.
+    mem.write_obj(1u16, GuestAddress(vq.avail_addr().0))
+        .unwrap();
+    add_chain(&vq, 0, &[D(HDR, 16, false), D(STATUS, 1, true)]);
+    assert_eq!(h.run(), 1);
+    assert_eq!(h.irq.vring(), 0);
+    assert_eq!((h.m().interrupts, h.m().interrupts_suppressed), (0, 1));
+    // The driver clears the flag: the next completion interrupts.
+    mem.write_obj(0u16, GuestAddress(vq.avail_addr().0))
+        .unwrap();
+    add_chain(&vq, 2, &[D(HDR, 16, false), D(STATUS, 1, true)]);
+    assert_eq!(h.run(), 1);
+    assert_eq!(h.irq.vring(), 1);
+}
+
+#[test]
 fn without_event_idx_every_batch_interrupts() {
     let (mem, f, _) = setup();
     let vq = MockSplitQueue::new(&mem, QSIZE);

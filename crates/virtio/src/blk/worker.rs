@@ -189,7 +189,13 @@ impl BlockWorker {
         }
 
         if added > 0 {
-            let notify = wq.queue.needs_notification(mem).unwrap_or(true);
+            let notify = if wq.queue.event_idx_enabled() {
+                wq.queue.needs_notification(mem).unwrap_or(true)
+            } else {
+                // Without EVENT_IDX the driver may still ask for no interrupts with
+                // VRING_AVAIL_F_NO_INTERRUPT (virtio-queue does not look at it).
+                !driver_asks_no_interrupt(&*mem, wq.queue.avail_ring())
+            };
             if notify {
                 if let Err(e) = interrupt.trigger(InterruptKind::Vring) {
                     log::error!(
@@ -209,4 +215,14 @@ impl BlockWorker {
         }
         added
     }
+}
+
+/// Whether the available ring's flags hold VRING_AVAIL_F_NO_INTERRUPT (read after
+/// the used ring was written, as the spec orders it).
+fn driver_asks_no_interrupt(mem: &GuestMemoryMmap, avail_ring: u64) -> bool {
+    use vm_memory::Bytes;
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    mem.read_obj::<u16>(vm_memory::GuestAddress(avail_ring))
+        .map(|flags| flags & virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT as u16 != 0)
+        .unwrap_or(false)
 }
