@@ -4,28 +4,41 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::config::{VmConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS};
+use crate::config::{
+    ConfigError, DeviceConfig, NotifyMode, VmConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB,
+    DEFAULT_VCPUS,
+};
 
 const AFTER_HELP: &str = "\
 The guest's serial console (COM1, ttyS0) is connected to standard input and
 output; when standard input is a terminal it is put in raw mode for the life of
 the VM.
 
+Disks are virtio-blk devices on virtio-mmio, announced to the guest in the
+ACPI DSDT (LNRO0005) and with virtio_mmio.device= on the kernel command line;
+the first --disk is /dev/vda. With --metrics, evmm writes the per-queue
+counters of every device as JSON when the VM stops (guest power-off or reboot,
+a stop signal, or a vCPU error).
+
 Exit status:
   0  the guest powered off or rebooted (reboot ends the VM), or evmm received
      SIGTERM, SIGINT or SIGHUP and stopped the VM
-  1  evmm failed: bad configuration, unusable kernel or initramfs, KVM error
+  1  evmm failed: bad configuration (including a bad --disk value or a missing
+     disk file), unusable kernel or initramfs, KVM error
   2  the command line could not be parsed
 
 Example:
   evmm --kernel vmlinuz --initramfs initrd.gz --memory 1024 --cpus 2 \\
-       --cmdline \"console=ttyS0 reboot=k panic=1\"";
+       --cmdline \"console=ttyS0 reboot=k panic=1\" \\
+       --disk path=root.img --disk path=data.img,readonly=on,id=data0 \\
+       --metrics /tmp/evmm-metrics.json";
 
 /// Launch an evmm virtual machine.
 ///
 /// evmm boots a Linux kernel (bzImage, or ELF vmlinux through its PVH entry
 /// point) in a KVM virtual machine with a serial console, ACPI, an in-kernel
-/// interrupt controller and N vCPUs.
+/// interrupt controller, N vCPUs and virtio-blk disks whose queues are
+/// driven by ioeventfds and irqfds.
 #[derive(Parser, Debug, Clone, PartialEq, Eq)]
 #[command(name = "evmm", version, after_help = AFTER_HELP)]
 pub struct Cli {
@@ -50,6 +63,26 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_VCPUS)]
     pub cpus: u32,
 
+    /// Disk parameters "path=<disk_image_path>,readonly=on|off,id=<serial>,queues=<number_of_queues>,direct=on|off".
+    /// path is a raw image file or block device; readonly=on offers a
+    /// read-only disk (writes fail in the guest) [default: off]; id is what
+    /// the guest reads as the disk's serial, at most 20 bytes; queues is 1
+    /// to 16 [default: 1]; direct=on opens the file with O_DIRECT (not on
+    /// tmpfs) [default: off]. Repeat the option for more disks
+    #[arg(long, value_name = "DISK")]
+    pub disk: Vec<String>,
+
+    /// How the guest's queue notifications reach the disk workers:
+    /// ioeventfd lets KVM signal the worker without leaving the guest; exit
+    /// makes each notification exit to the vCPU thread, which signals it
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = NotifyMode::Ioeventfd)]
+    pub notify: NotifyMode,
+
+    /// Write the devices' counters (kicks, wake-ups, requests, interrupts,
+    /// QueueNotify exits) as JSON to this file when the VM stops
+    #[arg(long, value_name = "FILE")]
+    pub metrics: Option<PathBuf>,
+
     /// Log level for evmm's own diagnostics on standard error: off, error,
     /// warn, info, debug or trace [default: RUST_LOG, else warn]
     #[arg(long, value_name = "LEVEL")]
@@ -58,14 +91,16 @@ pub struct Cli {
 
 impl Cli {
     /// Checks the values and turns them into a [`VmConfig`].
-    pub fn to_config(&self) -> Result<VmConfig, crate::config::ConfigError> {
-        VmConfig::new(
+    pub fn to_config(&self) -> Result<VmConfig, ConfigError> {
+        let config = VmConfig::new(
             self.kernel.clone(),
             self.initramfs.clone(),
             self.cmdline.clone(),
             self.memory,
             self.cpus,
-        )
+        )?;
+        let devices = DeviceConfig::new(&self.disk, self.notify, self.metrics.clone())?;
+        Ok(config.with_devices(devices))
     }
 }
 
@@ -88,6 +123,9 @@ mod tests {
         assert_eq!(cli.memory, 512);
         assert_eq!(cli.cpus, 1);
         assert_eq!(cli.log_level, None);
+        assert!(cli.disk.is_empty());
+        assert_eq!(cli.notify, NotifyMode::Ioeventfd);
+        assert_eq!(cli.metrics, None);
     }
 
     #[test]
@@ -106,8 +144,25 @@ mod tests {
             "4",
             "--log-level",
             "debug",
+            "--disk",
+            "path=/a.img",
+            "--disk",
+            "path=/b.img,readonly=on,id=b,queues=2,direct=on",
+            "--notify",
+            "exit",
+            "--metrics",
+            "/tmp/m.json",
         ])
         .unwrap();
+        assert_eq!(
+            cli.disk,
+            [
+                "path=/a.img",
+                "path=/b.img,readonly=on,id=b,queues=2,direct=on"
+            ]
+        );
+        assert_eq!(cli.notify, NotifyMode::Exit);
+        assert_eq!(cli.metrics, Some(PathBuf::from("/tmp/m.json")));
         assert_eq!(cli.initramfs, Some(PathBuf::from("/i")));
         assert_eq!(cli.cmdline, "console=ttyS0 quiet");
         assert_eq!(cli.memory, 1024);
@@ -122,6 +177,73 @@ mod tests {
         assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument);
         assert!(Cli::try_parse_from(["evmm", "--kernel", "/k", "--cpus", "x"]).is_err());
         assert!(Cli::try_parse_from(["evmm", "--kernel", "/k", "--memory", "-1"]).is_err());
+        let err = Cli::try_parse_from(["evmm", "--kernel", "/k", "--notify", "poll"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::InvalidValue);
+    }
+
+    #[test]
+    fn disks_become_block_configs() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.img");
+        std::fs::write(&a, [0u8; 4096]).unwrap();
+        let cli = Cli::try_parse_from([
+            "evmm".to_string(),
+            "--kernel".into(),
+            "/k".into(),
+            "--disk".into(),
+            format!("path={}", a.display()),
+            "--disk".into(),
+            format!("path={},readonly=on,id=ro-disk,queues=4", a.display()),
+            "--notify".into(),
+            "exit".into(),
+        ])
+        .unwrap();
+        let config = cli.to_config().unwrap();
+        let disks = &config.devices.disks;
+        assert_eq!(disks.len(), 2);
+        assert_eq!(disks[0].path, a);
+        assert!(!disks[0].readonly);
+        assert_eq!(disks[0].queues, 1);
+        assert!(disks[1].readonly);
+        assert_eq!(disks[1].id.as_deref(), Some("ro-disk"));
+        assert_eq!(disks[1].queues, 4);
+        assert_eq!(config.devices.notify, NotifyMode::Exit);
+    }
+
+    #[test]
+    fn bad_disks_are_config_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.img");
+        std::fs::write(&a, [0u8; 4096]).unwrap();
+        let to_config = |disk: String| {
+            Cli::try_parse_from([
+                "evmm".to_string(),
+                "--kernel".into(),
+                "/k".into(),
+                "--disk".into(),
+                disk,
+            ])
+            .unwrap()
+            .to_config()
+        };
+        let p = a.display();
+        for bad in [
+            format!("path={p},color=red"),
+            "readonly=on".to_string(),
+            format!("path={p},queues=0"),
+            format!("path={p},queues=17"),
+            format!("path={p},queues=two"),
+            format!("path={p},id=123456789012345678901"),
+            format!("path={p},readonly=maybe"),
+            format!("path={}", dir.path().join("missing.img").display()),
+            format!("path={}", dir.path().display()),
+        ] {
+            let err = to_config(bad.clone()).unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.starts_with(&format!("--disk {bad}: ")), "{msg}");
+            assert!(!msg.contains('\n'), "one line: {msg}");
+        }
+        assert!(to_config(format!("path={p},id=12345678901234567890")).is_ok());
     }
 
     #[test]
@@ -134,6 +256,11 @@ mod tests {
             "--memory",
             "--cpus",
             "--log-level",
+            "--disk",
+            "readonly=on|off",
+            "--notify",
+            "ioeventfd",
+            "--metrics",
         ] {
             assert!(help.contains(opt), "{opt} missing from help");
         }

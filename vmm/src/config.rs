@@ -1,6 +1,12 @@
 //! A validated VM configuration.
 
-use std::path::PathBuf;
+pub mod disk;
+
+use std::path::{Path, PathBuf};
+
+use evmm_virtio::blk::BlockConfig;
+
+use crate::layout::MAX_VIRTIO_MMIO_DEVICES;
 
 /// Default kernel command line.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
@@ -39,6 +45,99 @@ pub enum ConfigError {
     /// The command line contains a NUL byte.
     #[error("--cmdline must not contain a NUL byte")]
     CmdlineNul,
+    /// A `--disk` value cannot be parsed.
+    #[error("--disk {spec}: {source}")]
+    Disk {
+        /// The value as given.
+        spec: String,
+        /// What is wrong with it.
+        source: disk::DiskOptionError,
+    },
+    /// A disk's file cannot be used.
+    #[error("--disk {spec}: {source}")]
+    DiskFile {
+        /// The value as given.
+        spec: String,
+        /// What is wrong with the file.
+        source: disk::DiskFileError,
+    },
+    /// More disks than there are device slots.
+    #[error("{0} disks given; evmm supports at most {MAX_VIRTIO_MMIO_DEVICES} virtio devices")]
+    TooManyDisks(usize),
+    /// The directory of the metrics file does not exist.
+    #[error("--metrics {0}: its directory does not exist")]
+    MetricsDir(PathBuf),
+}
+
+/// How a guest's QueueNotify writes reach the device worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum NotifyMode {
+    /// KVM signals the queue's kick eventfd itself (KVM_IOEVENTFD): no exit
+    /// to evmm.
+    #[default]
+    Ioeventfd,
+    /// The write exits to the vCPU thread, which signals the kick eventfd.
+    Exit,
+}
+
+impl NotifyMode {
+    /// The name used on the command line and in the metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotifyMode::Ioeventfd => "ioeventfd",
+            NotifyMode::Exit => "exit",
+        }
+    }
+}
+
+/// The devices of a VM, already checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceConfig {
+    /// virtio-blk disks, in `--disk` order (the first is `vda` in the guest).
+    pub disks: Vec<BlockConfig>,
+    /// How queue notifications are delivered.
+    pub notify: NotifyMode,
+    /// Where to write the device counters at exit.
+    pub metrics: Option<PathBuf>,
+}
+
+impl DeviceConfig {
+    /// Parses the `--disk` values and checks their files and the metrics
+    /// path, without opening or creating anything.
+    pub fn new(
+        disk_specs: &[String],
+        notify: NotifyMode,
+        metrics: Option<PathBuf>,
+    ) -> Result<Self, ConfigError> {
+        if disk_specs.len() > MAX_VIRTIO_MMIO_DEVICES as usize {
+            return Err(ConfigError::TooManyDisks(disk_specs.len()));
+        }
+        let disks = disk_specs
+            .iter()
+            .map(|spec| {
+                let disk = disk::parse_disk(spec).map_err(|source| ConfigError::Disk {
+                    spec: spec.clone(),
+                    source,
+                })?;
+                disk::check_disk_file(&disk.path).map_err(|source| ConfigError::DiskFile {
+                    spec: spec.clone(),
+                    source,
+                })?;
+                Ok(disk)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(path) = &metrics {
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+            if dir.is_some_and(|d| !Path::is_dir(d)) {
+                return Err(ConfigError::MetricsDir(path.clone()));
+            }
+        }
+        Ok(DeviceConfig {
+            disks,
+            notify,
+            metrics,
+        })
+    }
 }
 
 /// Everything needed to build and boot a VM, already checked.
@@ -54,6 +153,8 @@ pub struct VmConfig {
     pub memory_bytes: u64,
     /// Number of vCPUs.
     pub vcpus: u8,
+    /// Disks, notification mode, metrics file.
+    pub devices: DeviceConfig,
 }
 
 impl VmConfig {
@@ -108,7 +209,13 @@ impl VmConfig {
             cmdline,
             memory_bytes: memory_mib * MIB,
             vcpus: vcpus as u8,
+            devices: DeviceConfig::default(),
         })
+    }
+
+    /// The same configuration with `devices`.
+    pub fn with_devices(self, devices: DeviceConfig) -> Self {
+        VmConfig { devices, ..self }
     }
 }
 
@@ -169,6 +276,60 @@ mod tests {
     fn rejects_nul_in_cmdline() {
         let r = VmConfig::with_host_memory("/k".into(), None, "a\0b".into(), 512, 1, HOST);
         assert_eq!(r, Err(ConfigError::CmdlineNul));
+    }
+
+    #[test]
+    fn devices_default_to_none_with_ioeventfd() {
+        let c = cfg(512, 1).unwrap();
+        assert!(c.devices.disks.is_empty());
+        assert_eq!(c.devices.notify, NotifyMode::Ioeventfd);
+        assert_eq!(c.devices.metrics, None);
+        assert_eq!(NotifyMode::Exit.as_str(), "exit");
+        assert_eq!(NotifyMode::Ioeventfd.as_str(), "ioeventfd");
+    }
+
+    #[test]
+    fn device_config_checks_disks_and_metrics() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("a.img");
+        std::fs::write(&img, [0u8; 512]).unwrap();
+        let spec = format!("path={},readonly=on", img.display());
+        let metrics = dir.path().join("m.json");
+        let d = DeviceConfig::new(
+            &[spec.clone(), format!("path={}", img.display())],
+            NotifyMode::Exit,
+            Some(metrics.clone()),
+        )
+        .unwrap();
+        assert_eq!(d.disks.len(), 2);
+        assert!(d.disks[0].readonly && !d.disks[1].readonly);
+        assert_eq!(d.metrics, Some(metrics));
+        assert!(!dir.path().join("m.json").exists(), "nothing is created");
+        // A relative metrics path is in the current directory.
+        assert!(DeviceConfig::new(&[], NotifyMode::Exit, Some("m.json".into())).is_ok());
+
+        let err = DeviceConfig::new(&["path=/a,x=1".into()], NotifyMode::Exit, None).unwrap_err();
+        assert!(matches!(err, ConfigError::Disk { .. }));
+        assert_eq!(
+            err.to_string(),
+            "--disk path=/a,x=1: unknown key 'x' (known: path, readonly, id, queues, direct)"
+        );
+        let missing = format!("path={}", dir.path().join("nope.img").display());
+        let err = DeviceConfig::new(&[missing], NotifyMode::Exit, None).unwrap_err();
+        assert!(matches!(err, ConfigError::DiskFile { .. }));
+        assert!(err.to_string().contains("nope.img"), "{err}");
+        let err = DeviceConfig::new(
+            &[],
+            NotifyMode::Ioeventfd,
+            Some(dir.path().join("no/such/dir/m.json")),
+        )
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::MetricsDir(_)));
+        let many = vec![spec; MAX_VIRTIO_MMIO_DEVICES as usize + 1];
+        assert_eq!(
+            DeviceConfig::new(&many, NotifyMode::Ioeventfd, None),
+            Err(ConfigError::TooManyDisks(many.len()))
+        );
     }
 
     #[test]

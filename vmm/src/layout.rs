@@ -76,6 +76,13 @@ pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
 pub const IOAPIC_PINS: u32 = 24;
 /// First GSI handed to devices other than the legacy ones (serial uses 4).
 pub const FIRST_DEVICE_GSI: u32 = 5;
+/// Most virtio-mmio devices: one IOAPIC pin each from [`FIRST_DEVICE_GSI`]
+/// (their windows fit the virtio-mmio window many times over).
+pub const MAX_VIRTIO_MMIO_DEVICES: u32 = IOAPIC_PINS - FIRST_DEVICE_GSI;
+const _: () = assert!(
+    MAX_VIRTIO_MMIO_DEVICES as u64 * VIRTIO_MMIO_SLOT_SIZE <= VIRTIO_MMIO_SIZE
+        && VIRTIO_MMIO_START + VIRTIO_MMIO_SIZE <= IOAPIC_ADDR
+);
 
 /// I/O port of COM1.
 pub const COM1_PORT: u16 = 0x3f8;

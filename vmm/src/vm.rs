@@ -16,6 +16,7 @@ use crate::acpi::{self, DsdtDevice};
 use crate::boot::{self, BootSpec, KernelEntry};
 use crate::bus::{Bus, BusError};
 use crate::config::VmConfig;
+use crate::device_manager::{self, DeviceError, VirtioDevices};
 use crate::devices::acpi_pm::AcpiSleep;
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{IrqTrigger, SerialDevice};
@@ -84,6 +85,12 @@ pub enum VmError {
     /// A vCPU could not be created or started.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// A virtio device could not be created or wired to KVM.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// The `--metrics` file could not be written.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     /// An OS facility (eventfd, signalfd, epoll) failed.
     #[error("cannot {what}: {source}")]
     Io {
@@ -104,8 +111,11 @@ fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmError {
 
 /// A built VM: memory loaded, devices on their buses, vCPUs configured.
 pub struct Vm {
-    // Field order is drop order: vCPUs before the VM fd, memory last.
+    // Field order is drop order: vCPUs (which share the devices through the
+    // MMIO bus) first, then the devices, the VM fd, memory last.
     vcpus: Vec<Vcpu>,
+    devices: VirtioDevices,
+    metrics_path: Option<PathBuf>,
     serial: Arc<Mutex<SerialDevice>>,
     exit: Arc<VmExit>,
     _vm: VmFd,
@@ -165,7 +175,12 @@ impl Vm {
         let ram = GuestRam::new(config.memory_bytes)?;
         let mem = ram.memory();
         let e820 = e820_map(config.memory_bytes);
-        let dsdt_devices = vec![DsdtDevice::com1()];
+        let disk_configs = &config.devices.disks;
+        let slots = device_manager::mmio_slots(disk_configs.len())?;
+        let disks = device_manager::open_disks(disk_configs)?;
+        let mut dsdt_devices = vec![DsdtDevice::com1()];
+        dsdt_devices.extend(slots.iter().map(|s| s.dsdt_device()));
+        let cmdline = device_manager::kernel_cmdline(&config.cmdline, &slots);
         let rsdp = acpi::write_acpi_tables(mem, config.vcpus, &dsdt_devices)?;
         mptable::write_mptable(mem, config.vcpus)?;
         bios::write_reset_vector(mem).map_err(|e| VmError::Io {
@@ -177,7 +192,7 @@ impl Vm {
             &BootSpec {
                 kernel: &config.kernel,
                 initramfs: config.initramfs.as_deref(),
-                cmdline: &config.cmdline,
+                cmdline: &cmdline,
                 e820: &e820,
                 rsdp_addr: rsdp,
             },
@@ -231,7 +246,16 @@ impl Vm {
             Arc::new(Mutex::new(AcpiSleep::new(exit.clone()))),
         )?;
         let pio = Arc::new(pio);
-        let mmio = Arc::new(Bus::new("mmio"));
+        let mut mmio = Bus::new("mmio");
+        let disks = slots
+            .into_iter()
+            .zip(disk_configs.iter().cloned())
+            .zip(disks)
+            .map(|((slot, config), block)| (slot, config, block))
+            .collect();
+        let devices =
+            VirtioDevices::attach(&kvm, &vm, &mut mmio, mem, config.devices.notify, disks)?;
+        let mmio = Arc::new(mmio);
 
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -250,6 +274,8 @@ impl Vm {
 
         Ok(Vm {
             vcpus,
+            devices,
+            metrics_path: config.devices.metrics.clone(),
             serial,
             exit,
             _vm: vm,
@@ -294,10 +320,20 @@ impl Vm {
         stop_vcpus(handles);
         drop(raw_mode);
 
+        // The vCPUs are stopped, so the guest sends no more requests: write
+        // the counters, then drop the devices, which stops and joins their
+        // workers.
+        let metrics_result = match &self.metrics_path {
+            Some(path) => self.devices.metrics().write_to(path),
+            None => Ok(()),
+        };
+        drop(self.devices);
+
         if let Some(e) = spawn_error {
             return Err(e.into());
         }
         loop_result.map_err(io_err("run the main event loop"))?;
+        metrics_result?;
         let reason = self
             .exit
             .reason()

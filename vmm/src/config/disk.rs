@@ -1,0 +1,272 @@
+//! The value of `--disk`: `path=FILE[,readonly=on][,id=SERIAL][,queues=N][,direct=on]`.
+//!
+//! Parsing checks the syntax and the ranges only; [`check_disk_file`] looks at
+//! the file without opening it, so a bad command line is reported before
+//! anything is touched.
+
+use std::path::{Path, PathBuf};
+
+use evmm_virtio::blk::BlockConfig;
+
+/// Most request queues a disk may have.
+pub const MAX_DISK_QUEUES: u16 = 16;
+/// Longest `id` (what VIRTIO_BLK_T_GET_ID returns), in bytes.
+pub const MAX_DISK_ID_BYTES: usize = 20;
+/// The keys `--disk` knows, for error messages.
+const KEYS: &str = "path, readonly, id, queues, direct";
+
+/// Errors in one `--disk` value.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DiskOptionError {
+    /// A `key=value` pair without `=`, or an empty item.
+    #[error("'{0}' is not key=value")]
+    NotKeyValue(String),
+    /// A key `--disk` does not know.
+    #[error("unknown key '{0}' (known: {KEYS})")]
+    UnknownKey(String),
+    /// The same key twice.
+    #[error("'{0}' given twice")]
+    Duplicate(&'static str),
+    /// No `path=`.
+    #[error("path=FILE is missing")]
+    MissingPath,
+    /// `path=` with nothing after it.
+    #[error("path is empty")]
+    EmptyPath,
+    /// An on/off switch with another value.
+    #[error("{key}={value}: expected on or off")]
+    BadSwitch {
+        /// The key.
+        key: &'static str,
+        /// The value given.
+        value: String,
+    },
+    /// `queues` is not a number between 1 and [`MAX_DISK_QUEUES`].
+    #[error("queues={0}: expected a number from 1 to {MAX_DISK_QUEUES}")]
+    BadQueues(String),
+    /// `id` is empty or longer than [`MAX_DISK_ID_BYTES`].
+    #[error("id '{0}' must be 1 to {MAX_DISK_ID_BYTES} bytes long")]
+    BadId(String),
+}
+
+/// Why a disk's file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskFileError {
+    /// The file does not exist or cannot be examined.
+    #[error("cannot use {path}: {source}")]
+    Inaccessible {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The path names a directory or something else that holds no data.
+    #[error("{0} is not a regular file or block device")]
+    NotAFile(PathBuf),
+}
+
+/// Two errors are equal when they name the same file and, for an
+/// inaccessible one, the same kind of I/O error (so configurations compare).
+impl PartialEq for DiskFileError {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (
+                DiskFileError::Inaccessible { path, source },
+                DiskFileError::Inaccessible {
+                    path: p2,
+                    source: s2,
+                },
+            ) => path == p2 && source.kind() == s2.kind(),
+            (DiskFileError::NotAFile(a), DiskFileError::NotAFile(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for DiskFileError {}
+
+fn switch(key: &'static str, value: &str) -> Result<bool, DiskOptionError> {
+    match value {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err(DiskOptionError::BadSwitch {
+            key,
+            value: value.to_string(),
+        }),
+    }
+}
+
+fn set_once<T>(slot: &mut Option<T>, key: &'static str, value: T) -> Result<(), DiskOptionError> {
+    if slot.replace(value).is_some() {
+        return Err(DiskOptionError::Duplicate(key));
+    }
+    Ok(())
+}
+
+/// Parses one `--disk` value. Defaults: writable, no id, one queue,
+/// buffered I/O.
+pub fn parse_disk(spec: &str) -> Result<BlockConfig, DiskOptionError> {
+    let mut path = None;
+    let mut readonly = None;
+    let mut id = None;
+    let mut queues = None;
+    let mut direct = None;
+    for item in spec.split(',') {
+        let (key, value) = item
+            .split_once('=')
+            .ok_or_else(|| DiskOptionError::NotKeyValue(item.to_string()))?;
+        match key {
+            "path" => {
+                if value.is_empty() {
+                    return Err(DiskOptionError::EmptyPath);
+                }
+                set_once(&mut path, "path", PathBuf::from(value))?;
+            }
+            "readonly" => set_once(&mut readonly, "readonly", switch("readonly", value)?)?,
+            "direct" => set_once(&mut direct, "direct", switch("direct", value)?)?,
+            "id" => {
+                if value.is_empty() || value.len() > MAX_DISK_ID_BYTES {
+                    return Err(DiskOptionError::BadId(value.to_string()));
+                }
+                set_once(&mut id, "id", value.to_string())?;
+            }
+            "queues" => {
+                let n = value
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|n| (1..=MAX_DISK_QUEUES).contains(n))
+                    .ok_or_else(|| DiskOptionError::BadQueues(value.to_string()))?;
+                set_once(&mut queues, "queues", n)?;
+            }
+            _ => return Err(DiskOptionError::UnknownKey(key.to_string())),
+        }
+    }
+    Ok(BlockConfig {
+        path: path.ok_or(DiskOptionError::MissingPath)?,
+        readonly: readonly.unwrap_or(false),
+        id,
+        queues: queues.unwrap_or(1),
+        direct: direct.unwrap_or(false),
+    })
+}
+
+/// Checks that `path` exists and holds data (a regular file or a block
+/// device), without opening it.
+pub fn check_disk_file(path: &Path) -> Result<(), DiskFileError> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = std::fs::metadata(path).map_err(|source| DiskFileError::Inaccessible {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let kind = meta.file_type();
+    if kind.is_file() || kind.is_block_device() {
+        Ok(())
+    } else {
+        Err(DiskFileError::NotAFile(path.to_path_buf()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_alone_gets_the_defaults() {
+        assert_eq!(
+            parse_disk("path=/tmp/a.img").unwrap(),
+            BlockConfig {
+                path: "/tmp/a.img".into(),
+                readonly: false,
+                id: None,
+                queues: 1,
+                direct: false,
+            }
+        );
+    }
+
+    #[test]
+    fn every_key_in_any_order() {
+        assert_eq!(
+            parse_disk("queues=4,id=serial-01,direct=on,readonly=on,path=/d/b.raw").unwrap(),
+            BlockConfig {
+                path: "/d/b.raw".into(),
+                readonly: true,
+                id: Some("serial-01".into()),
+                queues: 4,
+                direct: true,
+            }
+        );
+        let c = parse_disk("path=x,readonly=off,direct=false,queues=16").unwrap();
+        assert!(!c.readonly && !c.direct);
+        assert_eq!(c.queues, 16);
+        // A path may contain '='.
+        assert_eq!(parse_disk("path=/a=b").unwrap().path, PathBuf::from("/a=b"));
+    }
+
+    #[test]
+    fn rejects_bad_keys_and_values() {
+        use DiskOptionError::*;
+        let err = |s: &str| parse_disk(s).unwrap_err();
+        assert_eq!(err("path=/a,size=1"), UnknownKey("size".into()));
+        assert_eq!(err("readonly=on"), MissingPath);
+        assert_eq!(err(""), NotKeyValue("".into()));
+        assert_eq!(err("/tmp/a.img"), NotKeyValue("/tmp/a.img".into()));
+        assert_eq!(err("path=/a,"), NotKeyValue("".into()));
+        assert_eq!(err("path="), EmptyPath);
+        assert_eq!(err("path=/a,path=/b"), Duplicate("path"));
+        assert_eq!(
+            err("path=/a,readonly=on,readonly=off"),
+            Duplicate("readonly")
+        );
+        assert_eq!(
+            err("path=/a,readonly=yes"),
+            BadSwitch {
+                key: "readonly",
+                value: "yes".into()
+            }
+        );
+        assert_eq!(
+            err("path=/a,direct="),
+            BadSwitch {
+                key: "direct",
+                value: "".into()
+            }
+        );
+        for q in ["0", "17", "x", "-1", "", "65536"] {
+            assert_eq!(err(&format!("path=/a,queues={q}")), BadQueues(q.into()));
+        }
+        let long = "a".repeat(21);
+        assert_eq!(err(&format!("path=/a,id={long}")), BadId(long));
+        assert_eq!(err("path=/a,id="), BadId("".into()));
+        // 20 bytes is the limit, counted in bytes not characters.
+        assert!(parse_disk(&format!("path=/a,id={}", "b".repeat(20))).is_ok());
+        assert!(parse_disk(&format!("path=/a,id={}", "é".repeat(11))).is_err());
+    }
+
+    #[test]
+    fn messages_name_the_problem() {
+        let msg = parse_disk("path=/a,bogus=1").unwrap_err().to_string();
+        assert!(
+            msg.contains("bogus") && msg.contains("path, readonly"),
+            "{msg}"
+        );
+        let msg = parse_disk("path=/a,queues=0").unwrap_err().to_string();
+        assert!(msg.contains("1 to 16"), "{msg}");
+    }
+
+    #[test]
+    fn disk_file_must_exist_and_hold_data() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        check_disk_file(file.path()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            check_disk_file(dir.path()),
+            Err(DiskFileError::NotAFile(_))
+        ));
+        let missing = dir.path().join("missing.img");
+        let err = check_disk_file(&missing).unwrap_err();
+        assert!(matches!(err, DiskFileError::Inaccessible { .. }));
+        assert!(err.to_string().contains("missing.img"));
+    }
+}

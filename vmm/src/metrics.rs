@@ -1,0 +1,133 @@
+//! The `--metrics` file: every device's counters as one JSON document,
+//! written once when the VM stops.
+//!
+//! ```json
+//! {"notify": "ioeventfd",
+//!  "devices": [{"id": "serial0", "path": "/tmp/a.img", "mmio_base": 3221225472,
+//!               "gsi": 5, "transport": { ... }}]}
+//! ```
+//!
+//! `transport` is what the device's transport reports (its QueueNotify
+//! exits and the device's per-queue counters); `id` is null for a disk
+//! without `id=`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+/// Errors while writing the metrics file.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write the metrics to {path}: {source}")]
+pub struct MetricsError {
+    /// The metrics file.
+    pub path: PathBuf,
+    /// Why.
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// One device in the report.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeviceRecord {
+    /// The disk's `id=` (its GET_ID serial), if given.
+    pub id: Option<String>,
+    /// The backing file, as given on the command line.
+    pub path: String,
+    /// Guest-physical base of the device's MMIO window.
+    pub mmio_base: u64,
+    /// The device's GSI.
+    pub gsi: u32,
+    /// The transport's and device's counters.
+    pub transport: serde_json::Value,
+}
+
+/// The whole document.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MetricsReport {
+    /// `"ioeventfd"` or `"exit"`: how queue notifications were delivered.
+    pub notify: &'static str,
+    /// Every device, in command-line order.
+    pub devices: Vec<DeviceRecord>,
+}
+
+impl MetricsReport {
+    /// Writes the report to `path`: to a temporary file beside it first,
+    /// renamed over `path`, so a reader never sees half a document.
+    pub fn write_to(&self, path: &Path) -> Result<(), MetricsError> {
+        let err = |source| MetricsError {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut json = serde_json::to_vec_pretty(self).map_err(|e| err(e.into()))?;
+        json.push(b'\n');
+        let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+        tmp_name.push(format!(".tmp{}", std::process::id()));
+        let tmp = path.with_file_name(tmp_name);
+        let written = std::fs::File::create(&tmp)
+            .and_then(|mut f| f.write_all(&json))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(err(e));
+        }
+        log::info!("metrics written to {}", path.display());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn report() -> MetricsReport {
+        MetricsReport {
+            notify: "exit",
+            devices: vec![DeviceRecord {
+                id: Some("disk0".into()),
+                path: "/tmp/a.img".into(),
+                mmio_base: 0xc000_0000,
+                gsi: 5,
+                transport: json!({"notify_exits": 3}),
+            }],
+        }
+    }
+
+    #[test]
+    fn document_shape() {
+        let v = serde_json::to_value(report()).unwrap();
+        assert_eq!(
+            v,
+            json!({"notify": "exit", "devices": [{"id": "disk0", "path": "/tmp/a.img",
+                "mmio_base": 0xc000_0000u64, "gsi": 5, "transport": {"notify_exits": 3}}]})
+        );
+        let empty = MetricsReport {
+            notify: "ioeventfd",
+            devices: vec![],
+        };
+        assert_eq!(
+            serde_json::to_value(empty).unwrap(),
+            json!({"notify": "ioeventfd", "devices": []})
+        );
+    }
+
+    #[test]
+    fn writes_the_file_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.json");
+        std::fs::write(&path, "old").unwrap();
+        report().write_to(&path).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(v["devices"][0]["gsi"], 5);
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temp left"
+        );
+        let err = report()
+            .write_to(&dir.path().join("missing/m.json"))
+            .unwrap_err();
+        assert!(err.to_string().contains("missing/m.json"), "{err}");
+    }
+}
