@@ -46,7 +46,7 @@ fn run(argv: &[&str]) -> Result<bool, Box<dyn std::error::Error>> {
                 errno(&o.open_error),
                 errno(&o.write_error)
             );
-            Ok(o.open_error.is_some() && errno(&o.write_error) == libc::EIO)
+            Ok(o.refused())
         }
         ["random", dev, ops, seed] => {
             let f = blk::open_direct(Path::new(dev), true)?;

@@ -1,0 +1,266 @@
+//! virtio-blk through virtio-mmio, driven by ioeventfd and irqfd, in Debian's stock
+//! guest: disks seen with their size and read-only flag, data integrity both ways,
+//! read-only disks refusing writes, a verified random workload, and the notify
+//! counters of both notify paths. Runs on the route the capability probe picks.
+
+use evmm_testhost::guest::{all_marker_fields, marker_fields};
+use evmm_testhost::nested::shell_quote;
+use evmm_testhost::{EvmmGuest, GuestConsole, GuestImages, Route, RunOutput};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+const MIB: u64 = 1024 * 1024;
+
+/// Runs a shell script where guests boot; `$D` is a fresh folder for disk files.
+fn run_script(body: &str) -> RunOutput {
+    let route = Route::detect().unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{route}");
+    let script = format!("set -e\nD=$(mktemp -d)\n{body}\nrm -rf \"$D\"\n");
+    let out = route
+        .run(&["sh", "-c", &script], Duration::from_secs(600))
+        .unwrap_or_else(|e| panic!("run failed: {e}"));
+    eprintln!("ran {:.1} s", out.command_time.as_secs_f64());
+    assert_eq!(
+        out.status, 0,
+        "script failed ({}); output:\n{}",
+        out.status, out.output
+    );
+    out
+}
+
+/// The shell command that boots the guest test `test` with `args` under evmm with
+/// the given evmm options, printing its metrics JSON after the console.
+fn evmm_cmd(test: &str, args: &[&str], options: &[&str]) -> String {
+    let images = GuestImages::build().unwrap_or_else(|e| panic!("{e}"));
+    let mut guest = EvmmGuest::new(test);
+    if !args.is_empty() {
+        guest
+            .cmdline
+            .push_str(&format!(" evmm.args={}", args.join(",")));
+    }
+    guest.extra = options.iter().map(|s| s.to_string()).collect();
+    guest
+        .extra
+        .extend(["--metrics".into(), "$D/metrics.json".into()]);
+    let argv: Vec<String> = guest
+        .argv(&images)
+        .iter()
+        // Arguments holding $D are single-quoted: reopen the quotes around it.
+        .map(|a| shell_quote(a).replace("$D", "'\"$D\"'"))
+        .collect();
+    format!(
+        "{}\nprintf 'EVMM-METRICS-JSON '; tr -d '\\n' < \"$D/metrics.json\"; echo",
+        argv.join(" ")
+    )
+}
+
+fn dd_zero(name: &str, mib: u64) -> String {
+    format!("dd if=/dev/zero of=\"$D/{name}\" bs=1M count={mib} 2>/dev/null")
+}
+
+fn marker(out: &RunOutput, name: &str) -> BTreeMap<String, String> {
+    out.output
+        .lines()
+        .find_map(|l| marker_fields(l, name))
+        .unwrap_or_else(|| panic!("no {name} line; output:\n{}", out.output))
+}
+
+fn metrics(out: &RunOutput) -> serde_json::Value {
+    let line = out
+        .output
+        .lines()
+        .find_map(|l| l.strip_prefix("EVMM-METRICS-JSON "))
+        .unwrap_or_else(|| panic!("no metrics; output:\n{}", out.output));
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("bad metrics JSON ({e}): {line}"))
+}
+
+/// Sum of a per-queue counter over every queue of device `dev`.
+fn queue_sum(m: &serde_json::Value, dev: usize, counter: &str) -> u64 {
+    let queues = m["devices"][dev]["transport"]["device"]["queues"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no queues in metrics: {m}"));
+    queues
+        .iter()
+        .map(|q| {
+            q.pointer(counter)
+                .and_then(|v| v.as_u64())
+                .unwrap_or_else(|| panic!("no counter {counter} in {q}"))
+        })
+        .sum()
+}
+
+fn guest_passed(out: &RunOutput, test: &str) {
+    let console = GuestConsole::parse(&out.output);
+    assert!(
+        console.started,
+        "guest did not start; output:\n{}",
+        out.output
+    );
+    assert!(
+        console.passed(test),
+        "guest test {test} failed; output:\n{}",
+        out.output
+    );
+}
+
+#[test]
+fn guest_sees_disks_with_their_size_and_readonly_flag() {
+    let body = [
+        dd_zero("a.img", 64),
+        dd_zero("b.img", 16),
+        evmm_cmd(
+            "disks",
+            &[],
+            &[
+                "--disk",
+                "path=$D/a.img",
+                "--disk",
+                "path=$D/b.img,readonly=on",
+            ],
+        ),
+    ]
+    .join("\n");
+    let out = run_script(&body);
+    guest_passed(&out, "disks");
+    let disks = all_marker_fields(&out.output, "EVMM-DISK");
+    assert_eq!(disks.len(), 2, "output:\n{}", out.output);
+    assert_eq!(disks[0]["name"], "vda");
+    assert_eq!(disks[0]["sectors"], (64 * MIB / 512).to_string());
+    assert_eq!(disks[0]["ro"], "0");
+    assert_eq!(disks[1]["name"], "vdb");
+    assert_eq!(disks[1]["sectors"], (16 * MIB / 512).to_string());
+    assert_eq!(disks[1]["ro"], "1");
+}
+
+#[test]
+fn guest_writes_land_exactly_in_the_file() {
+    let body = [
+        dd_zero("a.img", 64),
+        evmm_cmd(
+            "blk",
+            &["write-pattern", "/dev/vda"],
+            &["--disk", "path=$D/a.img"],
+        ),
+        "evmm-guest-blk host-verify-pattern \"$D/a.img\"".into(),
+    ]
+    .join("\n");
+    let out = run_script(&body);
+    guest_passed(&out, "blk");
+    assert_eq!(marker(&out, "EVMM-BLK-HOST-VERIFY")["bad_bytes"], "0");
+}
+
+#[test]
+fn host_writes_read_back_in_the_guest() {
+    let body = [
+        dd_zero("a.img", 64),
+        "evmm-guest-blk host-write-pattern \"$D/a.img\"".into(),
+        evmm_cmd(
+            "blk",
+            &["read-pattern", "/dev/vda"],
+            &["--disk", "path=$D/a.img"],
+        ),
+    ]
+    .join("\n");
+    let out = run_script(&body);
+    guest_passed(&out, "blk");
+    assert_eq!(marker(&out, "EVMM-BLK-READ-PATTERN")["bad_bytes"], "0");
+}
+
+#[test]
+fn a_readonly_disk_refuses_writes_and_stays_byte_identical() {
+    let body = [
+        dd_zero("a.img", 64),
+        "evmm-guest-blk host-write-pattern \"$D/a.img\"".into(),
+        "evmm-guest-blk checksum \"$D/a.img\"".into(),
+        evmm_cmd(
+            "blk",
+            &["readonly", "/dev/vda"],
+            &["--disk", "path=$D/a.img,readonly=on"],
+        ),
+        "evmm-guest-blk checksum \"$D/a.img\"".into(),
+    ]
+    .join("\n");
+    let out = run_script(&body);
+    guest_passed(&out, "blk");
+    let ro = marker(&out, "EVMM-BLK-READONLY");
+    assert_ne!(
+        ro["open_errno"], "0",
+        "the kernel let a read-only disk open for writing"
+    );
+    assert_eq!(
+        ro["write_errno"], "5",
+        "the device's answer to a write must be an I/O error"
+    );
+    let sums = all_marker_fields(&out.output, "EVMM-BLK-CHECKSUM");
+    assert_eq!(sums.len(), 2);
+    assert_eq!(
+        sums[0]["checksum"], sums[1]["checksum"],
+        "the read-only file changed"
+    );
+}
+
+/// The verified random workload; returns the run and its metrics.
+fn random_workload(notify: &str, ops: u32) -> (RunOutput, serde_json::Value) {
+    let body = [
+        dd_zero("a.img", 64),
+        evmm_cmd(
+            "blk",
+            &["random", "/dev/vda", &ops.to_string(), "7"],
+            &["--disk", "path=$D/a.img", "--notify", notify],
+        ),
+        "evmm-guest-blk checksum \"$D/a.img\"".into(),
+    ]
+    .join("\n");
+    let out = run_script(&body);
+    guest_passed(&out, "blk");
+    let report = marker(&out, "EVMM-BLK-RANDOM");
+    assert_eq!(report["mismatches"], "0");
+    let reads: u64 = report["reads"].parse().unwrap();
+    let writes: u64 = report["writes"].parse().unwrap();
+    assert_eq!(reads + writes, u64::from(ops));
+    // The file holds exactly what the guest's shadow of the disk says.
+    assert_eq!(
+        marker(&out, "EVMM-BLK-CHECKSUM")["checksum"],
+        report["checksum"]
+    );
+    let m = metrics(&out);
+    assert_eq!(m["notify"], notify, "metrics: {m}");
+    let kicks = queue_sum(&m, 0, "/kicks");
+    let wakeups = queue_sum(&m, 0, "/wakeups");
+    let requests_in = queue_sum(&m, 0, "/req_in");
+    let requests_out = queue_sum(&m, 0, "/req_out");
+    eprintln!(
+        "notify={notify}: kicks={kicks} wakeups={wakeups} in={requests_in} out={requests_out}"
+    );
+    assert!(kicks >= wakeups, "kicks {kicks} < wake-ups {wakeups}");
+    assert!(wakeups > 0);
+    // Requests of the workload (the guest kernel adds its own, e.g. partition probing).
+    assert!(
+        requests_in >= reads && requests_out >= writes,
+        "metrics: {m}"
+    );
+    (out, m)
+}
+
+#[test]
+fn random_workload_with_ioeventfd_never_exits_on_queue_notify() {
+    let (_, m) = random_workload("ioeventfd", 10_000);
+    assert_eq!(
+        m["devices"][0]["transport"]["notify_exits"], 0,
+        "metrics: {m}"
+    );
+}
+
+#[test]
+fn random_workload_with_notify_exit_takes_every_kick_as_an_exit() {
+    let (_, m) = random_workload("exit", 10_000);
+    let exits = m["devices"][0]["transport"]["notify_exits"]
+        .as_u64()
+        .unwrap();
+    let kicks = queue_sum(&m, 0, "/kicks");
+    assert!(exits > 0, "metrics: {m}");
+    assert_eq!(
+        exits, kicks,
+        "every kick must have come through a QueueNotify exit: {m}"
+    );
+}
