@@ -9,6 +9,7 @@ pub mod evmm;
 pub mod guest;
 pub mod images;
 pub mod nested;
+pub mod probe_output;
 pub mod qemu;
 pub mod route;
 

@@ -1,0 +1,152 @@
+//! The notify-latency probe guest (crates/probe-guest) completes its requests under
+//! evmm (both notify paths) and under QEMU microvm, every GET_ID answer is the disk's
+//! id, and evmm's counters add up. The probe measures in guest ring 3, so it runs on
+//! this host's /dev/kvm directly, PVM or not.
+
+use evmm_testhost::images::{repo_root, target_dir};
+use evmm_testhost::probe_output::ProbeRun;
+use std::path::PathBuf;
+use std::process::Command;
+
+const N: u64 = 300;
+const ID: &str = "probe-test-id";
+
+fn probe_elf() -> PathBuf {
+    let out = Command::new(repo_root().join("crates/probe-guest/build.sh"))
+        .output()
+        .expect("run crates/probe-guest/build.sh");
+    assert!(
+        out.status.success(),
+        "building the probe guest failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+fn disk(dir: &tempfile::TempDir) -> String {
+    let path = dir.path().join("disk.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    path.display().to_string()
+}
+
+/// Checks a probe run: every series has N samples and no errors (a wrong GET_ID
+/// answer counts as an error in the guest), and the id is the disk's.
+fn check(run: &ProbeRun, console: &str) {
+    assert_eq!(
+        run.done,
+        Some(N),
+        "the probe did not finish; console:\n{console}"
+    );
+    assert!(run.errors.is_empty(), "probe errors: {:?}", run.errors);
+    assert_eq!(run.id.as_deref(), Some(ID), "GET_ID answered {:?}", run.id);
+    for kind in ["get_id", "read"] {
+        for mode in ["poll", "kick", "irq", "irq_wake"] {
+            let s = run
+                .series(kind, mode)
+                .unwrap_or_else(|| panic!("no {kind}/{mode} series:\n{console}"));
+            assert_eq!(s.cycles.len() as u64, N, "{kind}/{mode}");
+            assert_eq!(s.errors, 0, "{kind}/{mode} had errors");
+        }
+    }
+}
+
+fn evmm(notify: &str) {
+    let probe = probe_elf();
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = dir.path().join("metrics.json");
+    let out = Command::new(target_dir().join("release/evmm"))
+        .args([
+            "--kernel",
+            probe.to_str().unwrap(),
+            "--memory",
+            "128",
+            "--notify",
+            notify,
+        ])
+        .args(["--disk", &format!("path={},id={ID}", disk(&dir))])
+        .args(["--cmdline", &format!("probe.requests={N}")])
+        .arg("--metrics")
+        .arg(&metrics)
+        .output()
+        .expect("run target/release/evmm (cargo build --release first)");
+    let console = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "evmm failed: {}\n{console}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    check(&ProbeRun::parse(&console), &console);
+
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+    let t = &m["devices"][0]["transport"];
+    let q = &t["device"]["queues"][0];
+    let get = |k: &str| q[k].as_u64().unwrap_or_else(|| panic!("no {k} in {q}"));
+    // Two GET_ID series (poll, irq) and two read series of N requests each.
+    assert_eq!(get("req_get_id"), 2 * N, "{q}");
+    assert_eq!(get("req_in"), 2 * N, "{q}");
+    assert!(get("kicks") >= get("wakeups"), "kicks < wake-ups: {q}");
+    assert!(get("kicks") >= 4 * N, "{q}");
+    let exits = t["notify_exits"].as_u64().unwrap();
+    match notify {
+        "ioeventfd" => assert_eq!(exits, 0, "{t}"),
+        _ => assert_eq!(exits, get("kicks"), "{t}"),
+    }
+}
+
+#[test]
+fn probe_completes_under_evmm_with_ioeventfd() {
+    evmm("ioeventfd");
+}
+
+#[test]
+fn probe_completes_under_evmm_with_notify_exit() {
+    evmm("exit");
+}
+
+#[test]
+fn probe_completes_under_qemu_microvm() {
+    let probe = probe_elf();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new("qemu-system-x86_64")
+        .args([
+            "-M",
+            "microvm,accel=kvm",
+            "-cpu",
+            "host",
+            "-m",
+            "128",
+            "-nodefaults",
+            "-no-user-config",
+        ])
+        .args([
+            "-nographic",
+            "-no-reboot",
+            "-serial",
+            "stdio",
+            "-global",
+            "virtio-mmio.force-legacy=false",
+        ])
+        .args(["-kernel", probe.to_str().unwrap()])
+        .args([
+            "-append",
+            &format!("virtio_mmio.device=512@0xfeb02e00:47 probe.requests={N}"),
+        ])
+        .args([
+            "-drive",
+            &format!("id=d,file={},format=raw,if=none", disk(&dir)),
+        ])
+        .args(["-device", &format!("virtio-blk-device,drive=d,serial={ID}")])
+        .output()
+        .expect("qemu-system-x86_64 is needed (apt-get install qemu-system-x86)");
+    let console = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "QEMU failed: {}\n{console}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    check(&ProbeRun::parse(&console), &console);
+}
