@@ -274,6 +274,68 @@ pub fn random_workload(
     Ok(report)
 }
 
+/// Result of [`qd1_random_reads`]: latency percentiles (µs, nearest rank) and IOPS.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Qd1Report {
+    /// Reads done.
+    pub n: usize,
+    /// Reads per second over the whole run.
+    pub iops: f64,
+    /// Latency percentiles and mean, µs.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p999: f64,
+    /// Mean.
+    pub mean: f64,
+}
+
+impl Qd1Report {
+    /// The one-line form the benchmark parses.
+    pub fn line(&self) -> String {
+        format!(
+            "EVMM-BLK-QD1 n={} iops={:.0} p50_us={:.1} p90_us={:.1} p99_us={:.1} p999_us={:.1} mean_us={:.1}",
+            self.n, self.iops, self.p50, self.p90, self.p99, self.p999, self.mean
+        )
+    }
+}
+
+/// `n` random 4 KiB O_DIRECT reads, one at a time (queue depth 1), each timed.
+pub fn qd1_random_reads(dev: &File, disk_len: u64, n: usize, seed: u64) -> io::Result<Qd1Report> {
+    let blocks = disk_len / 4096;
+    if blocks == 0 || n == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "empty disk or no reads",
+        ));
+    }
+    let mut rng = Rng::new(seed);
+    let mut buf = AlignedBuf::new(4096);
+    let mut lat = Vec::with_capacity(n);
+    let start = std::time::Instant::now();
+    for _ in 0..n {
+        let offset = rng.range(0, blocks - 1) * 4096;
+        let t = std::time::Instant::now();
+        dev.read_exact_at(buf.slice(4096), offset)?;
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let total = start.elapsed().as_secs_f64();
+    lat.sort_by(f64::total_cmp);
+    let rank = |permille: usize| lat[(permille * n).div_ceil(1000).clamp(1, n) - 1];
+    Ok(Qd1Report {
+        n,
+        iops: n as f64 / total,
+        p50: rank(500),
+        p90: rank(900),
+        p99: rank(990),
+        p999: rank(999),
+        mean: lat.iter().sum::<f64>() / n as f64,
+    })
+}
+
 /// The size of a block device or file in bytes.
 pub fn device_len(f: &File) -> io::Result<u64> {
     use std::io::{Seek, SeekFrom};
@@ -322,6 +384,25 @@ mod tests {
         assert_eq!(report.mismatches, 0);
         assert_eq!(report.reads + report.writes, 500);
         assert_eq!(report.checksum, fnv1a(&std::fs::read(&file).unwrap()));
+    }
+
+    #[test]
+    fn qd1_reads_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("disk");
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&file)
+            .unwrap();
+        f.set_len(1 << 20).unwrap();
+        let r = qd1_random_reads(&f, 1 << 20, 200, 1).unwrap();
+        assert_eq!(r.n, 200);
+        assert!(r.p50 <= r.p90 && r.p90 <= r.p99 && r.p99 <= r.p999);
+        assert!(r.iops > 0.0);
+        assert!(r.line().starts_with("EVMM-BLK-QD1 n=200 "));
     }
 
     #[test]
