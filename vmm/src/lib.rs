@@ -16,6 +16,7 @@ pub mod error;
 pub mod event_loop;
 pub mod exit;
 pub mod layout;
+pub mod long_mode;
 pub mod memory;
 pub mod metrics;
 pub mod mptable;

@@ -29,7 +29,8 @@ use std::fmt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region};
+use crate::long_mode::{tss_descriptor_low, FlatLayout, PTE_P, PTE_PS, PTE_RW, PTE_US};
+use kvm_bindings::{kvm_regs, kvm_sregs, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use log::{debug, info};
 use serde::Serialize;
@@ -95,32 +96,6 @@ const GUEST_CODE: [u8; 10] = [
     0xf4, // hlt
     0xeb, 0xfe, // jmp $
 ];
-
-// GDT selectors.
-const SEL_CODE0: u16 = 0x08;
-const SEL_DATA0: u16 = 0x10;
-const SEL_CODE3: u16 = 0x18 | 3;
-const SEL_DATA3: u16 = 0x20 | 3;
-const SEL_TSS: u16 = 0x28;
-
-// Control-register and EFER bits.
-const CR0_PE: u64 = 1 << 0;
-const CR0_MP: u64 = 1 << 1;
-const CR0_ET: u64 = 1 << 4;
-const CR0_NE: u64 = 1 << 5;
-const CR0_WP: u64 = 1 << 16;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const CR4_OSFXSR: u64 = 1 << 9;
-const CR4_OSXMMEXCPT: u64 = 1 << 10;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-
-// Page-table entry bits.
-const PTE_P: u64 = 1 << 0;
-const PTE_RW: u64 = 1 << 1;
-const PTE_US: u64 = 1 << 2;
-const PTE_PS: u64 = 1 << 7;
 
 /// Whether guest ring-0 code runs natively or is instruction-emulated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -530,80 +505,17 @@ fn write_guest(mem: &GuestMemoryMmap) -> Result<(), ProbeError> {
         .map_err(|e| ProbeError::GuestMemory(e.to_string()))
 }
 
-/// Low half of a 16-byte 64-bit TSS descriptor (type 0xb: busy, present).
-fn tss_descriptor_low(base: u64, limit: u64) -> u64 {
-    (limit & 0xffff)
-        | ((base & 0xff_ffff) << 16)
-        | (0x8b << 40)
-        | (((limit >> 16) & 0xf) << 48)
-        | (((base >> 24) & 0xff) << 56)
-}
-
-/// Special registers for 64-bit long mode at `cpl` (0 or 3), starting from the
-/// vCPU's reset state `base`.
+/// Special registers for 64-bit long mode at `cpl` (0 or 3). No IDT: any exception
+/// escalates to a triple fault, i.e. KVM_EXIT_SHUTDOWN, which the probe reports as an
+/// unexpected exit.
 fn long_mode_sregs(base: &kvm_sregs, cpl: u8) -> kvm_sregs {
-    let (code_sel, data_sel) = if cpl == 0 {
-        (SEL_CODE0, SEL_DATA0)
-    } else {
-        (SEL_CODE3, SEL_DATA3)
+    let layout = FlatLayout {
+        gdt: GDT_ADDR,
+        pml4: PML4_ADDR,
+        tss: TSS_ADDR,
+        idt: None,
     };
-    let code = kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector: code_sel,
-        type_: 0xb, // execute/read, accessed
-        present: 1,
-        dpl: cpl,
-        db: 0,
-        s: 1,
-        l: 1,
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    };
-    let data = kvm_segment {
-        selector: data_sel,
-        type_: 0x3, // read/write, accessed
-        db: 1,
-        l: 0,
-        ..code
-    };
-    let tss = kvm_segment {
-        base: TSS_ADDR,
-        limit: 0x67,
-        selector: SEL_TSS,
-        type_: 0xb, // 64-bit TSS, busy
-        present: 1,
-        dpl: 0,
-        db: 0,
-        s: 0,
-        l: 0,
-        g: 0,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    };
-
-    let mut sregs = *base;
-    sregs.cs = code;
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
-    sregs.tr = tss;
-    sregs.gdt.base = GDT_ADDR;
-    sregs.gdt.limit = 7 * 8 - 1;
-    // No IDT: any exception escalates to a triple fault, i.e. KVM_EXIT_SHUTDOWN,
-    // which the probe reports as an unexpected exit.
-    sregs.idt.base = 0;
-    sregs.idt.limit = 0;
-    sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
-    sregs.cr3 = PML4_ADDR;
-    sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
-    sregs.efer = EFER_LME | EFER_LMA;
-    sregs
+    crate::long_mode::long_mode_sregs(base, cpl, &layout)
 }
 
 #[cfg(test)]

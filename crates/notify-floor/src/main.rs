@@ -48,8 +48,11 @@ use std::sync::Arc;
 use std::thread;
 
 use clap::{Parser, ValueEnum};
+use evmm::long_mode::{
+    tss_descriptor_low, FlatLayout, PTE_P, PTE_PCD, PTE_PS, PTE_PWT, PTE_RW, PTE_US, SEL_CODE0,
+};
 use kvm_bindings::{
-    kvm_irqchip, kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC,
+    kvm_irqchip, kvm_regs, kvm_sregs, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC,
 };
 use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
@@ -100,35 +103,9 @@ const IRQ_VECTOR: u8 = 0x40;
 /// The guest's `[rdi + 8*N]` addressing and the memory size bound N.
 const MAX_REQUESTS: u64 = 10_000_000;
 
-// GDT selectors.
-const SEL_CODE0: u16 = 0x08;
-const SEL_DATA0: u16 = 0x10;
-const SEL_CODE3: u16 = 0x18 | 3;
-const SEL_DATA3: u16 = 0x20 | 3;
-const SEL_TSS: u16 = 0x28;
-
-// Control-register, EFER and RFLAGS bits.
-const CR0_PE: u64 = 1 << 0;
-const CR0_MP: u64 = 1 << 1;
-const CR0_ET: u64 = 1 << 4;
-const CR0_NE: u64 = 1 << 5;
-const CR0_WP: u64 = 1 << 16;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const CR4_OSFXSR: u64 = 1 << 9;
-const CR4_OSXMMEXCPT: u64 = 1 << 10;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
+// RFLAGS bits.
 const RFLAGS_FIXED: u64 = 1 << 1;
 const RFLAGS_IF: u64 = 1 << 9;
-
-// Page-table entry bits.
-const PTE_P: u64 = 1 << 0;
-const PTE_RW: u64 = 1 << 1;
-const PTE_US: u64 = 1 << 2;
-const PTE_PWT: u64 = 1 << 3;
-const PTE_PCD: u64 = 1 << 4;
-const PTE_PS: u64 = 1 << 7;
 
 // The guest code. Position independent (relative jumps only); data is
 // addressed through absolute addresses below 2 GiB (the DATA_* constants)
@@ -504,72 +481,15 @@ fn idt_gate(handler: u64, sel: u16) -> (u64, u64) {
     (lo, handler >> 32)
 }
 
-/// Low half of a 16-byte 64-bit TSS descriptor (type 0xb: busy, present).
-fn tss_descriptor_low(base: u64, limit: u64) -> u64 {
-    (limit & 0xffff)
-        | ((base & 0xff_ffff) << 16)
-        | (0x8b << 40)
-        | (((limit >> 16) & 0xf) << 48)
-        | (((base >> 24) & 0xff) << 56)
-}
-
-/// Special registers for 64-bit long mode at CPL 3.
+/// Special registers for 64-bit long mode at CPL 3, with the guest's IDT.
 fn long_mode_sregs(base: &kvm_sregs) -> kvm_sregs {
-    let code = kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector: SEL_CODE3,
-        type_: 0xb,
-        present: 1,
-        dpl: 3,
-        db: 0,
-        s: 1,
-        l: 1,
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
+    let layout = FlatLayout {
+        gdt: GDT_ADDR,
+        pml4: PML4_ADDR,
+        tss: TSS_ADDR,
+        idt: Some((IDT_ADDR, 256 * 16 - 1)),
     };
-    let data = kvm_segment {
-        selector: SEL_DATA3,
-        type_: 0x3,
-        db: 1,
-        l: 0,
-        ..code
-    };
-    let tss = kvm_segment {
-        base: TSS_ADDR,
-        limit: 0x67,
-        selector: SEL_TSS,
-        type_: 0xb,
-        present: 1,
-        dpl: 0,
-        db: 0,
-        s: 0,
-        l: 0,
-        g: 0,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    };
-    let _ = (SEL_CODE0, SEL_DATA0);
-    let mut s = *base;
-    s.cs = code;
-    s.ds = data;
-    s.es = data;
-    s.fs = data;
-    s.gs = data;
-    s.ss = data;
-    s.tr = tss;
-    s.gdt.base = GDT_ADDR;
-    s.gdt.limit = 7 * 8 - 1;
-    s.idt.base = IDT_ADDR;
-    s.idt.limit = 256 * 16 - 1;
-    s.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
-    s.cr3 = PML4_ADDR;
-    s.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
-    s.efer = EFER_LME | EFER_LMA;
-    s
+    evmm::long_mode::long_mode_sregs(base, 3, &layout)
 }
 
 /// One measured series: its `mode=` name and the samples (cycles).
