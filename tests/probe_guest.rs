@@ -5,6 +5,7 @@
 
 use evmm_testhost::images::{repo_root, target_dir};
 use evmm_testhost::probe_output::ProbeRun;
+use evmm_testhost::qemu::probe_microvm_argv;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -111,35 +112,9 @@ fn probe_completes_under_evmm_with_notify_exit() {
 fn probe_completes_under_qemu_microvm() {
     let probe = probe_elf();
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new("qemu-system-x86_64")
-        .args([
-            "-M",
-            "microvm,accel=kvm",
-            "-cpu",
-            "host",
-            "-m",
-            "128",
-            "-nodefaults",
-            "-no-user-config",
-        ])
-        .args([
-            "-nographic",
-            "-no-reboot",
-            "-serial",
-            "stdio",
-            "-global",
-            "virtio-mmio.force-legacy=false",
-        ])
-        .args(["-kernel", probe.to_str().unwrap()])
-        .args([
-            "-append",
-            &format!("virtio_mmio.device=512@0xfeb02e00:47 probe.requests={N}"),
-        ])
-        .args([
-            "-drive",
-            &format!("id=d,file={},format=raw,if=none", disk(&dir)),
-        ])
-        .args(["-device", &format!("virtio-blk-device,drive=d,serial={ID}")])
+    let argv = probe_microvm_argv(probe.to_str().unwrap(), &disk(&dir), ID, N as u32, 128);
+    let out = Command::new(&argv[0])
+        .args(&argv[1..])
         .output()
         .expect("qemu-system-x86_64 is needed (apt-get install qemu-system-x86)");
     let console = String::from_utf8_lossy(&out.stdout);

@@ -10,6 +10,7 @@
 
 use clap::Parser;
 use evmm_testhost::probe_output::{ProbeRun, Stats};
+use evmm_testhost::qemu::probe_microvm_argv;
 use plotters::prelude::*;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -232,34 +233,7 @@ fn paths(cli: &Cli, disk: &Path) -> Vec<Path_> {
     };
     let (a, am) = evmm("ioeventfd");
     let (b, bm) = evmm("exit");
-    let qemu: Vec<String> = [
-        "qemu-system-x86_64",
-        "-M",
-        "microvm,accel=kvm",
-        "-cpu",
-        "host",
-        "-m",
-        "256",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-no-reboot",
-        "-serial",
-        "stdio",
-        "-global",
-        "virtio-mmio.force-legacy=false",
-        "-kernel",
-        &probe,
-        "-append",
-        &format!("virtio_mmio.device=512@0xfeb02e00:47 {requests}"),
-        "-drive",
-        &format!("id=d,file={disk},format=raw,if=none"),
-        "-device",
-        &format!("virtio-blk-device,drive=d,serial={PROBE_ID}"),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let qemu = probe_microvm_argv(&probe, &disk, PROBE_ID, cli.requests, 256);
     let floor = vec![
         "evmm-notify-floor".to_string(),
         "--requests".into(),

@@ -27,6 +27,10 @@ pub const CR0_ET: u64 = 1 << 4;
 pub const CR0_NE: u64 = 1 << 5;
 /// CR0.WP.
 pub const CR0_WP: u64 = 1 << 16;
+/// CR0.NW.
+pub const CR0_NW: u64 = 1 << 29;
+/// CR0.CD.
+pub const CR0_CD: u64 = 1 << 30;
 /// CR0.PG.
 pub const CR0_PG: u64 = 1 << 31;
 /// CR4.PAE.

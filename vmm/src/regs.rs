@@ -13,14 +13,7 @@ use crate::layout::{
 };
 use crate::memory::GuestMemoryMmap;
 
-const X86_CR0_PE: u64 = 1 << 0;
-const X86_CR0_ET: u64 = 1 << 4;
-const X86_CR0_NW: u64 = 1 << 29;
-const X86_CR0_CD: u64 = 1 << 30;
-const X86_CR0_PG: u64 = 1 << 31;
-const X86_CR4_PAE: u64 = 1 << 5;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
+use crate::long_mode::{CR0_CD, CR0_ET, CR0_NW, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME};
 
 /// Local APIC register offsets and delivery modes.
 const APIC_LVT0: usize = 0x350;
@@ -165,12 +158,12 @@ pub fn setup_sregs(
     sregs.ss = data;
     sregs.tr = segment_from_gdt(gdt[3], 3);
 
-    sregs.cr0 = (sregs.cr0 & !(X86_CR0_CD | X86_CR0_NW)) | X86_CR0_PE | X86_CR0_ET;
+    sregs.cr0 = (sregs.cr0 & !(CR0_CD | CR0_NW)) | CR0_PE | CR0_ET;
     if long_mode {
         write_identity_page_tables(mem)?;
         sregs.cr3 = PML4_START;
-        sregs.cr4 |= X86_CR4_PAE;
-        sregs.cr0 |= X86_CR0_PG;
+        sregs.cr4 |= CR4_PAE;
+        sregs.cr0 |= CR0_PG;
         sregs.efer |= EFER_LME | EFER_LMA;
     } else {
         sregs.cr4 = 0;

@@ -67,6 +67,50 @@ impl QemuGuest {
     }
 }
 
+/// QEMU `-M microvm` running the notify-latency probe guest (a PVH ELF) on a
+/// virtio-blk disk whose GET_ID answer is `id`. QEMU 7.2's virtio-mmio is legacy unless
+/// told otherwise, and a PVH kernel gets no `virtio_mmio.device=` from it: a single
+/// device sits in microvm's last transport, 0xfeb02e00, on GSI 47.
+pub fn probe_microvm_argv(
+    probe: &str,
+    disk: &str,
+    id: &str,
+    requests: u32,
+    memory_mib: u32,
+) -> Vec<String> {
+    let mut argv: Vec<String> = [
+        "qemu-system-x86_64",
+        "-M",
+        "microvm,accel=kvm",
+        "-cpu",
+        "host",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+        "-global",
+        "virtio-mmio.force-legacy=false",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    argv.extend([
+        "-m".into(),
+        memory_mib.to_string(),
+        "-kernel".into(),
+        probe.to_string(),
+        "-append".into(),
+        format!("virtio_mmio.device=512@0xfeb02e00:47 probe.requests={requests}"),
+        "-drive".into(),
+        format!("id=d,file={disk},format=raw,if=none"),
+        "-device".into(),
+        format!("virtio-blk-device,drive=d,serial={id}"),
+    ]);
+    argv
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
