@@ -71,13 +71,17 @@ impl BusDevice for SerialDevice {
         }
     }
 
+    /// Each byte is one write to the register: a `rep outsb` exits once with all of
+    /// its bytes for the same port.
     fn write(&mut self, offset: u64, data: &[u8]) {
-        let (Some(&value), Ok(offset)) = (data.first(), u8::try_from(offset)) else {
+        let Ok(offset) = u8::try_from(offset) else {
             return;
         };
-        if let Err(e) = self.serial.write(offset, value) {
-            // Output errors (closed stdout) must not stop the guest.
-            log::debug!("serial: write error: {e:?}");
+        for &value in data {
+            if let Err(e) = self.serial.write(offset, value) {
+                // Output errors (closed stdout) must not stop the guest.
+                log::debug!("serial: write error: {e:?}");
+            }
         }
     }
 }
@@ -123,6 +127,16 @@ mod tests {
         let mut lsr = [0u8];
         dev.read(5, &mut lsr);
         assert_ne!(lsr[0] & 0x20, 0);
+    }
+
+    #[test]
+    fn a_string_write_puts_out_every_byte() {
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let out = SharedBuf::default();
+        let mut dev = SerialDevice::new(IrqTrigger::new(evt), Box::new(out.clone()));
+        // `rep outsb` to the data register: one exit with all of its bytes.
+        dev.write(0, b"PROBE-DONE\n");
+        assert_eq!(&*out.0.lock().unwrap(), b"PROBE-DONE\n");
     }
 
     #[test]
