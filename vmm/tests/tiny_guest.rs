@@ -156,15 +156,20 @@ fn write_kernel(dir: &tempfile::TempDir, name: &str, image: &[u8]) -> std::path:
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-#[test]
-fn serial_output_then_acpi_poweroff_exits_0() {
+/// Boots `code` (as an ELF kernel, with a PVH note when `pvh`) under evmm with `args`.
+fn run_tiny(code: &[u8], pvh: bool, args: &[&str]) -> Outcome {
     require_kvm();
     let dir = tempfile::tempdir().unwrap();
+    let k = write_kernel(&dir, "k", &elf(code, pvh));
+    run_evmm(&k, args, TIMEOUT)
+}
+
+#[test]
+fn serial_output_then_acpi_poweroff_exits_0() {
     let mut c = code::print("hello from the guest\n");
     c.extend(code::poweroff());
     c.extend(code::HALT);
-    let k = write_kernel(&dir, "k", &elf(&c, false));
-    let out = run_evmm(&k, &[], TIMEOUT);
+    let out = run_tiny(&c, false, &[]);
     assert_eq!(out.status, Some(0), "stderr: {}", out.stderr);
     assert_eq!(out.stdout, "hello from the guest\n");
     eprintln!("poweroff run took {:?}", out.elapsed);
@@ -172,26 +177,20 @@ fn serial_output_then_acpi_poweroff_exits_0() {
 
 #[test]
 fn i8042_reset_exits_0_with_several_vcpus() {
-    require_kvm();
-    let dir = tempfile::tempdir().unwrap();
     let mut c = code::print("R");
     c.extend(code::i8042_reset());
     c.extend(code::HALT);
-    let k = write_kernel(&dir, "k", &elf(&c, false));
     // The APs never get started and sit in KVM_RUN: they must be kicked out.
-    let out = run_evmm(&k, &["--cpus", "3"], TIMEOUT);
+    let out = run_tiny(&c, false, &["--cpus", "3"]);
     assert_eq!(out.status, Some(0), "stderr: {}", out.stderr);
     assert_eq!(out.stdout, "R");
 }
 
 #[test]
 fn triple_fault_exits_0() {
-    require_kvm();
-    let dir = tempfile::tempdir().unwrap();
     let mut c = code::print("T");
     c.extend(code::UD2);
-    let k = write_kernel(&dir, "k", &elf(&c, false));
-    let out = run_evmm(&k, &["--log-level", "info"], TIMEOUT);
+    let out = run_tiny(&c, false, &["--log-level", "info"]);
     assert_eq!(out.status, Some(0), "stderr: {}", out.stderr);
     assert_eq!(out.stdout, "T");
     assert!(
@@ -203,13 +202,10 @@ fn triple_fault_exits_0() {
 
 #[test]
 fn pvh_entry_is_used() {
-    require_kvm();
-    let dir = tempfile::tempdir().unwrap();
     let mut c = code::print("PVH\n");
     c.extend(code::poweroff());
     c.extend(code::HALT);
-    let k = write_kernel(&dir, "k", &elf(&c, true));
-    let out = run_evmm(&k, &["--log-level", "info"], TIMEOUT);
+    let out = run_tiny(&c, true, &["--log-level", "info"]);
     assert_eq!(out.status, Some(0), "stderr: {}", out.stderr);
     assert_eq!(out.stdout, "PVH\n");
     assert!(out.stderr.contains("PVH entry"), "stderr: {}", out.stderr);

@@ -347,6 +347,21 @@ pub fn device_len(f: &File) -> io::Result<u64> {
 mod tests {
     use super::*;
 
+    /// A zero-filled read-write file of `len` bytes in a temporary folder.
+    fn scratch_disk(len: u64) -> (tempfile::TempDir, std::path::PathBuf, File) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("disk");
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&file)
+            .unwrap();
+        f.set_len(len).unwrap();
+        (dir, file, f)
+    }
+
     #[test]
     fn patterns_depend_on_offset_and_seed() {
         assert_ne!(pattern(0, 512, 1), pattern(512, 512, 1));
@@ -370,16 +385,7 @@ mod tests {
 
     #[test]
     fn random_workload_on_a_file_matches_its_shadow() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("disk");
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&file)
-            .unwrap();
-        f.set_len(4 << 20).unwrap();
+        let (_dir, file, f) = scratch_disk(4 << 20);
         let report = random_workload(&f, 4 << 20, 500, 42).unwrap();
         assert_eq!(report.mismatches, 0);
         assert_eq!(report.reads + report.writes, 500);
@@ -388,16 +394,7 @@ mod tests {
 
     #[test]
     fn qd1_reads_a_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("disk");
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&file)
-            .unwrap();
-        f.set_len(1 << 20).unwrap();
+        let (_dir, _file, f) = scratch_disk(1 << 20);
         let r = qd1_random_reads(&f, 1 << 20, 200, 1).unwrap();
         assert_eq!(r.n, 200);
         assert!(r.p50 <= r.p90 && r.p90 <= r.p99 && r.p99 <= r.p999);

@@ -3,6 +3,28 @@
 
 use crate::images::GuestImages;
 
+/// Arguments every QEMU guest of the tests and benches takes: host CPU, no default
+/// devices or config, no display, exit instead of reboot, console on stdio.
+const COMMON: &[&str] = &[
+    "-cpu",
+    "host",
+    "-nodefaults",
+    "-no-user-config",
+    "-nographic",
+    "-no-reboot",
+    "-serial",
+    "stdio",
+];
+
+/// `qemu-system-x86_64` followed by [`COMMON`] and `extra`.
+fn base_argv(extra: &[&str]) -> Vec<String> {
+    std::iter::once("qemu-system-x86_64")
+        .chain(COMMON.iter().copied())
+        .chain(extra.iter().copied())
+        .map(str::to_string)
+        .collect()
+}
+
 /// A Linux guest of `guest-images/build` under QEMU with KVM.
 #[derive(Debug, Clone)]
 pub struct QemuGuest {
@@ -32,22 +54,7 @@ impl QemuGuest {
 
     /// The full command line, console on stdout, exiting when the guest reboots.
     pub fn argv(&self, images: &GuestImages) -> Vec<String> {
-        let mut argv: Vec<String> = [
-            "qemu-system-x86_64",
-            "-L",
-            "/usr/share/qemu",
-            "-cpu",
-            "host",
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-no-reboot",
-            "-serial",
-            "stdio",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut argv = base_argv(&["-L", "/usr/share/qemu"]);
         argv.extend([
             "-M".into(),
             format!("{},accel=kvm", self.machine),
@@ -78,24 +85,12 @@ pub fn probe_microvm_argv(
     requests: u32,
     memory_mib: u32,
 ) -> Vec<String> {
-    let mut argv: Vec<String> = [
-        "qemu-system-x86_64",
+    let mut argv = base_argv(&[
         "-M",
         "microvm,accel=kvm",
-        "-cpu",
-        "host",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-no-reboot",
-        "-serial",
-        "stdio",
         "-global",
         "virtio-mmio.force-legacy=false",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    ]);
     argv.extend([
         "-m".into(),
         memory_mib.to_string(),
