@@ -3,105 +3,11 @@
 //! read-only disks refusing writes, a verified random workload, and the notify
 //! counters of both notify paths. Runs on the route the capability probe picks.
 
-use evmm_testhost::guest::{all_marker_fields, marker_fields};
-use evmm_testhost::nested::shell_quote;
-use evmm_testhost::{EvmmGuest, GuestConsole, GuestImages, Route, RunOutput};
-use std::collections::BTreeMap;
-use std::time::Duration;
+mod common;
 
-const MIB: u64 = 1024 * 1024;
-
-/// Runs a shell script where guests boot; `$D` is a fresh folder for disk files.
-fn run_script(body: &str) -> RunOutput {
-    let route = Route::detect().unwrap_or_else(|e| panic!("{e}"));
-    eprintln!("{route}");
-    let script = format!("set -e\nD=$(mktemp -d)\n{body}\nrm -rf \"$D\"\n");
-    let out = route
-        .run(&["sh", "-c", &script], Duration::from_secs(600))
-        .unwrap_or_else(|e| panic!("run failed: {e}"));
-    eprintln!("ran {:.1} s", out.command_time.as_secs_f64());
-    assert_eq!(
-        out.status, 0,
-        "script failed ({}); output:\n{}",
-        out.status, out.output
-    );
-    out
-}
-
-/// The shell command that boots the guest test `test` with `args` under evmm with
-/// the given evmm options, printing its metrics JSON after the console.
-fn evmm_cmd(test: &str, args: &[&str], options: &[&str]) -> String {
-    let images = GuestImages::build().unwrap_or_else(|e| panic!("{e}"));
-    let mut guest = EvmmGuest::new(test);
-    if !args.is_empty() {
-        guest
-            .cmdline
-            .push_str(&format!(" evmm.args={}", args.join(",")));
-    }
-    guest.extra = options.iter().map(|s| s.to_string()).collect();
-    guest
-        .extra
-        .extend(["--metrics".into(), "$D/metrics.json".into()]);
-    let argv: Vec<String> = guest
-        .argv(&images)
-        .iter()
-        // Arguments holding $D are single-quoted: reopen the quotes around it.
-        .map(|a| shell_quote(a).replace("$D", "'\"$D\"'"))
-        .collect();
-    format!(
-        "{}\nprintf 'EVMM-METRICS-JSON '; tr -d '\\n' < \"$D/metrics.json\"; echo",
-        argv.join(" ")
-    )
-}
-
-fn dd_zero(name: &str, mib: u64) -> String {
-    format!("dd if=/dev/zero of=\"$D/{name}\" bs=1M count={mib} 2>/dev/null")
-}
-
-fn marker(out: &RunOutput, name: &str) -> BTreeMap<String, String> {
-    out.output
-        .lines()
-        .find_map(|l| marker_fields(l, name))
-        .unwrap_or_else(|| panic!("no {name} line; output:\n{}", out.output))
-}
-
-fn metrics(out: &RunOutput) -> serde_json::Value {
-    let line = out
-        .output
-        .lines()
-        .find_map(|l| l.strip_prefix("EVMM-METRICS-JSON "))
-        .unwrap_or_else(|| panic!("no metrics; output:\n{}", out.output));
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("bad metrics JSON ({e}): {line}"))
-}
-
-/// Sum of a per-queue counter over every queue of device `dev`.
-fn queue_sum(m: &serde_json::Value, dev: usize, counter: &str) -> u64 {
-    let queues = m["devices"][dev]["transport"]["device"]["queues"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no queues in metrics: {m}"));
-    queues
-        .iter()
-        .map(|q| {
-            q.pointer(counter)
-                .and_then(|v| v.as_u64())
-                .unwrap_or_else(|| panic!("no counter {counter} in {q}"))
-        })
-        .sum()
-}
-
-fn guest_passed(out: &RunOutput, test: &str) {
-    let console = GuestConsole::parse(&out.output);
-    assert!(
-        console.started,
-        "guest did not start; output:\n{}",
-        out.output
-    );
-    assert!(
-        console.passed(test),
-        "guest test {test} failed; output:\n{}",
-        out.output
-    );
-}
+use common::{dd_zero, evmm_cmd, guest_passed, marker, metrics, queue_sum, run_script, MIB};
+use evmm_testhost::guest::all_marker_fields;
+use evmm_testhost::RunOutput;
 
 #[test]
 fn guest_sees_disks_with_their_size_and_readonly_flag() {

@@ -233,8 +233,8 @@ pub fn fnv1a(data: &[u8]) -> u64 {
 }
 
 /// `ops` random reads and writes (60/40), sizes 512 B–128 KiB at sector-aligned
-/// offsets, each read checked against an in-memory shadow of the disk; the disk is
-/// expected to hold zeros at the start.
+/// offsets, each read checked against an in-memory shadow of the disk, which starts as
+/// a copy of the disk's content (read first), so the workload runs on any disk.
 pub fn random_workload(
     dev: &File,
     disk_len: u64,
@@ -244,6 +244,11 @@ pub fn random_workload(
     let mut shadow = vec![0u8; disk_len as usize];
     let mut rng = Rng::new(seed);
     let mut buf = AlignedBuf::new(128 * 1024);
+    for (at, chunk) in shadow.chunks_mut(128 * 1024).enumerate() {
+        let len = chunk.len();
+        dev.read_exact_at(buf.slice(len), (at * 128 * 1024) as u64)?;
+        chunk.copy_from_slice(buf.slice(len));
+    }
     let mut report = WorkloadReport::default();
     let sectors = disk_len / SECTOR;
     for _ in 0..ops {
@@ -274,9 +279,11 @@ pub fn random_workload(
     Ok(report)
 }
 
-/// Result of [`qd1_random_reads`]: latency percentiles (µs, nearest rank) and IOPS.
+/// Result of [`random_reads`]: latency percentiles (µs, nearest rank) and IOPS.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Qd1Report {
+pub struct QdReport {
+    /// Reads in flight at once.
+    pub depth: usize,
     /// Reads done.
     pub n: usize,
     /// Reads per second over the whole run.
@@ -293,39 +300,69 @@ pub struct Qd1Report {
     pub mean: f64,
 }
 
-impl Qd1Report {
+impl QdReport {
     /// The one-line form the benchmark parses.
     pub fn line(&self) -> String {
         format!(
-            "EVMM-BLK-QD1 n={} iops={:.0} p50_us={:.1} p90_us={:.1} p99_us={:.1} p999_us={:.1} mean_us={:.1}",
-            self.n, self.iops, self.p50, self.p90, self.p99, self.p999, self.mean
+            "EVMM-BLK-QD depth={} n={} iops={:.0} p50_us={:.1} p90_us={:.1} p99_us={:.1} p999_us={:.1} mean_us={:.1}",
+            self.depth, self.n, self.iops, self.p50, self.p90, self.p99, self.p999, self.mean
         )
     }
 }
 
-/// `n` random 4 KiB O_DIRECT reads, one at a time (queue depth 1), each timed.
-pub fn qd1_random_reads(dev: &File, disk_len: u64, n: usize, seed: u64) -> io::Result<Qd1Report> {
+/// `n` random 4 KiB O_DIRECT reads, each timed, with `depth` of them in flight at once
+/// (one thread per slot, each reading synchronously: queue depth `depth`).
+pub fn random_reads(
+    dev: &File,
+    disk_len: u64,
+    depth: usize,
+    n: usize,
+    seed: u64,
+) -> io::Result<QdReport> {
     let blocks = disk_len / 4096;
-    if blocks == 0 || n == 0 {
+    if blocks == 0 || n == 0 || depth == 0 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            "empty disk or no reads",
+            "empty disk, no reads or depth 0",
         ));
     }
-    let mut rng = Rng::new(seed);
-    let mut buf = AlignedBuf::new(4096);
-    let mut lat = Vec::with_capacity(n);
     let start = std::time::Instant::now();
-    for _ in 0..n {
-        let offset = rng.range(0, blocks - 1) * 4096;
-        let t = std::time::Instant::now();
-        dev.read_exact_at(buf.slice(4096), offset)?;
-        lat.push(t.elapsed().as_secs_f64() * 1e6);
-    }
+    let per_slot: Vec<io::Result<Vec<f64>>> = std::thread::scope(|scope| {
+        let slots: Vec<_> = (0..depth)
+            .map(|slot| {
+                // Slot `slot` does reads slot, slot + depth, ...: n in all.
+                let count = (n - slot).div_ceil(depth);
+                scope.spawn(move || -> io::Result<Vec<f64>> {
+                    let mut rng = Rng::new(seed.wrapping_add(slot as u64));
+                    let mut buf = AlignedBuf::new(4096);
+                    let mut lat = Vec::with_capacity(count);
+                    for _ in 0..count {
+                        let offset = rng.range(0, blocks - 1) * 4096;
+                        let t = std::time::Instant::now();
+                        dev.read_exact_at(buf.slice(4096), offset)?;
+                        lat.push(t.elapsed().as_secs_f64() * 1e6);
+                    }
+                    Ok(lat)
+                })
+            })
+            .collect();
+        slots
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(io::Error::other("a reader thread panicked")))
+            })
+            .collect()
+    });
     let total = start.elapsed().as_secs_f64();
+    let mut lat = Vec::with_capacity(n);
+    for slot in per_slot {
+        lat.extend(slot?);
+    }
     lat.sort_by(f64::total_cmp);
     let rank = |permille: usize| lat[(permille * n).div_ceil(1000).clamp(1, n) - 1];
-    Ok(Qd1Report {
+    Ok(QdReport {
+        depth,
         n,
         iops: n as f64 / total,
         p50: rank(500),
@@ -386,6 +423,8 @@ mod tests {
     #[test]
     fn random_workload_on_a_file_matches_its_shadow() {
         let (_dir, file, f) = scratch_disk(4 << 20);
+        // Content before the workload is part of the shadow.
+        f.write_all_at(&pattern(4096, 8192, 9), 4096).unwrap();
         let report = random_workload(&f, 4 << 20, 500, 42).unwrap();
         assert_eq!(report.mismatches, 0);
         assert_eq!(report.reads + report.writes, 500);
@@ -393,13 +432,18 @@ mod tests {
     }
 
     #[test]
-    fn qd1_reads_a_file() {
+    fn random_reads_at_each_depth_do_n_reads() {
         let (_dir, _file, f) = scratch_disk(1 << 20);
-        let r = qd1_random_reads(&f, 1 << 20, 200, 1).unwrap();
-        assert_eq!(r.n, 200);
-        assert!(r.p50 <= r.p90 && r.p90 <= r.p99 && r.p99 <= r.p999);
-        assert!(r.iops > 0.0);
-        assert!(r.line().starts_with("EVMM-BLK-QD1 n=200 "));
+        for depth in [1, 7, 32] {
+            let r = random_reads(&f, 1 << 20, depth, 201, 1).unwrap();
+            assert_eq!(r.n, 201);
+            assert!(r.p50 <= r.p90 && r.p90 <= r.p99 && r.p99 <= r.p999);
+            assert!(r.iops > 0.0);
+            assert!(r
+                .line()
+                .starts_with(&format!("EVMM-BLK-QD depth={depth} n=201 ")));
+        }
+        assert!(random_reads(&f, 1 << 20, 0, 10, 1).is_err());
     }
 
     #[test]

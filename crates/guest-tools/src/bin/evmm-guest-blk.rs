@@ -3,7 +3,7 @@
 //!   evmm-guest-blk read-pattern DEV       verify the host's pattern
 //!   evmm-guest-blk readonly DEV           a write to a read-only disk must fail
 //!   evmm-guest-blk random DEV OPS SEED    a verified random workload
-//!   evmm-guest-blk qd1 DEV N SEED         N timed random 4 KiB reads at queue depth 1
+//!   evmm-guest-blk qd DEV DEPTH N SEED    N timed random 4 KiB reads, DEPTH in flight
 //! On the host, on the disk file:
 //!   evmm-guest-blk host-write-pattern FILE
 //!   evmm-guest-blk host-verify-pattern FILE
@@ -56,10 +56,11 @@ fn run(argv: &[&str]) -> Result<bool, Box<dyn std::error::Error>> {
             println!("{}", report.line());
             Ok(report.mismatches == 0)
         }
-        ["qd1", dev, n, seed] => {
+        ["qd", dev, depth, n, seed] => {
             let f = blk::open_direct(Path::new(dev), false)?;
             let len = blk::device_len(&f)?;
-            println!("{}", blk::qd1_random_reads(&f, len, n.parse()?, seed.parse()?)?.line());
+            let report = blk::random_reads(&f, len, depth.parse()?, n.parse()?, seed.parse()?)?;
+            println!("{}", report.line());
             Ok(true)
         }
         ["host-write-pattern", file] => {
@@ -75,6 +76,6 @@ fn run(argv: &[&str]) -> Result<bool, Box<dyn std::error::Error>> {
             println!("EVMM-BLK-CHECKSUM checksum={:016x}", blk::fnv1a(&std::fs::read(file)?));
             Ok(true)
         }
-        _ => Err("usage: see the top of src/bin/evmm-guest-blk.rs (write-pattern DEV | read-pattern DEV | readonly DEV | random DEV OPS SEED | qd1 DEV N SEED | host-write-pattern FILE | host-verify-pattern FILE | checksum FILE)".into()),
+        _ => Err("usage: see the top of src/bin/evmm-guest-blk.rs (write-pattern DEV | read-pattern DEV | readonly DEV | random DEV OPS SEED | qd DEV DEPTH N SEED | host-write-pattern FILE | host-verify-pattern FILE | checksum FILE)".into()),
     }
 }
