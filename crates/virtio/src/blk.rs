@@ -8,8 +8,9 @@
 //! O_DIRECT; all disk I/O goes through a page-aligned bounce buffer anyway.
 //!
 //! The request code ([`request::Request::parse`], [`backend::BlockBackend::execute`],
-//! [`process_chain`]) knows guest memory and descriptor chains only: the worker and
-//! the transport are separate, so a vhost-user-blk backend can reuse it.
+//! [`process_chain`], [`drain::drain_queue`]) knows guest memory, descriptor chains
+//! and queues only: the worker and the transport are separate, so the vhost-user-blk
+//! backend (`evmm-vhost-user-blk`) runs the same code.
 //!
 //! # Guest-fault policy
 //!
@@ -40,6 +41,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod drain;
 pub mod request;
 mod worker;
 

@@ -83,6 +83,12 @@ impl DiskFile {
     pub fn readonly(&self) -> bool {
         self.readonly
     }
+
+    /// Makes every write so far durable (fdatasync), as a FLUSH request does; for
+    /// hosts that stop or hand the disk over.
+    pub fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
 }
 
 /// A page-aligned scratch buffer for disk I/O (O_DIRECT needs aligned memory).

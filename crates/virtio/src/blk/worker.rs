@@ -2,15 +2,16 @@
 //! eventfds and a kill eventfd.
 
 use super::backend::BlockBackend;
+use super::drain::{drain_queue, DrainContext};
 use super::request::RequestLimits;
-use super::{process_chain, ChainOutcome, FaultLog, GuestFault};
+use super::FaultLog;
 use crate::epoll::{EpollHelper, EpollToken};
 use crate::interrupt::{InterruptKind, InterruptSignal};
 use crate::metrics::QueueMetrics;
 use std::io;
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -116,9 +117,9 @@ impl BlockWorker {
         self.process_queue(slot);
     }
 
-    /// Drains the queue in `slot` with EVENT_IDX suppression (disable notifications,
-    /// drain, enable, re-check), then interrupts the guest if the driver asked for
-    /// it. Returns the number of used entries added.
+    /// Drains the queue in `slot` with EVENT_IDX suppression ([`drain_queue`]), then
+    /// interrupts the guest if the driver asked for it. Returns the number of used
+    /// entries added.
     pub fn process_queue(&mut self, slot: usize) -> usize {
         let Self {
             mem,
@@ -137,92 +138,31 @@ impl BlockWorker {
         }
         let default_metrics = QueueMetrics::default();
         let m = metrics.get(wq.index).unwrap_or(&default_metrics);
-        let mut added = 0usize;
-        let mut fault: Option<GuestFault> = None;
-
-        'drain: loop {
-            if let Err(e) = wq.queue.disable_notification(mem) {
-                fault = Some(GuestFault::Ring(format!(
-                    "cannot disable notifications: {e}"
-                )));
-                break;
-            }
-            loop {
-                let chain = match wq.queue.iter(&*mem) {
-                    Ok(mut it) => it.next(),
-                    Err(e) => {
-                        fault = Some(GuestFault::Ring(format!("bad available ring: {e}")));
-                        break 'drain;
-                    }
-                };
-                let Some(chain) = chain else { break };
-                let head = chain.head_index();
-                let outcome = process_chain(backend, chain, &*mem, limits);
-                outcome.count(m);
-                let used_len = match outcome {
-                    ChainOutcome::Done { completion, .. } => completion.used_len(),
-                    ChainOutcome::Rejected { fault: f } => {
-                        faults.report(wq.index, &GuestFault::Chain(f));
-                        1
-                    }
-                    ChainOutcome::NeedsReset { fault: f } => {
-                        fault = Some(GuestFault::Chain(f));
-                        break 'drain;
-                    }
-                };
-                if let Err(e) = wq.queue.add_used(&*mem, head, used_len) {
-                    fault = Some(GuestFault::Ring(format!("cannot add a used entry: {e}")));
-                    break 'drain;
-                }
-                added += 1;
-            }
-            match wq.queue.enable_notification(mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    fault = Some(GuestFault::Ring(format!(
-                        "cannot enable notifications: {e}"
-                    )));
-                    break;
-                }
+        let drained = drain_queue(
+            &mut wq.queue,
+            &*mem,
+            DrainContext {
+                index: wq.index,
+                backend,
+                limits,
+                metrics: m,
+                faults,
+            },
+        );
+        if drained.notify {
+            if let Err(e) = interrupt.trigger(InterruptKind::Vring) {
+                log::error!(
+                    "virtio-blk queue {}: cannot signal the guest: {e}",
+                    wq.index
+                );
             }
         }
-
-        if added > 0 {
-            let notify = if wq.queue.event_idx_enabled() {
-                wq.queue.needs_notification(mem).unwrap_or(true)
-            } else {
-                // Without EVENT_IDX the driver may still ask for no interrupts with
-                // VRING_AVAIL_F_NO_INTERRUPT (virtio-queue does not look at it).
-                !driver_asks_no_interrupt(&*mem, wq.queue.avail_ring())
-            };
-            if notify {
-                if let Err(e) = interrupt.trigger(InterruptKind::Vring) {
-                    log::error!(
-                        "virtio-blk queue {}: cannot signal the guest: {e}",
-                        wq.index
-                    );
-                }
-                m.interrupts.inc();
-            } else {
-                m.interrupts_suppressed.inc();
-            }
-        }
-        if let Some(f) = fault {
+        drained.count_notification(m);
+        if let Some(f) = drained.fault {
             faults.report(wq.index, &f);
             wq.broken = true;
             interrupt.set_needs_reset();
         }
-        added
+        drained.added
     }
-}
-
-/// Whether the available ring's flags hold VRING_AVAIL_F_NO_INTERRUPT (read after
-/// the used ring was written, as the spec orders it).
-fn driver_asks_no_interrupt(mem: &GuestMemoryMmap, avail_ring: u64) -> bool {
-    use vm_memory::Bytes;
-    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-    mem.read_obj::<u16>(vm_memory::GuestAddress(avail_ring))
-        .map(|flags| flags & virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT as u16 != 0)
-        .unwrap_or(false)
 }

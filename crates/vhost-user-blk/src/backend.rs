@@ -1,0 +1,218 @@
+//! The vhost-user backend of one frontend connection: what
+//! [`vhost_user_backend::VhostUserDaemon`] calls for features, configuration space,
+//! guest memory and queue events.
+//!
+//! A fresh [`BlkBackend`] (and daemon) is built for every connection, so nothing a
+//! frontend negotiated (acknowledged features, EVENT_IDX, memory, vring state,
+//! stopped queues) reaches the next one. Each queue has a worker thread of its own
+//! (`queues_per_thread` maps queue i to thread i) and its own request executor, so
+//! the queues run in parallel on the shared disk file.
+
+use crate::device::{self, BlockDevice};
+use crate::exit_events::ExitEvents;
+use crate::queue::{QueueEnv, QueueServer};
+use evmm_virtio::blk::backend::BlockBackend;
+use evmm_virtio::blk::config::QUEUE_SIZE;
+use evmm_virtio::blk::request::RequestLimits;
+use evmm_virtio::blk::FaultLog;
+use evmm_virtio::metrics::QueueMetrics;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringMutex};
+use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
+
+/// Guest memory as vhost-user-backend shares it.
+pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// The backend of one connection.
+pub struct BlkBackend {
+    features: u64,
+    config_space: Vec<u8>,
+    limits: RequestLimits,
+    metrics: Arc<[QueueMetrics]>,
+    faults: Arc<FaultLog>,
+    queues: Vec<QueueServer>,
+    mem: RwLock<GuestMemory>,
+    acked: AtomicU64,
+    exit_events: ExitEvents,
+}
+
+impl BlkBackend {
+    /// A backend for `device`, on the guest memory `mem` (the same
+    /// [`GuestMemoryAtomic`] the daemon is built with, which SET_MEM_TABLE fills).
+    pub fn new(device: &BlockDevice, mem: GuestMemory) -> Self {
+        Self {
+            features: device.features(),
+            config_space: device.config_space().to_vec(),
+            limits: *device.limits(),
+            metrics: device.metrics().clone(),
+            faults: device.faults().clone(),
+            queues: (0..usize::from(device.queues()))
+                .map(|i| QueueServer::new(i, BlockBackend::new(device.disk().clone())))
+                .collect(),
+            mem: RwLock::new(mem),
+            acked: AtomicU64::new(0),
+            exit_events: ExitEvents::default(),
+        }
+    }
+
+    /// The virtio features the frontend acknowledged (0 before SET_FEATURES and after
+    /// a device reset).
+    pub fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Acquire)
+    }
+
+    /// Queue `index`'s state.
+    pub fn queue(&self, index: usize) -> Option<&QueueServer> {
+        self.queues.get(index)
+    }
+
+    /// The exit eventfds handed to the worker threads (see [`ExitEvents`]).
+    pub fn exit_events(&self) -> &ExitEvents {
+        &self.exit_events
+    }
+
+    /// Serves queue `index` on `vring` (a kick, or the vring just enabled).
+    pub fn serve_queue(&self, index: usize, vring: &VringMutex) -> usize {
+        let Some(queue) = self.queues.get(index) else {
+            log::error!("event for queue {index}, which this device does not have");
+            return 0;
+        };
+        let Some(metrics) = self.metrics.get(index) else {
+            return 0;
+        };
+        let mem = match self.mem.read() {
+            Ok(m) => m.memory(),
+            Err(_) => {
+                log::error!("guest memory lock poisoned");
+                return 0;
+            }
+        };
+        let env = QueueEnv {
+            limits: &self.limits,
+            writeback: self.acked() & (1 << VIRTIO_BLK_F_FLUSH) != 0,
+            metrics,
+            faults: &self.faults,
+        };
+        queue.serve(vring, &mem, &env)
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringMutex;
+
+    fn num_queues(&self) -> usize {
+        self.queues.len()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(QUEUE_SIZE)
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn acked_features(&self, features: u64) {
+        log::debug!("frontend acknowledged features {features:#x}");
+        self.acked.store(features, Ordering::Release);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        device::protocol_features()
+    }
+
+    fn reset_device(&self) {
+        log::debug!("device reset");
+        self.acked.store(0, Ordering::Release);
+        for q in &self.queues {
+            q.restart();
+        }
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        // vhost-user-backend sets it on the queues themselves.
+        log::debug!("EVENT_IDX {}", if enabled { "on" } else { "off" });
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let data = device::read_config(&self.config_space, offset, size);
+        if data.len() != size as usize {
+            log::warn!("GET_CONFIG offset {offset} size {size} refused");
+        }
+        data
+    }
+
+    /// No field of this device's configuration space is writable (CONFIG_WCE is not
+    /// offered), so a write is ignored, as the virtio spec has devices do with
+    /// read-only fields. It is acknowledged: an error would make vhost's request
+    /// handler drop the whole connection.
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        log::warn!(
+            "SET_CONFIG offset {offset} size {} ignored: the configuration space is read-only",
+            buf.len()
+        );
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
+        let mut slot = self
+            .mem
+            .write()
+            .map_err(|_| io::Error::other("guest memory lock poisoned"))?;
+        *slot = mem;
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.queues.len()).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        self.exit_events.create()
+    }
+
+    /// GET_VRING_BASE stops the ring: a queue stopped by a guest fault is served
+    /// again when the frontend starts it anew.
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        if let Some(q) = usize::try_from(queue_index)
+            .ok()
+            .and_then(|i| self.queues.get(i))
+        {
+            q.restart();
+        }
+        Ok(())
+    }
+
+    /// Thread `thread_id` serves queue `thread_id` alone, so `vrings` holds that one
+    /// vring. Guest faults are handled (and logged) in the queue: an error here would
+    /// end the worker thread.
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringMutex],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if !evset.contains(EventSet::IN) {
+            log::debug!("queue {thread_id}: event set {evset:?} ignored");
+            return Ok(());
+        }
+        match vrings.get(usize::from(device_event)) {
+            Some(vring) => {
+                self.serve_queue(thread_id, vring);
+            }
+            None => log::warn!("queue {thread_id}: unknown event {device_event} ignored"),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,371 @@
+//! Queue handling of the vhost-user backend on mock guest memory: requests written
+//! as a driver would (descriptor table, available ring), served through a real
+//! `VringMutex` as
+//! vhost-user-backend's worker thread would, answered in the status byte and the used
+//! ring, and announced on the call eventfd.
+
+use super::*;
+use evmm_virtio::blk::BlockConfig;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::io::{FromRawFd, IntoRawFd};
+use tempfile::NamedTempFile;
+use vhost_user_backend::VringT;
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+const MEM_SIZE: usize = 16 << 20;
+const QSIZE: u16 = 16;
+/// The descriptor table, available ring and used ring.
+const DESC: u64 = 0x0;
+const AVAIL: u64 = 0x1000;
+const USED: u64 = 0x2000;
+/// The driver's used_event (EVENT_IDX), after the available ring.
+const USED_EVENT: u64 = AVAIL + 4 + 2 * QSIZE as u64;
+const HDR: u64 = 0x10_0000;
+const DATA: u64 = 0x20_0000;
+const STATUS: u64 = 0x30_0000;
+const SECTORS: usize = 64;
+
+/// One descriptor: address, length, device-writable.
+#[derive(Clone, Copy)]
+struct D(u64, u32, bool);
+
+struct Rig {
+    mem: GuestMemoryMmap,
+    file: NamedTempFile,
+    backend: BlkBackend,
+    vring: VringMutex,
+    call: EventFd,
+    next_desc: u16,
+}
+
+impl Rig {
+    fn new(readonly: bool) -> Self {
+        let mut file = NamedTempFile::new().unwrap();
+        file.write_all(&vec![0u8; SECTORS * 512]).unwrap();
+        let device = BlockDevice::open(&BlockConfig {
+            path: file.path().to_path_buf(),
+            readonly,
+            id: Some("rig".into()),
+            queues: 2,
+            direct: false,
+        })
+        .unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let atomic = GuestMemoryAtomic::new(mem.clone());
+        let backend = BlkBackend::new(&device, atomic.clone());
+        let vring = VringMutex::new(atomic, QSIZE).unwrap();
+        vring.set_queue_size(QSIZE);
+        vring.set_queue_info(DESC, AVAIL, USED).unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        let call = EventFd::new(EFD_NONBLOCK).unwrap();
+        let call_end = call.try_clone().unwrap();
+        // SAFETY: `call_end` is a fresh duplicate owned by nobody else; File takes it over.
+        let call_file = unsafe { File::from_raw_fd(call_end.into_raw_fd()) };
+        vring.set_call(Some(call_file));
+        backend.acked_features(backend.features());
+        Self {
+            mem,
+            file,
+            backend,
+            vring,
+            call,
+            next_desc: 0,
+        }
+    }
+
+    /// Writes `descs` as one chain into the descriptor table and makes it available.
+    fn chain(&mut self, descs: &[D]) {
+        let first = self.next_desc;
+        for (i, d) in descs.iter().enumerate() {
+            let index = (first + i as u16) % QSIZE;
+            let last = i + 1 == descs.len();
+            let mut flags = if d.2 { VRING_DESC_F_WRITE as u16 } else { 0 };
+            if !last {
+                flags |= VRING_DESC_F_NEXT as u16;
+            }
+            let next = (index + 1) % QSIZE;
+            let at = DESC + 16 * u64::from(index);
+            self.mem.write_obj(d.0, GuestAddress(at)).unwrap();
+            self.mem.write_obj(d.1, GuestAddress(at + 8)).unwrap();
+            self.mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+            self.mem.write_obj(next, GuestAddress(at + 14)).unwrap();
+        }
+        let idx: u16 = self.mem.read_obj(GuestAddress(AVAIL + 2)).unwrap();
+        let slot = AVAIL + 4 + 2 * u64::from(idx % QSIZE);
+        self.mem.write_obj(first, GuestAddress(slot)).unwrap();
+        self.mem
+            .write_obj(idx.wrapping_add(1), GuestAddress(AVAIL + 2))
+            .unwrap();
+        self.next_desc = (first + descs.len() as u16) % QSIZE;
+    }
+
+    /// A request: header (type, sector), data descriptors, status byte.
+    fn request(&mut self, t: u32, sector: u64, data: &[D]) {
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&t.to_le_bytes());
+        h[8..].copy_from_slice(&sector.to_le_bytes());
+        self.mem.write_slice(&h, GuestAddress(HDR)).unwrap();
+        self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let mut descs = vec![D(HDR, 16, false)];
+        descs.extend_from_slice(data);
+        descs.push(D(STATUS, 1, true));
+        self.chain(&descs);
+    }
+
+    fn serve(&self) -> usize {
+        self.backend.serve_queue(0, &self.vring)
+    }
+
+    fn status(&self) -> u8 {
+        self.mem.read_obj(GuestAddress(STATUS)).unwrap()
+    }
+
+    fn used_idx(&self) -> u16 {
+        self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+    }
+
+    fn used_elem(&self, i: u16) -> (u32, u32) {
+        let base = USED + 4 + 8 * u64::from(i % QSIZE);
+        (
+            self.mem.read_obj(GuestAddress(base)).unwrap(),
+            self.mem.read_obj(GuestAddress(base + 4)).unwrap(),
+        )
+    }
+
+    /// Whether the call eventfd was signalled (and consumes it).
+    fn called(&self) -> bool {
+        self.call.read().is_ok()
+    }
+
+    fn file_bytes(&self) -> Vec<u8> {
+        std::fs::read(self.file.path()).unwrap()
+    }
+
+    fn metrics(&self) -> evmm_virtio::metrics::QueueMetricsSnapshot {
+        self.backend.metrics[0].snapshot()
+    }
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 13 % 251) as u8 + 1).collect()
+}
+
+#[test]
+fn out_flush_in_reach_the_file_and_come_back() {
+    let mut rig = Rig::new(false);
+    let data = pattern(2048);
+    rig.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+
+    rig.request(VIRTIO_BLK_T_OUT, 8, &[D(DATA, 2048, false)]);
+    assert_eq!(rig.serve(), 1);
+    assert_eq!(rig.status(), VIRTIO_BLK_S_OK as u8);
+    assert_eq!(rig.used_idx(), 1);
+    assert_eq!(rig.used_elem(0), (0, 1));
+    assert!(rig.called(), "the frontend was not called");
+
+    rig.request(VIRTIO_BLK_T_FLUSH, 0, &[]);
+    assert_eq!(rig.serve(), 1);
+    assert_eq!(rig.status(), VIRTIO_BLK_S_OK as u8);
+    assert_eq!(&rig.file_bytes()[8 * 512..8 * 512 + 2048], &data[..]);
+
+    rig.mem
+        .write_slice(&[0u8; 2048], GuestAddress(DATA))
+        .unwrap();
+    rig.request(
+        VIRTIO_BLK_T_IN,
+        8,
+        &[D(DATA, 1024, true), D(DATA + 1024, 1024, true)],
+    );
+    assert_eq!(rig.serve(), 1);
+    assert_eq!(rig.status(), VIRTIO_BLK_S_OK as u8);
+    assert_eq!(rig.used_elem(2), (5, 2049));
+    let mut back = vec![0u8; 2048];
+    rig.mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+    assert_eq!(back, data);
+
+    let m = rig.metrics();
+    assert_eq!((m.req_out, m.req_flush, m.req_in), (1, 1, 1));
+    assert_eq!((m.bytes_written, m.bytes_read), (2048, 2048));
+    assert_eq!(m.interrupts, 3);
+}
+
+#[test]
+fn get_id_answers_the_configured_id() {
+    let mut rig = Rig::new(false);
+    rig.request(VIRTIO_BLK_T_GET_ID, 0, &[D(DATA, 20, true)]);
+    assert_eq!(rig.serve(), 1);
+    assert_eq!(rig.status(), VIRTIO_BLK_S_OK as u8);
+    let mut id = [0u8; 3];
+    rig.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+    assert_eq!(&id, b"rig");
+}
+
+#[test]
+fn several_chains_are_served_in_one_wakeup() {
+    let mut rig = Rig::new(false);
+    for _ in 0..3 {
+        rig.request(VIRTIO_BLK_T_FLUSH, 0, &[]);
+    }
+    assert_eq!(rig.serve(), 3);
+    assert_eq!(rig.used_idx(), 3);
+    assert_eq!(rig.metrics().wakeups, 1);
+    assert_eq!(rig.metrics().interrupts, 1);
+}
+
+#[test]
+fn bad_requests_are_answered_and_the_queue_goes_on() {
+    let mut rig = Rig::new(false);
+    rig.request(0x7777, 0, &[]);
+    assert_eq!(rig.serve(), 1);
+    assert_eq!(rig.status(), VIRTIO_BLK_S_UNSUPP as u8);
+    // Beyond the capacity.
+    rig.request(VIRTIO_BLK_T_IN, SECTORS as u64, &[D(DATA, 512, true)]);
+    assert_eq!(rig.serve(), 1);
+    assert_eq!(rig.status(), VIRTIO_BLK_S_IOERR as u8);
+    rig.request(VIRTIO_BLK_T_FLUSH, 0, &[]);
+    assert_eq!(rig.serve(), 1);
+    assert_eq!(rig.status(), VIRTIO_BLK_S_OK as u8);
+    assert!(!rig.backend.queue(0).unwrap().is_stopped());
+}
+
+#[test]
+fn a_readonly_disk_refuses_writes() {
+    let mut rig = Rig::new(true);
+    rig.mem
+        .write_slice(&pattern(512), GuestAddress(DATA))
+        .unwrap();
+    rig.request(VIRTIO_BLK_T_OUT, 0, &[D(DATA, 512, false)]);
+    assert_eq!(rig.serve(), 1);
+    assert_eq!(rig.status(), VIRTIO_BLK_S_IOERR as u8);
+    assert!(rig.file_bytes().iter().all(|&b| b == 0));
+}
+
+#[test]
+fn a_chain_without_status_stops_the_queue_until_the_ring_is_restarted() {
+    let mut rig = Rig::new(false);
+    // The last descriptor is device-readable: nowhere to answer.
+    rig.chain(&[D(HDR, 16, false), D(STATUS, 1, false)]);
+    assert_eq!(rig.serve(), 0);
+    assert_eq!(rig.used_idx(), 0);
+    assert!(rig.backend.queue(0).unwrap().is_stopped());
+    assert_eq!(rig.metrics().malformed_chains, 1);
+    // Kicks on a stopped queue do nothing.
+    rig.request(VIRTIO_BLK_T_FLUSH, 0, &[]);
+    assert_eq!(rig.serve(), 0);
+    // GET_VRING_BASE stops the ring; the next start serves it again.
+    rig.backend.stop_vring(0).unwrap();
+    assert!(!rig.backend.queue(0).unwrap().is_stopped());
+    rig.backend.reset_device();
+    assert!(!rig.backend.queue(0).unwrap().is_stopped());
+}
+
+#[test]
+fn a_disabled_or_unready_vring_is_not_served() {
+    let mut rig = Rig::new(false);
+    rig.request(VIRTIO_BLK_T_FLUSH, 0, &[]);
+    rig.vring.set_enabled(false);
+    assert_eq!(rig.serve(), 0);
+    rig.vring.set_enabled(true);
+    rig.vring.set_queue_ready(false);
+    assert_eq!(rig.serve(), 0);
+    rig.vring.set_queue_ready(true);
+    assert_eq!(rig.serve(), 1);
+}
+
+#[test]
+fn event_idx_suppresses_calls_the_driver_does_not_want() {
+    let mut rig = Rig::new(false);
+    rig.vring.set_queue_event_idx(true);
+    // used_event = 5: the driver wants a call only once the used index passes 5.
+    rig.mem.write_obj(5u16, GuestAddress(USED_EVENT)).unwrap();
+    rig.request(VIRTIO_BLK_T_FLUSH, 0, &[]);
+    assert_eq!(rig.serve(), 1);
+    assert!(!rig.called(), "called although used_event says no");
+    assert_eq!(rig.metrics().interrupts_suppressed, 1);
+    // The device published avail_event for the driver's next kick.
+    let avail_event: u16 = rig
+        .mem
+        .read_obj(GuestAddress(USED + 4 + 8 * u64::from(QSIZE)))
+        .unwrap();
+    assert_eq!(avail_event, 1);
+    // used_event = 1: call when the used index moves past 1, as it does next.
+    rig.mem.write_obj(1u16, GuestAddress(USED_EVENT)).unwrap();
+    rig.request(VIRTIO_BLK_T_FLUSH, 0, &[]);
+    assert_eq!(rig.serve(), 1);
+    assert!(rig.called());
+}
+
+#[test]
+fn no_interrupt_flag_is_honoured_without_event_idx() {
+    let mut rig = Rig::new(false);
+    rig.mem
+        .write_obj(
+            virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT as u16,
+            GuestAddress(AVAIL),
+        )
+        .unwrap();
+    rig.request(VIRTIO_BLK_T_FLUSH, 0, &[]);
+    assert_eq!(rig.serve(), 1);
+    assert!(!rig.called());
+}
+
+#[test]
+fn acked_features_follow_the_frontend_and_reset() {
+    let rig = Rig::new(false);
+    assert_eq!(rig.backend.acked(), rig.backend.features());
+    assert_ne!(rig.backend.features() & (1 << VIRTIO_RING_F_EVENT_IDX), 0);
+    rig.backend.reset_device();
+    assert_eq!(rig.backend.acked(), 0);
+}
+
+#[test]
+fn queue_layout_and_config_are_the_devices() {
+    let rig = Rig::new(false);
+    assert_eq!(rig.backend.num_queues(), 2);
+    assert_eq!(rig.backend.queues_per_thread(), vec![1, 2]);
+    assert_eq!(rig.backend.max_queue_size(), usize::from(QUEUE_SIZE));
+    let c = rig.backend.get_config(0, 8);
+    assert_eq!(u64::from_le_bytes(c.try_into().unwrap()), SECTORS as u64);
+    let nq = rig.backend.get_config(34, 2);
+    assert_eq!(nq, vec![2, 0]);
+    assert!(rig.backend.get_config(0, 4096).is_empty());
+    // Writes are ignored, not errors (an error would end the connection).
+    rig.backend.set_config(0, &[1, 2, 3]).unwrap();
+    assert_eq!(rig.backend.get_config(0, 8), c_bytes(SECTORS as u64));
+}
+
+fn c_bytes(v: u64) -> Vec<u8> {
+    v.to_le_bytes().to_vec()
+}
+
+#[test]
+fn events_the_backend_does_not_know_are_ignored_without_error() {
+    let rig = Rig::new(false);
+    let vrings = [rig.vring];
+    rig.backend
+        .handle_event(7, EventSet::IN, &vrings, 0)
+        .unwrap();
+    rig.backend
+        .handle_event(0, EventSet::OUT, &vrings, 0)
+        .unwrap();
+    rig.backend
+        .handle_event(0, EventSet::IN, &vrings, 9)
+        .unwrap();
+}
+
+#[test]
+fn every_worker_thread_gets_an_exit_event() {
+    let rig = Rig::new(false);
+    for t in 0..2 {
+        let (consumer, notifier) = rig.backend.exit_event(t).unwrap();
+        notifier.notify().unwrap();
+        consumer.consume().unwrap();
+    }
+}

@@ -1,0 +1,129 @@
+//! The command line.
+
+use crate::Config;
+use clap::Parser;
+use evmm_virtio::blk::config::MAX_QUEUES;
+use evmm_virtio::blk::BlockConfig;
+use std::path::PathBuf;
+
+/// evmm-vhost-user-blk: serves a raw disk file to a vhost-user frontend (QEMU's
+/// vhost-user-blk-pci, evmm) over a UNIX socket, with the same virtio-blk request code
+/// as evmm's in-VMM device.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "evmm-vhost-user-blk", version)]
+pub struct Args {
+    /// The UNIX socket to listen on (created; a stale one nobody listens on is replaced).
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// The raw disk image.
+    #[arg(long, value_name = "FILE")]
+    pub disk: PathBuf,
+    /// Offer VIRTIO_BLK_F_RO and refuse writes (the file is opened read-only).
+    #[arg(long)]
+    pub readonly: bool,
+    /// Number of request queues, each served by a thread of its own.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_QUEUES)))]
+    pub queues: u16,
+    /// What GET_ID returns (at most 20 bytes).
+    #[arg(long, value_name = "ID")]
+    pub id: Option<String>,
+    /// Open the disk with O_DIRECT (not on tmpfs).
+    #[arg(long)]
+    pub direct: bool,
+    /// Diagnostics on stderr: off, error, warn, info, debug, trace (default: RUST_LOG,
+    /// else warn).
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<log::LevelFilter>,
+}
+
+impl Args {
+    /// The daemon settings.
+    pub fn config(&self) -> Config {
+        Config {
+            socket: self.socket.clone(),
+            disk: BlockConfig {
+                path: self.disk.clone(),
+                readonly: self.readonly,
+                id: self.id.clone(),
+                queues: self.queues,
+                direct: self.direct,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("evmm-vhost-user-blk").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn minimal_command_line_has_the_defaults() {
+        let a = parse(&["--socket", "/run/vu.sock", "--disk", "a.img"]).unwrap();
+        let c = a.config();
+        assert_eq!(c.socket, PathBuf::from("/run/vu.sock"));
+        assert_eq!(
+            c.disk,
+            BlockConfig {
+                path: "a.img".into(),
+                readonly: false,
+                id: None,
+                queues: 1,
+                direct: false,
+            }
+        );
+        assert_eq!(a.log_level, None);
+    }
+
+    #[test]
+    fn every_option_is_parsed() {
+        let a = parse(&[
+            "--socket",
+            "s",
+            "--disk",
+            "d",
+            "--readonly",
+            "--queues",
+            "4",
+            "--id",
+            "serial-1",
+            "--direct",
+            "--log-level",
+            "debug",
+        ])
+        .unwrap();
+        let c = a.config();
+        assert!(c.disk.readonly && c.disk.direct);
+        assert_eq!(c.disk.queues, 4);
+        assert_eq!(c.disk.id.as_deref(), Some("serial-1"));
+        assert_eq!(a.log_level, Some(log::LevelFilter::Debug));
+    }
+
+    #[test]
+    fn bad_input_is_refused() {
+        for bad in [
+            &["--disk", "d"][..],
+            &["--socket", "s"],
+            &["--socket", "s", "--disk", "d", "--queues", "0"],
+            &["--socket", "s", "--disk", "d", "--queues", "65"],
+            &["--socket", "s", "--disk", "d", "--queues", "two"],
+            &["--socket", "s", "--disk", "d", "--log-level", "loud"],
+            &["--socket", "s", "--disk", "d", "--bogus"],
+        ] {
+            let e = parse(bad).expect_err(&format!("{bad:?} was accepted"));
+            assert_ne!(e.kind(), ErrorKind::DisplayHelp, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_largest_queue_count_is_accepted() {
+        let max = MAX_QUEUES.to_string();
+        let a = parse(&["--socket", "s", "--disk", "d", "--queues", &max]).unwrap();
+        assert_eq!(a.queues, MAX_QUEUES);
+    }
+}

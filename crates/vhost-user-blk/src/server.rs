@@ -1,0 +1,131 @@
+//! The accept loop: one frontend at a time, each with a fresh vhost-user daemon and
+//! backend, until shutdown.
+
+use crate::backend::BlkBackend;
+use crate::device::BlockDevice;
+use crate::error::Error;
+use crate::shutdown::{Shutdown, Wake};
+use crate::socket::SocketFile;
+use std::os::unix::io::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+use vhost::vhost_user::Error as VhostUserError;
+use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+/// The name of each connection's request thread.
+const THREAD_NAME: &str = "evmm-vu-blk";
+/// Pause after a failed accept, so a persistent failure (e.g. EMFILE) does not spin.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+/// Serves a disk on a socket.
+pub struct Server {
+    device: BlockDevice,
+    socket: SocketFile,
+    shutdown: Arc<Shutdown>,
+}
+
+impl Server {
+    /// A server of `device` on `socket`, stopped by `shutdown`.
+    pub fn new(device: BlockDevice, socket: SocketFile, shutdown: Arc<Shutdown>) -> Self {
+        Self {
+            device,
+            socket,
+            shutdown,
+        }
+    }
+
+    /// Serves frontends one after the other until shutdown is requested; then
+    /// fdatasyncs the disk and removes the socket file.
+    pub fn run(mut self) -> Result<(), Error> {
+        log::info!(
+            "serving {} sectors on {} with {} queue(s)",
+            self.device.disk().capacity_sectors(),
+            self.socket.path().display(),
+            self.device.queues()
+        );
+        let served = self.serve_until_shutdown();
+        let flushed = self.device.disk().sync_data().map_err(Error::Flush);
+        log::info!(
+            "stopping; counters: {}",
+            counters_line(&self.device.metrics_snapshot())
+        );
+        drop(self.socket);
+        served.and(flushed)
+    }
+
+    fn serve_until_shutdown(&mut self) -> Result<(), Error> {
+        loop {
+            let wake = self
+                .shutdown
+                .wait_for_connection(self.socket.as_raw_fd())
+                .map_err(Error::Wait)?;
+            match wake {
+                Wake::Shutdown => return Ok(()),
+                Wake::Connection => self.serve_connection()?,
+            }
+        }
+    }
+
+    /// Accepts one frontend and serves it until it disconnects, breaks the protocol
+    /// or shutdown is requested. Only a failure to build the daemon is an error.
+    fn serve_connection(&mut self) -> Result<(), Error> {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let backend = Arc::new(BlkBackend::new(&self.device, mem.clone()));
+        let mut daemon = VhostUserDaemon::new(THREAD_NAME.into(), backend.clone(), mem)
+            .map_err(|e| Error::Daemon(e.to_string()))?;
+        let ended = match daemon.start(self.socket.listener()) {
+            Ok(()) => {
+                log::info!("frontend connected");
+                self.shutdown.track(daemon.shutdown_handle());
+                let result = daemon.wait();
+                self.shutdown.untrack();
+                Some(result)
+            }
+            Err(e) => {
+                log::warn!("cannot accept a frontend: {e}");
+                std::thread::sleep(ACCEPT_RETRY);
+                None
+            }
+        };
+        // Stops and joins the connection's worker threads.
+        drop(daemon);
+        backend.exit_events().close_leaked();
+        if let Err(e) = self.device.disk().sync_data() {
+            log::error!("fdatasync after the connection failed: {e}");
+        }
+        // Logged once the connection is wholly gone: the next one starts afresh.
+        match ended {
+            Some(
+                Ok(())
+                | Err(DaemonError::HandleRequest(
+                    VhostUserError::Disconnected | VhostUserError::PartialMessage,
+                )),
+            ) => log::info!("frontend disconnected"),
+            Some(Err(e)) => log::warn!("frontend connection ended: {e}"),
+            None => {}
+        }
+        Ok(())
+    }
+}
+
+/// The counters as one line of `queue:key=value` text.
+fn counters_line(m: &evmm_virtio::metrics::DeviceMetricsSnapshot) -> String {
+    m.queues
+        .iter()
+        .enumerate()
+        .map(|(i, q)| {
+            format!(
+                "q{i}: wakeups={} in={} out={} flush={} interrupts={} suppressed={} malformed={}",
+                q.wakeups,
+                q.req_in,
+                q.req_out,
+                q.req_flush,
+                q.interrupts,
+                q.interrupts_suppressed,
+                q.malformed_chains
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}

@@ -1,0 +1,325 @@
+//! Debian's QEMU 7.2 as the vhost-user frontend (`vhost-user-blk-pci`) on
+//! evmm-vhost-user-blk, with Debian's stock guest kernel: step 3's data-integrity
+//! checks, with 1 and with 2 queues. The guest writes its pattern with O_DIRECT and
+//! the host file holds it; the host's pattern reads back in the guest; a verified
+//! random workload passes and leaves the file with the checksum of the guest's shadow.
+//! One daemon serves the three guests of a run one after the other (a real frontend
+//! reconnecting), and stops on SIGTERM with exit status 0.
+//!
+//! QEMU runs here with TCG (this host's /dev/kvm cannot boot Linux, see
+//! ENVIRONMENT.md), guest RAM in a shared memfd so the daemon can map it. The daemon
+//! is the newest of `target/{release,debug}/evmm-vhost-user-blk` (or
+//! `$EVMM_VHOST_USER_BLK`): `cargo build [--release] -p evmm-vhost-user-blk` first.
+
+use evmm_guest_tools::blk;
+use evmm_testhost::guest::marker_fields;
+use evmm_testhost::images::target_dir;
+use evmm_testhost::{GuestConsole, GuestImages};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Longest a guest may run (TCG is slow; a boot takes ~5 s here).
+const GUEST_LIMIT: Duration = Duration::from_secs(600);
+/// Disk size.
+const DISK_BYTES: u64 = 64 << 20;
+/// Operations of the random workload.
+const RANDOM_OPS: u32 = 10_000;
+
+/// The daemon binary: `$EVMM_VHOST_USER_BLK`, else the newest build in the target dir.
+fn daemon_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("EVMM_VHOST_USER_BLK") {
+        return PathBuf::from(p);
+    }
+    let candidates = ["release", "debug"].map(|p| target_dir().join(p).join("evmm-vhost-user-blk"));
+    candidates
+        .iter()
+        .filter_map(|p| Some((std::fs::metadata(p).ok()?.modified().ok()?, p)))
+        .max()
+        .map(|(_, p)| p.clone())
+        .unwrap_or_else(|| {
+            panic!(
+                "no evmm-vhost-user-blk in {}: run cargo build --release -p evmm-vhost-user-blk",
+                target_dir().display()
+            )
+        })
+}
+
+/// Waits for `child` up to `limit`; kills it and returns None on timeout.
+fn wait_or_kill(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            return Some(s);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The daemon, its log in a file; killed if dropped while running.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(dir: &Path, disk: &Path, queues: u16) -> Self {
+        let bin = daemon_binary();
+        eprintln!("daemon: {}", bin.display());
+        let socket = dir.join("vu.sock");
+        let log = dir.join("daemon.log");
+        let child = Command::new(&bin)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--disk")
+            .arg(disk)
+            .args(["--queues", &queues.to_string(), "--log-level", "info"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let mut d = Self { child, socket, log };
+        let start = Instant::now();
+        while !d.socket.exists() {
+            if let Ok(Some(status)) = d.child.try_wait() {
+                panic!("daemon exited ({status}) before listening:\n{}", d.log());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no socket:\n{}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        d
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM; the exit status and the log.
+    fn terminate(mut self) -> (ExitStatus, String) {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM failed");
+        let status = wait_or_kill(&mut self.child, Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("daemon ignored SIGTERM:\n{}", self.log()));
+        (status, self.log())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// QEMU with TCG booting the guest test `blk` with `args` on a vhost-user-blk-pci
+/// disk served at `socket` with `queues` queues (and as many vCPUs, so the guest
+/// driver uses them all).
+fn qemu_argv(images: &GuestImages, socket: &Path, queues: u16, args: &[&str]) -> Vec<String> {
+    let mem_mib = 512;
+    [
+        "qemu-system-x86_64",
+        "-L",
+        "/usr/share/qemu",
+        "-M",
+        "q35,accel=tcg",
+        "-cpu",
+        "max",
+        "-m",
+        &format!("{mem_mib}M"),
+        "-smp",
+        &queues.to_string(),
+        "-object",
+        &format!("memory-backend-memfd,id=mem,size={mem_mib}M,share=on"),
+        "-machine",
+        "memory-backend=mem",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+        "-kernel",
+        &images.vmlinuz.display().to_string(),
+        "-initrd",
+        &images.initramfs.display().to_string(),
+        "-append",
+        &format!(
+            "console=ttyS0 reboot=t panic=-1 quiet evmm.test=blk evmm.args={}",
+            args.join(",")
+        ),
+        "-chardev",
+        &format!("socket,id=c0,path={}", socket.display()),
+        "-device",
+        &format!("vhost-user-blk-pci,chardev=c0,num-queues={queues}"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Boots the guest, which runs `evmm-guest-blk ARGS` on /dev/vda; returns the
+/// console once the guest test passed.
+fn boot(images: &GuestImages, dir: &Path, daemon: &Daemon, queues: u16, args: &[&str]) -> String {
+    let argv = qemu_argv(images, &daemon.socket, queues, args);
+    let console_path = dir.join("console.log");
+    let console_file = File::create(&console_path).unwrap();
+    let start = Instant::now();
+    let mut child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(console_file.try_clone().unwrap())
+        .stderr(console_file)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", argv[0]));
+    let status = wait_or_kill(&mut child, GUEST_LIMIT);
+    let console = std::fs::read_to_string(&console_path).unwrap_or_default();
+    eprintln!(
+        "guest {args:?}, {queues} queue(s): {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+    let report = || {
+        format!(
+            "command: {}\nconsole:\n{console}\ndaemon log:\n{}",
+            argv.join(" "),
+            daemon.log()
+        )
+    };
+    let Some(status) = status else {
+        panic!("QEMU killed after {GUEST_LIMIT:?}; {}", report());
+    };
+    assert!(status.success(), "QEMU failed ({status}); {}", report());
+    let parsed = GuestConsole::parse(&console);
+    assert!(parsed.started, "the guest did not start; {}", report());
+    assert!(
+        parsed.passed("blk"),
+        "guest check {args:?} failed; {}",
+        report()
+    );
+    console
+}
+
+/// The fields of the console line with `marker`.
+fn marker(console: &str, name: &str) -> BTreeMap<String, String> {
+    console
+        .lines()
+        .find_map(|l| marker_fields(l, name))
+        .unwrap_or_else(|| panic!("no {name} line; console:\n{console}"))
+}
+
+/// Counter `counter` of queue `q` in the daemon's last counters line
+/// (`... counters: q0: wakeups=N in=N ...; q1: ...`).
+fn queue_counter(log: &str, q: usize, counter: &str) -> u64 {
+    let line = log
+        .lines()
+        .rev()
+        .find_map(|l| l.split_once("counters: ").map(|(_, c)| c))
+        .unwrap_or_else(|| panic!("no counters in the daemon log:\n{log}"));
+    let queue = line
+        .split("; ")
+        .find_map(|p| p.strip_prefix(&format!("q{q}: ")))
+        .unwrap_or_else(|| panic!("no queue {q} in {line}"));
+    queue
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{counter}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {counter} in {queue}"))
+}
+
+fn data_integrity(queues: u16) {
+    eprintln!("route: QEMU with TCG on this host (the frontend needs no /dev/kvm)");
+    let images = GuestImages::build().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("a.img");
+    File::create(&disk).unwrap().set_len(DISK_BYTES).unwrap();
+    let daemon = Daemon::start(dir.path(), &disk, queues);
+
+    // The guest writes its pattern with O_DIRECT and fsync: the file holds exactly it.
+    let console = boot(
+        &images,
+        dir.path(),
+        &daemon,
+        queues,
+        &["write-pattern", "/dev/vda"],
+    );
+    assert_eq!(marker(&console, "EVMM-BLK-WRITE-PATTERN")["ok"], "1");
+    let bad = blk::verify_guest_pattern_file(&disk).unwrap();
+    assert_eq!(
+        bad, 0,
+        "{bad} bytes of the file differ from the guest's pattern"
+    );
+
+    // The host's pattern reads back in the guest.
+    blk::write_host_pattern(&disk).unwrap();
+    let console = boot(
+        &images,
+        dir.path(),
+        &daemon,
+        queues,
+        &["read-pattern", "/dev/vda"],
+    );
+    assert_eq!(marker(&console, "EVMM-BLK-READ-PATTERN")["bad_bytes"], "0");
+
+    // A verified random workload; the file ends as the guest's shadow says.
+    let ops = RANDOM_OPS.to_string();
+    let console = boot(
+        &images,
+        dir.path(),
+        &daemon,
+        queues,
+        &["random", "/dev/vda", &ops, "11"],
+    );
+    let report = marker(&console, "EVMM-BLK-RANDOM");
+    assert_eq!(report["mismatches"], "0", "{report:?}");
+    let done: u64 =
+        report["reads"].parse::<u64>().unwrap() + report["writes"].parse::<u64>().unwrap();
+    assert_eq!(done, u64::from(RANDOM_OPS));
+
+    let socket = daemon.socket.clone();
+    let (status, log) = daemon.terminate();
+    eprintln!("daemon log:\n{log}");
+    assert!(status.success(), "daemon exit status {status}:\n{log}");
+    assert!(!socket.exists(), "the daemon left its socket behind");
+    let checksum = format!("{:016x}", blk::fnv1a(&std::fs::read(&disk).unwrap()));
+    assert_eq!(
+        checksum, report["checksum"],
+        "the file is not the guest's shadow"
+    );
+
+    // Three guests, three connections, each ended cleanly.
+    assert_eq!(log.matches("frontend connected").count(), 3, "{log}");
+    for q in 0..usize::from(queues) {
+        assert!(
+            queue_counter(&log, q, "wakeups") > 0,
+            "queue {q} was never started by the guest:\n{log}"
+        );
+    }
+    assert_eq!(queue_counter(&log, 0, "malformed"), 0);
+}
+
+#[test]
+fn qemu_vhost_user_blk_one_queue_keeps_the_data() {
+    data_integrity(1);
+}
+
+#[test]
+fn qemu_vhost_user_blk_two_queues_keep_the_data() {
+    data_integrity(2);
+}
