@@ -16,7 +16,12 @@ the VM.
 
 Disks are virtio-blk devices on virtio-mmio, announced to the guest in the
 ACPI DSDT (LNRO0005) and with virtio_mmio.device= on the kernel command line;
-the first --disk is /dev/vda. With --metrics, evmm writes the per-queue
+the first --disk is /dev/vda. --vhost-user-blk devices come after the
+disks; their requests are served by another process (e.g.
+qemu-storage-daemon --export type=vhost-user-blk) that evmm connects to at
+start-up and hands the guest memory, the queues' kick eventfds and the
+device's irqfd. If that backend dies, evmm logs it and answers the device's
+requests with I/O errors. With --metrics, evmm writes the per-queue
 counters of every device as JSON when the VM stops (guest power-off or reboot,
 a stop signal, or a vCPU error).
 
@@ -24,7 +29,8 @@ Exit status:
   0  the guest powered off or rebooted (reboot ends the VM), or evmm received
      SIGTERM, SIGINT or SIGHUP and stopped the VM
   1  evmm failed: bad configuration (including a bad --disk value or a missing
-     disk file), unusable kernel or initramfs, KVM error
+     disk file, or a vhost-user backend that cannot be reached), unusable
+     kernel or initramfs, KVM error
   2  the command line could not be parsed
 
 Example:
@@ -72,6 +78,15 @@ pub struct Cli {
     #[arg(long, value_name = "DISK")]
     pub disk: Vec<String>,
 
+    /// A virtio-blk device served by a vhost-user backend:
+    /// "socket=<unix_socket_path>,queues=<number_of_queues>". socket is where
+    /// the backend listens (evmm connects at start-up and fails if nothing
+    /// answers); queues is 1 to 16 and at most what the backend supports
+    /// [default: the backend's num_queues, else 1]. Repeat the option for
+    /// more devices; they follow the --disk devices
+    #[arg(long, value_name = "VHOST_USER_BLK")]
+    pub vhost_user_blk: Vec<String>,
+
     /// How the guest's queue notifications reach the disk workers:
     /// ioeventfd lets KVM signal the worker without leaving the guest; exit
     /// makes each notification exit to the vCPU thread, which signals it
@@ -99,7 +114,8 @@ impl Cli {
             self.memory,
             self.cpus,
         )?;
-        let devices = DeviceConfig::new(&self.disk, self.notify, self.metrics.clone())?;
+        let devices = DeviceConfig::new(&self.disk, self.notify, self.metrics.clone())?
+            .with_vhost_user_blk(&self.vhost_user_blk)?;
         Ok(config.with_devices(devices))
     }
 }
@@ -124,6 +140,7 @@ mod tests {
         assert_eq!(cli.cpus, 1);
         assert_eq!(cli.log_level, None);
         assert!(cli.disk.is_empty());
+        assert!(cli.vhost_user_blk.is_empty());
         assert_eq!(cli.notify, NotifyMode::Ioeventfd);
         assert_eq!(cli.metrics, None);
     }
@@ -246,6 +263,80 @@ mod tests {
         assert!(to_config(format!("path={p},id=12345678901234567890")).is_ok());
     }
 
+    fn vhost_user_config(specs: &[&str]) -> Result<VmConfig, ConfigError> {
+        let mut args = vec!["evmm", "--kernel", "/k"];
+        for s in specs {
+            args.extend(["--vhost-user-blk", s]);
+        }
+        Cli::try_parse_from(args).unwrap().to_config()
+    }
+
+    #[test]
+    fn vhost_user_blk_devices_are_parsed_in_order() {
+        use crate::config::vhost_user::VhostUserBlkConfig;
+        let config =
+            vhost_user_config(&["socket=/run/a.sock", "socket=/run/b.sock,queues=2"]).unwrap();
+        assert_eq!(
+            config.devices.vhost_user_blk,
+            [
+                VhostUserBlkConfig {
+                    socket: "/run/a.sock".into(),
+                    queues: None
+                },
+                VhostUserBlkConfig {
+                    socket: "/run/b.sock".into(),
+                    queues: Some(2)
+                }
+            ]
+        );
+        assert!(config.devices.disks.is_empty());
+        // Nothing is checked or connected at parse time: a missing socket is
+        // reported when evmm connects.
+        assert!(vhost_user_config(&["socket=/nonexistent"]).is_ok());
+        // The option takes a value.
+        let err = Cli::try_parse_from(["evmm", "--kernel", "/k", "--vhost-user-blk"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::InvalidValue);
+    }
+
+    #[test]
+    fn bad_vhost_user_blk_values_are_config_errors() {
+        for (bad, why) in [
+            ("", "'' is not key=value"),
+            ("/tmp/vu.sock", "'/tmp/vu.sock' is not key=value"),
+            ("socket=", "socket is empty"),
+            ("queues=2", "socket=PATH is missing"),
+            (
+                "socket=/s,queues=0",
+                "queues=0: expected a number from 1 to 16",
+            ),
+            (
+                "socket=/s,queues=17",
+                "queues=17: expected a number from 1 to 16",
+            ),
+            ("socket=/s,queues=many", "queues=many: expected"),
+            ("socket=/s,socket=/t", "'socket' given twice"),
+            (
+                "socket=/s,path=/a.img",
+                "unknown key 'path' (known: socket, queues)",
+            ),
+        ] {
+            let err = vhost_user_config(&[bad]).unwrap_err();
+            assert!(matches!(err, ConfigError::VhostUserBlk { .. }), "{err:?}");
+            let msg = err.to_string();
+            assert!(
+                msg.starts_with(&format!("--vhost-user-blk {bad}: ")),
+                "{msg}"
+            );
+            assert!(msg.contains(why), "{why:?} not in {msg:?}");
+            assert!(!msg.contains('\n'), "one line: {msg}");
+        }
+        let many = vec!["socket=/s"; crate::layout::MAX_VIRTIO_MMIO_DEVICES as usize + 1];
+        assert!(matches!(
+            vhost_user_config(&many),
+            Err(ConfigError::TooManyDevices { .. })
+        ));
+    }
+
     #[test]
     fn help_mentions_every_option() {
         let help = Cli::command().render_long_help().to_string();
@@ -261,6 +352,8 @@ mod tests {
             "--notify",
             "ioeventfd",
             "--metrics",
+            "--vhost-user-blk",
+            "socket=<unix_socket_path>",
         ] {
             assert!(help.contains(opt), "{opt} missing from help");
         }

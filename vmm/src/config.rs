@@ -1,12 +1,14 @@
 //! A validated VM configuration.
 
 pub mod disk;
+pub mod vhost_user;
 
 use std::path::{Path, PathBuf};
 
 use evmm_virtio::blk::BlockConfig;
 
 use crate::layout::MAX_VIRTIO_MMIO_DEVICES;
+use vhost_user::VhostUserBlkConfig;
 
 /// Default kernel command line.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
@@ -64,6 +66,25 @@ pub enum ConfigError {
     /// More disks than there are device slots.
     #[error("{0} disks given; evmm supports at most {MAX_VIRTIO_MMIO_DEVICES} virtio devices")]
     TooManyDisks(usize),
+    /// A `--vhost-user-blk` value cannot be parsed.
+    #[error("--vhost-user-blk {spec}: {source}")]
+    VhostUserBlk {
+        /// The value as given.
+        spec: String,
+        /// What is wrong with it.
+        source: vhost_user::VhostUserOptionError,
+    },
+    /// More `--disk` and `--vhost-user-blk` devices together than there are slots.
+    #[error(
+        "{disks} --disk and {vhost_user} --vhost-user-blk devices given; \
+         evmm supports at most {MAX_VIRTIO_MMIO_DEVICES} virtio devices"
+    )]
+    TooManyDevices {
+        /// `--disk` devices.
+        disks: usize,
+        /// `--vhost-user-blk` devices.
+        vhost_user: usize,
+    },
     /// The directory of the metrics file does not exist.
     #[error("--metrics {0}: its directory does not exist")]
     MetricsDir(PathBuf),
@@ -95,6 +116,9 @@ impl NotifyMode {
 pub struct DeviceConfig {
     /// virtio-blk disks, in `--disk` order (the first is `vda` in the guest).
     pub disks: Vec<BlockConfig>,
+    /// vhost-user-blk devices, in `--vhost-user-blk` order; their slots follow the
+    /// disks' (with two disks, the first vhost-user-blk device is `vdc`).
+    pub vhost_user_blk: Vec<VhostUserBlkConfig>,
     /// How queue notifications are delivered.
     pub notify: NotifyMode,
     /// Where to write the device counters at exit.
@@ -134,8 +158,33 @@ impl DeviceConfig {
         }
         Ok(DeviceConfig {
             disks,
+            vhost_user_blk: Vec::new(),
             notify,
             metrics,
+        })
+    }
+
+    /// The same devices plus the `--vhost-user-blk` values, parsed. Nothing is
+    /// connected yet.
+    pub fn with_vhost_user_blk(self, specs: &[String]) -> Result<Self, ConfigError> {
+        if self.disks.len() + specs.len() > MAX_VIRTIO_MMIO_DEVICES as usize {
+            return Err(ConfigError::TooManyDevices {
+                disks: self.disks.len(),
+                vhost_user: specs.len(),
+            });
+        }
+        let vhost_user_blk = specs
+            .iter()
+            .map(|spec| {
+                vhost_user::parse_vhost_user_blk(spec).map_err(|source| ConfigError::VhostUserBlk {
+                    spec: spec.clone(),
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(DeviceConfig {
+            vhost_user_blk,
+            ..self
         })
     }
 }
@@ -282,6 +331,7 @@ mod tests {
     fn devices_default_to_none_with_ioeventfd() {
         let c = cfg(512, 1).unwrap();
         assert!(c.devices.disks.is_empty());
+        assert!(c.devices.vhost_user_blk.is_empty());
         assert_eq!(c.devices.notify, NotifyMode::Ioeventfd);
         assert_eq!(c.devices.metrics, None);
         assert_eq!(NotifyMode::Exit.as_str(), "exit");
@@ -325,10 +375,39 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, ConfigError::MetricsDir(_)));
-        let many = vec![spec; MAX_VIRTIO_MMIO_DEVICES as usize + 1];
+        let many = vec![spec.clone(); MAX_VIRTIO_MMIO_DEVICES as usize + 1];
         assert_eq!(
             DeviceConfig::new(&many, NotifyMode::Ioeventfd, None),
             Err(ConfigError::TooManyDisks(many.len()))
+        );
+
+        // vhost-user-blk devices share the slots with the disks.
+        let disks = DeviceConfig::new(&[spec.clone(), spec], NotifyMode::Exit, None).unwrap();
+        let vu = vec!["socket=/s".to_string(); MAX_VIRTIO_MMIO_DEVICES as usize - 2];
+        let d = disks.clone().with_vhost_user_blk(&vu).unwrap();
+        assert_eq!(d.vhost_user_blk.len(), vu.len());
+        assert_eq!(d.disks.len(), 2);
+        let mut too_many = vu.clone();
+        too_many.push("socket=/t".into());
+        let err = disks.clone().with_vhost_user_blk(&too_many).unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::TooManyDevices {
+                disks: 2,
+                vhost_user: too_many.len()
+            }
+        );
+        assert!(
+            err.to_string()
+                .contains(&format!("at most {MAX_VIRTIO_MMIO_DEVICES} virtio devices")),
+            "{err}"
+        );
+        let err = disks
+            .with_vhost_user_blk(&["socket=/s,queues=0".into()])
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--vhost-user-blk socket=/s,queues=0: queues=0: expected a number from 1 to 16"
         );
     }
 

@@ -6,6 +6,10 @@
 //! register access. The guest finds the devices in the DSDT and, for kernels
 //! built with `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`, on the command line.
 //!
+//! The devices are the `--disk`s (in-VMM virtio-blk) and then the
+//! `--vhost-user-blk`s (virtio-blk served by an external backend, which gets the
+//! same kick eventfds and irqfd: see [`crate::vhost_user`]).
+//!
 //! Interrupts are edge-triggered, as in Firecracker: an irqfd without a
 //! resample fd pulses its GSI (assert, de-assert), which is an edge, and
 //! Linux's virtio_mmio handler reads and acknowledges InterruptStatus
@@ -15,6 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use evmm_virtio::blk::{Block, BlockConfig, BlockError};
 use evmm_virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY};
+use evmm_virtio::VirtioDevice;
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -26,6 +31,7 @@ use crate::layout::{
 };
 use crate::memory::GuestMemoryMmap;
 use crate::metrics::{DeviceRecord, MetricsReport};
+use crate::vhost_user::{VhostUserBlk, VhostUserBlkConfig, VhostUserError};
 
 const _: () = assert!(MMIO_WINDOW_SIZE <= VIRTIO_MMIO_SLOT_SIZE);
 
@@ -38,6 +44,9 @@ pub enum DeviceError {
     /// A disk cannot be opened.
     #[error(transparent)]
     Block(#[from] BlockError),
+    /// A vhost-user backend cannot be reached or refused the handshake.
+    #[error(transparent)]
+    VhostUser(#[from] VhostUserError),
     /// A `direct=on` disk cannot be opened with O_DIRECT.
     #[error("{0} (direct=on needs a file system with O_DIRECT; tmpfs has none: try direct=off)")]
     NoDirectIo(#[source] BlockError),
@@ -172,10 +181,86 @@ pub fn open_disks(disks: &[BlockConfig]) -> Result<Vec<Block>, DeviceError> {
         .collect()
 }
 
+/// Connects to the backend of every `--vhost-user-blk` device, in its slot
+/// (`slots` as many as `configs`). Done before anything touches KVM, so a
+/// missing backend is reported first; on error the devices already
+/// connected are closed again.
+pub fn connect_vhost_user(
+    configs: &[VhostUserBlkConfig],
+    slots: &[MmioSlot],
+) -> Result<Vec<VhostUserBlk>, DeviceError> {
+    configs
+        .iter()
+        .zip(slots)
+        .map(|(c, s)| {
+            VhostUserBlk::connect(c, &format!("vhost-user-blk@{:#x}", s.base)).map_err(Into::into)
+        })
+        .collect()
+}
+
+/// What a device is, for the log and the metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// `"virtio-blk"` or `"vhost-user-blk"`.
+    pub kind: &'static str,
+    /// The disk's `id=`, if any.
+    pub id: Option<String>,
+    /// The disk file or the backend's socket.
+    pub path: String,
+    /// Request queues.
+    pub queues: usize,
+    /// A read-only disk.
+    pub readonly: bool,
+}
+
+/// A device waiting to be wired to KVM in its slot.
+pub struct PendingDevice {
+    /// Where it goes.
+    pub slot: MmioSlot,
+    /// What it is.
+    pub info: DeviceInfo,
+    /// The device.
+    pub device: Box<dyn VirtioDevice>,
+}
+
+impl PendingDevice {
+    /// A `--disk`.
+    pub fn block(slot: MmioSlot, config: &BlockConfig, block: Block) -> Self {
+        PendingDevice {
+            slot,
+            info: DeviceInfo {
+                kind: "virtio-blk",
+                id: config.id.clone(),
+                path: config.path.display().to_string(),
+                queues: usize::from(config.queues),
+                readonly: config.readonly,
+            },
+            device: Box::new(block),
+        }
+    }
+
+    /// A `--vhost-user-blk`.
+    pub fn vhost_user_blk(slot: MmioSlot, device: VhostUserBlk) -> Self {
+        PendingDevice {
+            slot,
+            info: DeviceInfo {
+                kind: "vhost-user-blk",
+                id: None,
+                path: device.socket().display().to_string(),
+                queues: device.queue_count(),
+                readonly: device.avail_features()
+                    & (1 << virtio_bindings::virtio_blk::VIRTIO_BLK_F_RO)
+                    != 0,
+            },
+            device: Box::new(device),
+        }
+    }
+}
+
 /// A device wired to KVM and the bus.
 struct Attached {
     slot: MmioSlot,
-    config: BlockConfig,
+    info: DeviceInfo,
     transport: Arc<Mutex<MmioTransport>>,
 }
 
@@ -188,37 +273,38 @@ pub struct VirtioDevices {
 }
 
 impl VirtioDevices {
-    /// Wires each disk to KVM and `bus` in its slot (`slots` as from
-    /// [`mmio_slots`], one per disk). `mem` is the VM's own guest memory.
+    /// Wires each device to KVM and `bus` in its slot (slots as from
+    /// [`mmio_slots`]). `mem` is the VM's own guest memory.
     pub fn attach(
         kvm: &Kvm,
         vm: &VmFd,
         bus: &mut Bus,
         mem: &GuestMemoryMmap,
         notify: NotifyMode,
-        disks: Vec<(MmioSlot, BlockConfig, Block)>,
+        pending: Vec<PendingDevice>,
     ) -> Result<Self, DeviceError> {
         if notify == NotifyMode::Ioeventfd
-            && !disks.is_empty()
+            && !pending.is_empty()
             && !kvm.check_extension(Cap::Ioeventfd)
         {
             return Err(DeviceError::NoIoeventfd);
         }
-        let mut devices = Vec::with_capacity(disks.len());
-        for (slot, config, block) in disks {
-            let transport = attach_one(vm, bus, mem, notify, slot, Box::new(block))?;
+        let mut devices = Vec::with_capacity(pending.len());
+        for PendingDevice { slot, info, device } in pending {
+            let transport = attach_one(vm, bus, mem, notify, slot, device)?;
             log::info!(
-                "virtio-blk {} at {:#x}, GSI {}, {} queue(s), notify by {}{}",
-                config.path.display(),
+                "{} {} at {:#x}, GSI {}, {} queue(s), notify by {}{}",
+                info.kind,
+                info.path,
                 slot.base,
                 slot.gsi,
-                config.queues,
+                info.queues,
                 notify.as_str(),
-                if config.readonly { ", read-only" } else { "" }
+                if info.readonly { ", read-only" } else { "" }
             );
             devices.push(Attached {
                 slot,
-                config,
+                info,
                 transport,
             });
         }
@@ -233,8 +319,9 @@ impl VirtioDevices {
                 .devices
                 .iter()
                 .map(|d| DeviceRecord {
-                    id: d.config.id.clone(),
-                    path: d.config.path.display().to_string(),
+                    kind: d.info.kind,
+                    id: d.info.id.clone(),
+                    path: d.info.path.clone(),
                     mmio_base: d.slot.base,
                     gsi: d.slot.gsi,
                     transport: d
@@ -254,7 +341,7 @@ fn attach_one(
     mem: &GuestMemoryMmap,
     notify: NotifyMode,
     slot: MmioSlot,
-    device: Box<dyn evmm_virtio::VirtioDevice>,
+    device: Box<dyn VirtioDevice>,
 ) -> Result<Arc<Mutex<MmioTransport>>, DeviceError> {
     let base = slot.base;
     let transport_err = |source| DeviceError::Transport { base, source };
@@ -417,15 +504,15 @@ mod tests {
         let ram = crate::memory::GuestRam::new(16 << 20).unwrap();
         let slots = mmio_slots(disks.len()).unwrap();
         let blocks = open_disks(disks).unwrap();
-        let triples = slots
+        let pending = slots
             .into_iter()
-            .zip(disks.iter().cloned())
+            .zip(disks)
             .zip(blocks)
-            .map(|((s, c), b)| (s, c, b))
+            .map(|((s, c), b)| PendingDevice::block(s, c, b))
             .collect();
         let mut bus = Bus::new("mmio");
         let devices =
-            VirtioDevices::attach(&kvm, &vm, &mut bus, ram.memory(), notify, triples).unwrap();
+            VirtioDevices::attach(&kvm, &vm, &mut bus, ram.memory(), notify, pending).unwrap();
         (vm, bus, devices, ram)
     }
 
@@ -481,6 +568,7 @@ mod tests {
         assert_eq!(report["devices"][1]["mmio_base"], 0xc000_1000u64);
         assert_eq!(report["devices"][1]["gsi"], 6);
         assert_eq!(report["devices"][1]["id"], "q3");
+        assert_eq!(report["devices"][1]["kind"], "virtio-blk");
         assert_eq!(
             report["devices"][0]["path"],
             file.path().display().to_string()

@@ -26,6 +26,7 @@ pub mod regs;
 pub mod signals;
 pub mod terminal;
 pub mod vcpu;
+pub mod vhost_user;
 pub mod vm;
 
 pub use error::Error;

@@ -3,13 +3,16 @@
 //!
 //! ```json
 //! {"notify": "ioeventfd",
-//!  "devices": [{"id": "serial0", "path": "/tmp/a.img", "mmio_base": 3221225472,
-//!               "gsi": 5, "transport": { ... }}]}
+//!  "devices": [{"kind": "virtio-blk", "id": "serial0", "path": "/tmp/a.img",
+//!               "mmio_base": 3221225472, "gsi": 5, "transport": { ... }}]}
 //! ```
 //!
-//! `transport` is what the device's transport reports (its QueueNotify
-//! exits and the device's per-queue counters); `id` is null for a disk
-//! without `id=`.
+//! `kind` is `virtio-blk` (`--disk`) or `vhost-user-blk` (`--vhost-user-blk`,
+//! whose `path` is the backend's socket). `transport` is what the device's
+//! transport reports (its QueueNotify exits and the device's counters: per
+//! queue for a disk; the backend's state and what evmm answered after losing
+//! it for a vhost-user-blk device); `id` is null for a disk without `id=` and
+//! for vhost-user-blk devices.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -30,9 +33,11 @@ pub struct MetricsError {
 /// One device in the report.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DeviceRecord {
+    /// `"virtio-blk"` or `"vhost-user-blk"`.
+    pub kind: &'static str,
     /// The disk's `id=` (its GET_ID serial), if given.
     pub id: Option<String>,
-    /// The backing file, as given on the command line.
+    /// The backing file (or the vhost-user socket), as given on the command line.
     pub path: String,
     /// Guest-physical base of the device's MMIO window.
     pub mmio_base: u64,
@@ -85,6 +90,7 @@ mod tests {
         MetricsReport {
             notify: "exit",
             devices: vec![DeviceRecord {
+                kind: "virtio-blk",
                 id: Some("disk0".into()),
                 path: "/tmp/a.img".into(),
                 mmio_base: 0xc000_0000,
@@ -99,7 +105,7 @@ mod tests {
         let v = serde_json::to_value(report()).unwrap();
         assert_eq!(
             v,
-            json!({"notify": "exit", "devices": [{"id": "disk0", "path": "/tmp/a.img",
+            json!({"notify": "exit", "devices": [{"kind": "virtio-blk", "id": "disk0", "path": "/tmp/a.img",
                 "mmio_base": 0xc000_0000u64, "gsi": 5, "transport": {"notify_exits": 3}}]})
         );
         let empty = MetricsReport {

@@ -16,7 +16,7 @@ use crate::acpi::{self, DsdtDevice};
 use crate::boot::{self, BootSpec, KernelEntry};
 use crate::bus::{Bus, BusError};
 use crate::config::VmConfig;
-use crate::device_manager::{self, DeviceError, VirtioDevices};
+use crate::device_manager::{self, DeviceError, PendingDevice, VirtioDevices};
 use crate::devices::acpi_pm::AcpiSleep;
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{IrqTrigger, SerialDevice};
@@ -176,8 +176,11 @@ impl Vm {
         let mem = ram.memory();
         let e820 = e820_map(config.memory_bytes);
         let disk_configs = &config.devices.disks;
-        let slots = device_manager::mmio_slots(disk_configs.len())?;
+        let vhost_user_configs = &config.devices.vhost_user_blk;
+        let slots = device_manager::mmio_slots(disk_configs.len() + vhost_user_configs.len())?;
         let disks = device_manager::open_disks(disk_configs)?;
+        let (disk_slots, vhost_user_slots) = slots.split_at(disk_configs.len());
+        let vhost_user = device_manager::connect_vhost_user(vhost_user_configs, vhost_user_slots)?;
         let mut dsdt_devices = vec![DsdtDevice::com1()];
         dsdt_devices.extend(slots.iter().map(|s| s.dsdt_device()));
         let cmdline = device_manager::kernel_cmdline(&config.cmdline, &slots);
@@ -247,14 +250,20 @@ impl Vm {
         )?;
         let pio = Arc::new(pio);
         let mut mmio = Bus::new("mmio");
-        let disks = slots
-            .into_iter()
-            .zip(disk_configs.iter().cloned())
+        let pending = disk_slots
+            .iter()
+            .zip(disk_configs)
             .zip(disks)
-            .map(|((slot, config), block)| (slot, config, block))
+            .map(|((&slot, config), block)| PendingDevice::block(slot, config, block))
+            .chain(
+                vhost_user_slots
+                    .iter()
+                    .zip(vhost_user)
+                    .map(|(&slot, dev)| PendingDevice::vhost_user_blk(slot, dev)),
+            )
             .collect();
         let devices =
-            VirtioDevices::attach(&kvm, &vm, &mut mmio, mem, config.devices.notify, disks)?;
+            VirtioDevices::attach(&kvm, &vm, &mut mmio, mem, config.devices.notify, pending)?;
         let mmio = Arc::new(mmio);
 
         let supported_cpuid = kvm

@@ -201,3 +201,52 @@ fn help_exits_0() {
     );
     assert!(help.contains("[default: 512]"), "{help}");
 }
+
+#[test]
+fn vhost_user_blk_socket_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = evmm(
+        &[
+            "--kernel",
+            &tiny_elf(&dir),
+            "--vhost-user-blk",
+            "socket=/nonexistent",
+        ],
+        &[],
+    );
+    assert_error(
+        &out,
+        1,
+        "--vhost-user-blk socket=/nonexistent: cannot connect to /nonexistent: \
+         No such file or directory (os error 2) (no such socket: is the backend running?)",
+    );
+}
+
+#[test]
+fn vhost_user_blk_socket_nobody_listens_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    let spec = format!("socket={}", sock.display());
+    let out = evmm(
+        &["--kernel", &tiny_elf(&dir), "--vhost-user-blk", &spec],
+        &[],
+    );
+    assert_error(&out, 1, "Connection refused");
+    assert_error(&out, 1, "nobody listens on it");
+}
+
+#[test]
+fn vhost_user_blk_bad_spec() {
+    let out = evmm(
+        &["--kernel", "/k", "--vhost-user-blk", "socket=/s,queues=0"],
+        &[],
+    );
+    assert_error(
+        &out,
+        1,
+        "--vhost-user-blk socket=/s,queues=0: queues=0: expected a number from 1 to 16",
+    );
+    let out = evmm(&["--kernel", "/k", "--vhost-user-blk", "path=/s"], &[]);
+    assert_error(&out, 1, "unknown key 'path' (known: socket, queues)");
+}

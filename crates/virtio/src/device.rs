@@ -47,6 +47,24 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
     /// Stops the worker and returns the device to its initial state, reusable.
     fn reset(&mut self);
+    /// Whether the transport must report a used-buffer interrupt (the VRING bit of
+    /// virtio-mmio's InterruptStatus) as always pending while the device is live.
+    ///
+    /// A device whose backend signals the guest directly (vhost-user: the backend
+    /// writes the irqfd it got with SET_VRING_CALL) never tells the VMM that it
+    /// raised an interrupt, so the VMM cannot keep InterruptStatus up to date. Such a
+    /// device answers `true`: InterruptStatus then reads with the VRING bit set
+    /// whenever the device is activated (plus the CONFIG bit when the VMM itself
+    /// raised a configuration interrupt), and an InterruptACK of the VRING bit is
+    /// accepted but does not clear it. A driver that finds the bit set scans its used
+    /// rings and finds nothing new at worst (Linux's `vring_interrupt` returns
+    /// IRQ_NONE), which costs a spurious scan, never a lost interrupt. This is also
+    /// what Firecracker does for its vhost-user devices. The default is `false`: the
+    /// bit reflects the interrupts the device raised through
+    /// [`crate::InterruptSignal::trigger`].
+    fn interrupt_status_always_used(&self) -> bool {
+        false
+    }
     /// The device's counters as JSON (Null when it has none).
     fn metrics(&self) -> serde_json::Value {
         serde_json::Value::Null

@@ -1,5 +1,7 @@
 //! How a device tells the driver that something happened.
 
+use vmm_sys_util::eventfd::EventFd;
+
 /// The reason for an interrupt: the bits of the InterruptStatus register.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InterruptKind {
@@ -18,4 +20,13 @@ pub trait InterruptSignal: Send + Sync {
     /// signals a configuration change: the device's answer to a guest fault it cannot
     /// report in a request's status.
     fn set_needs_reset(&self);
+    /// The eventfd behind the interrupt (the VMM binds it as a KVM irqfd), for a
+    /// device whose data path runs outside the VMM: a vhost-user frontend hands it to
+    /// its backend with SET_VRING_CALL, so the backend interrupts the guest without
+    /// the VMM (and without InterruptStatus being updated: see
+    /// [`crate::VirtioDevice::interrupt_status_always_used`]). `None` (the default)
+    /// when the interrupt has no such eventfd.
+    fn call_eventfd(&self) -> Option<&EventFd> {
+        None
+    }
 }

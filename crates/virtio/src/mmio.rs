@@ -6,6 +6,15 @@
 //! `--notify exit` lets [`MmioTransport::write`] signal them) and the device's irqfd,
 //! wrapped in an [`MmioInterrupt`] that the device's worker uses to raise interrupts.
 //!
+//! # InterruptStatus of devices with an external data path
+//!
+//! A device may say ([`VirtioDevice::interrupt_status_always_used`]) that its
+//! used-buffer interrupts bypass the transport (a vhost-user backend writes the irqfd
+//! itself). For such a device InterruptStatus reads with the VRING bit always set
+//! while the device is activated, plus the CONFIG bit when the VMM raised a
+//! configuration interrupt; InterruptACK clears CONFIG as usual and is harmless for
+//! VRING. Before activation and after a reset the register reads as for any device.
+//!
 //! Register accesses of the wrong width (everything below the config space is 32-bit),
 //! unaligned, to unknown offsets, or that break the initialization order are ignored
 //! and logged; reads of such return zeros. Nothing the driver writes can panic.
@@ -18,7 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -74,6 +83,26 @@ pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
 pub const CONFIG_GENERATION: u64 = 0x0fc;
 /// Start of the device-specific configuration space.
 pub const CONFIG: u64 = 0x100;
+
+/// The transport-level feature bits (24 to 40) this transport implements: split
+/// virtqueues with indirect descriptors and EVENT_IDX (VIRTIO_F_RING_INDIRECT_DESC,
+/// VIRTIO_F_RING_EVENT_IDX) and VIRTIO_F_VERSION_1. No packed rings, no IN_ORDER,
+/// no ACCESS_PLATFORM, no NOTIFICATION_DATA (a QueueNotify write carries the queue
+/// index only), no RING_RESET.
+pub const TRANSPORT_FEATURES: u64 =
+    (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX) | (1 << VIRTIO_F_VERSION_1);
+
+/// The device-type-specific feature bits (0 to 23).
+pub const DEVICE_SPECIFIC_FEATURES: u64 = (1 << 24) - 1;
+
+/// What this transport can offer of `features` (e.g. the features of an external
+/// backend): the device-specific bits 0 to 23 and the transport bits in
+/// [`TRANSPORT_FEATURES`]; everything else (legacy bits such as NOTIFY_ON_EMPTY and
+/// ANY_LAYOUT, vhost's LOG_ALL and PROTOCOL_FEATURES, bits this transport does not
+/// implement) is dropped.
+pub fn transport_supported(features: u64) -> u64 {
+    features & (DEVICE_SPECIFIC_FEATURES | TRANSPORT_FEATURES)
+}
 
 /// The value of MagicValue.
 pub const MMIO_MAGIC: u32 = 0x7472_6976;
@@ -142,6 +171,10 @@ impl InterruptSignal for MmioInterrupt {
         if let Err(e) = self.trigger(InterruptKind::Config) {
             log::error!("cannot signal DEVICE_NEEDS_RESET: {e}");
         }
+    }
+
+    fn call_eventfd(&self) -> Option<&EventFd> {
+        Some(&self.irqfd)
     }
 }
 
@@ -232,6 +265,19 @@ impl MmioTransport {
         }
     }
 
+    /// The InterruptStatus register as the driver reads it: the bits raised through
+    /// the [`MmioInterrupt`], plus the VRING bit while an activated device says
+    /// its used-buffer interrupts bypass the transport
+    /// ([`VirtioDevice::interrupt_status_always_used`]).
+    pub fn interrupt_status(&self) -> u32 {
+        let raised = self.interrupt.interrupt_status();
+        if self.activated && self.device.interrupt_status_always_used() {
+            raised | VIRTIO_MMIO_INT_VRING
+        } else {
+            raised
+        }
+    }
+
     /// Whether the device is live (DRIVER_OK and activated).
     pub fn is_activated(&self) -> bool {
         self.activated
@@ -286,7 +332,7 @@ impl MmioTransport {
             },
             QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
             QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
-            INTERRUPT_STATUS => self.interrupt.interrupt_status(),
+            INTERRUPT_STATUS => self.interrupt_status(),
             STATUS => self.device_status(),
             CONFIG_GENERATION => self.config_generation,
             _ => {

@@ -29,6 +29,7 @@ struct MockDevice {
     sizes: Vec<u16>,
     record: Arc<Mutex<Record>>,
     fail: bool,
+    always_used: bool,
 }
 
 impl VirtioDevice for MockDevice {
@@ -71,17 +72,25 @@ impl VirtioDevice for MockDevice {
     fn reset(&mut self) {
         self.record.lock().unwrap().resets += 1;
     }
+    fn interrupt_status_always_used(&self) -> bool {
+        self.always_used
+    }
     fn metrics(&self) -> serde_json::Value {
         serde_json::json!({"mock": true})
     }
 }
 
 fn transport_with(fail: bool) -> (MmioTransport, Arc<Mutex<Record>>) {
+    mock_transport(fail, false)
+}
+
+fn mock_transport(fail: bool, always_used: bool) -> (MmioTransport, Arc<Mutex<Record>>) {
     let record = Arc::new(Mutex::new(Record::default()));
     let dev = MockDevice {
         sizes: vec![QSIZE, QSIZE],
         record: record.clone(),
         fail,
+        always_used,
     };
     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
     let t = MmioTransport::new(Box::new(dev), guest_memory(), irq).unwrap();
@@ -357,6 +366,72 @@ fn interrupt_status_and_ack() {
     // InterruptStatus is read-only.
     w32(&mut t, INTERRUPT_STATUS, 3);
     assert_eq!(r32(&mut t, INTERRUPT_STATUS), 0);
+}
+
+#[test]
+fn interrupt_status_of_a_device_with_an_external_data_path() {
+    // A vhost-user device: its backend writes the irqfd itself, so the VRING bit
+    // reads as always set while the device is live, and acking it is harmless.
+    let (mut t, rec) = mock_transport(false, true);
+    assert_eq!(r32(&mut t, INTERRUPT_STATUS), 0, "not before activation");
+    init(&mut t, OFFERED);
+    assert_eq!(r32(&mut t, INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING);
+    w32(&mut t, INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
+    assert_eq!(r32(&mut t, INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING);
+    // A configuration interrupt the VMM raises shows beside it and acks as usual.
+    t.config_changed();
+    assert_eq!(
+        r32(&mut t, INTERRUPT_STATUS),
+        VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG
+    );
+    assert_eq!(t.interrupt().irqfd().read().unwrap(), 1);
+    w32(
+        &mut t,
+        INTERRUPT_ACK,
+        VIRTIO_MMIO_INT_CONFIG | VIRTIO_MMIO_INT_VRING,
+    );
+    assert_eq!(r32(&mut t, INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING);
+    // The device's own trigger sets nothing more.
+    let irq = rec.lock().unwrap().interrupt.clone().unwrap();
+    irq.trigger(InterruptKind::Vring).unwrap();
+    assert_eq!(r32(&mut t, INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING);
+    // Reset: the device is no longer live, the register reads 0 again.
+    w32(&mut t, STATUS, 0);
+    assert_eq!(r32(&mut t, INTERRUPT_STATUS), 0);
+    init(&mut t, OFFERED);
+    assert_eq!(r32(&mut t, INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING);
+
+    // An ordinary device: the bit is there only when raised.
+    let (mut t, _) = transport();
+    init(&mut t, OFFERED);
+    assert_eq!(r32(&mut t, INTERRUPT_STATUS), 0);
+}
+
+#[test]
+fn the_interrupt_hands_out_its_irqfd_as_call_eventfd() {
+    let (mut t, rec) = transport();
+    init(&mut t, OFFERED);
+    let irq = rec.lock().unwrap().interrupt.clone().unwrap();
+    // What a vhost-user backend would write: the very irqfd, no InterruptStatus bit.
+    irq.call_eventfd().expect("an irqfd").write(1).unwrap();
+    assert_eq!(t.interrupt().irqfd().read().unwrap(), 1);
+    assert_eq!(r32(&mut t, INTERRUPT_STATUS), 0);
+}
+
+#[test]
+fn transport_feature_filter() {
+    let all = u64::MAX;
+    let f = transport_supported(all);
+    assert_eq!(f & DEVICE_SPECIFIC_FEATURES, DEVICE_SPECIFIC_FEATURES);
+    assert_eq!(f & !DEVICE_SPECIFIC_FEATURES, TRANSPORT_FEATURES);
+    // VHOST_USER_F_PROTOCOL_FEATURES (30), VHOST_F_LOG_ALL (26),
+    // NOTIFY_ON_EMPTY (24), packed rings (34) are not offered.
+    for bit in [24, 26, 27, 30, 33, 34, 35, 38, 40] {
+        assert_eq!(transport_supported(1 << bit), 0, "bit {bit}");
+    }
+    for bit in [28, 29, 32] {
+        assert_eq!(transport_supported(1 << bit), 1 << bit, "bit {bit}");
+    }
 }
 
 #[test]

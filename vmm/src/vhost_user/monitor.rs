@@ -1,0 +1,154 @@
+//! The monitor thread of a vhost-user device: it notices that the backend is gone.
+//!
+//! It waits in epoll on the socket for hang-up only (never for input, which is the
+//! replies the frontend reads) and on a kill eventfd, with a short timeout to check
+//! the [`Watchdog`]: a request the backend leaves unanswered for longer than
+//! [`REQUEST_TIMEOUT`] gets the socket shut down, which both unblocks the waiting
+//! request and shows as a hang-up. On hang-up the thread calls its callback once
+//! and ends. It is not on the data path: it never touches a queue.
+
+use std::io;
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use evmm_virtio::worker::WorkerHandle;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::frontend::{Watchdog, REQUEST_TIMEOUT};
+
+/// How often the watchdog is checked.
+const TICK: Duration = Duration::from_millis(200);
+
+const SOCKET: u64 = 0;
+const KILL: u64 = 1;
+
+/// Starts the monitor of `socket` (a clone of the frontend's connection).
+/// `on_hang_up` gets the reason when the backend is gone.
+pub fn spawn<F>(
+    socket: UnixStream,
+    watchdog: Arc<Watchdog>,
+    on_hang_up: F,
+) -> io::Result<WorkerHandle<()>>
+where
+    F: FnOnce(String) + Send + 'static,
+{
+    let epoll = Epoll::new()?;
+    epoll.ctl(
+        ControlOperation::Add,
+        socket.as_raw_fd(),
+        EpollEvent::new(
+            EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR,
+            SOCKET,
+        ),
+    )?;
+    // Started while the VM is built, before the main loop blocks the stop signals.
+    crate::signals::with_stop_signals_blocked(|| {
+        WorkerHandle::spawn("evmm-vu-monitor", move |kill| {
+            body(socket, watchdog, on_hang_up, epoll, kill)
+        })
+    })
+}
+
+/// The thread body: waits for hang-up, the kill eventfd or the next watchdog tick.
+fn body<F>(socket: UnixStream, watchdog: Arc<Watchdog>, on_hang_up: F, epoll: Epoll, kill: EventFd)
+where
+    F: FnOnce(String),
+{
+    if let Err(e) = epoll.ctl(
+        ControlOperation::Add,
+        kill.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, KILL),
+    ) {
+        log::error!("vhost-user monitor cannot watch its kill eventfd: {e}");
+        return;
+    }
+    let mut reason = None;
+    let mut events = [EpollEvent::default(); 2];
+    loop {
+        let n = match epoll.wait(TICK.as_millis() as i32, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                log::error!("vhost-user monitor: epoll_wait failed: {e}");
+                return;
+            }
+        };
+        let tokens: Vec<u64> = events.iter().take(n).map(EpollEvent::data).collect();
+        if tokens.contains(&KILL) {
+            return;
+        }
+        if tokens.contains(&SOCKET) {
+            on_hang_up(reason.unwrap_or_else(|| "the backend hung up".to_string()));
+            return;
+        }
+        if reason.is_none() {
+            if let Some(request) = watchdog.overdue(REQUEST_TIMEOUT) {
+                reason = Some(format!(
+                    "the backend did not answer {request} within {} s",
+                    REQUEST_TIMEOUT.as_secs()
+                ));
+                watchdog.fire();
+                let _ = socket.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    #[test]
+    fn hang_up_is_reported_once() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let handle = spawn(a, Arc::new(Watchdog::default()), move |why| {
+            tx.send(why).unwrap();
+        })
+        .unwrap();
+        // Input is not a hang-up.
+        use std::io::Write;
+        (&b).write_all(b"x").unwrap();
+        assert!(rx.recv_timeout(Duration::from_millis(500)).is_err());
+        drop(b);
+        let why = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(why, "the backend hung up");
+        handle.stop();
+    }
+
+    #[test]
+    fn an_unanswered_request_shuts_the_socket_down() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let watchdog = Arc::new(Watchdog::default());
+        let (tx, rx) = mpsc::channel();
+        let handle = spawn(a, watchdog.clone(), move |why| {
+            tx.send(why).unwrap();
+        })
+        .unwrap();
+        watchdog.begin("GET_VRING_BASE");
+        let why = rx
+            .recv_timeout(REQUEST_TIMEOUT + Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(why, "the backend did not answer GET_VRING_BASE within 5 s");
+        // The peer sees the frontend go away.
+        use std::io::Read;
+        assert_eq!((&b).read(&mut [0u8; 1]).unwrap(), 0);
+        handle.stop();
+    }
+
+    #[test]
+    fn stop_without_hang_up() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let (tx, rx) = mpsc::channel::<String>();
+        let handle = spawn(a, Arc::new(Watchdog::default()), move |why| {
+            tx.send(why).unwrap();
+        })
+        .unwrap();
+        handle.stop();
+        assert!(rx.try_recv().is_err());
+    }
+}

@@ -1,0 +1,620 @@
+//! Start-up failures of the vhost-user-blk device, against sockets that are not
+//! backends. The conversation with a real backend is tested in
+//! `vmm/tests/vhost_user_blk.rs` (qemu-storage-daemon).
+
+use super::*;
+use std::os::unix::net::UnixListener;
+use std::time::{Duration, Instant};
+
+fn config(socket: &Path) -> VhostUserBlkConfig {
+    VhostUserBlkConfig {
+        socket: socket.to_path_buf(),
+        queues: None,
+    }
+}
+
+#[test]
+fn a_missing_socket_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vu.sock");
+    let err = VhostUserBlk::connect(&config(&path), "vu0").err().unwrap();
+    let msg = err.to_string();
+    let p = path.display();
+    assert!(
+        msg.starts_with(&format!(
+            "--vhost-user-blk socket={p}: cannot connect to {p}: "
+        )),
+        "{msg}"
+    );
+    assert!(msg.contains("is the backend running?"), "{msg}");
+}
+
+#[test]
+fn a_peer_that_hangs_up_fails_the_handshake_promptly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vu.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let peer = std::thread::spawn(move || {
+        // Accept, read a little, hang up.
+        let (s, _) = listener.accept().unwrap();
+        drop(s);
+    });
+    let start = Instant::now();
+    let err = VhostUserBlk::connect(&config(&path), "vu0").err().unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        start.elapsed()
+    );
+    let msg = err.to_string();
+    assert!(msg.contains("failed"), "{msg}");
+    peer.join().unwrap();
+}
+
+#[test]
+fn a_peer_that_never_answers_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vu.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let peer = std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        // Hold the connection open without answering until the test is done.
+        let _ = rx.recv_timeout(Duration::from_secs(30));
+        drop(s);
+    });
+    let start = Instant::now();
+    let err = VhostUserBlk::connect(&config(&path), "vu0").err().unwrap();
+    let took = start.elapsed();
+    assert!(took >= frontend::REQUEST_TIMEOUT, "{took:?}");
+    assert!(
+        took < frontend::REQUEST_TIMEOUT + Duration::from_secs(5),
+        "{took:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "--vhost-user-blk socket={}: the backend did not answer GET_FEATURES within 5 s",
+            path.display()
+        )
+    );
+    tx.send(()).unwrap();
+    peer.join().unwrap();
+}
+
+// ---- A scripted backend speaking the vhost-user wire protocol ----
+
+mod fake {
+    use std::fs::File;
+    use std::io::{Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::path::PathBuf;
+    use std::sync::{Arc, Mutex};
+    use std::thread::JoinHandle;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+    pub const GET_FEATURES: u32 = 1;
+    pub const SET_FEATURES: u32 = 2;
+    pub const SET_OWNER: u32 = 3;
+    pub const SET_MEM_TABLE: u32 = 5;
+    pub const SET_VRING_NUM: u32 = 8;
+    pub const SET_VRING_ADDR: u32 = 9;
+    pub const SET_VRING_BASE: u32 = 10;
+    pub const GET_VRING_BASE: u32 = 11;
+    pub const SET_VRING_KICK: u32 = 12;
+    pub const SET_VRING_CALL: u32 = 13;
+    pub const GET_PROTOCOL_FEATURES: u32 = 15;
+    pub const SET_PROTOCOL_FEATURES: u32 = 16;
+    pub const GET_QUEUE_NUM: u32 = 17;
+    pub const SET_VRING_ENABLE: u32 = 18;
+    pub const GET_CONFIG: u32 = 24;
+    pub const SET_CONFIG: u32 = 25;
+
+    /// One request as the backend received it.
+    pub struct Msg {
+        pub code: u32,
+        pub body: Vec<u8>,
+        pub file: Option<File>,
+    }
+
+    impl Msg {
+        pub fn u32_at(&self, off: usize) -> u32 {
+            u32::from_le_bytes(self.body[off..off + 4].try_into().unwrap())
+        }
+        pub fn u64_at(&self, off: usize) -> u64 {
+            u64::from_le_bytes(self.body[off..off + 8].try_into().unwrap())
+        }
+    }
+
+    /// What the backend answers.
+    #[derive(Clone)]
+    pub struct Script {
+        pub features: u64,
+        pub protocol_features: u64,
+        pub queue_num: u64,
+        pub config: Vec<u8>,
+    }
+
+    pub struct Backend {
+        pub socket: PathBuf,
+        pub msgs: Arc<Mutex<Vec<Msg>>>,
+        /// The accepted connection, to hang up on the frontend.
+        pub conn: Arc<Mutex<Option<UnixStream>>>,
+        thread: Option<JoinHandle<()>>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Backend {
+        pub fn start(script: Script) -> Backend {
+            let dir = tempfile::tempdir().unwrap();
+            let socket = dir.path().join("fake.sock");
+            let listener = UnixListener::bind(&socket).unwrap();
+            let msgs = Arc::new(Mutex::new(Vec::new()));
+            let conn = Arc::new(Mutex::new(None));
+            let (m, c) = (msgs.clone(), conn.clone());
+            let thread = std::thread::spawn(move || {
+                let (s, _) = listener.accept().unwrap();
+                *c.lock().unwrap() = Some(s.try_clone().unwrap());
+                serve(s, &script, &m);
+            });
+            Backend {
+                socket,
+                msgs,
+                conn,
+                thread: Some(thread),
+                _dir: dir,
+            }
+        }
+
+        /// Waits until `n` requests arrived (requests without a reply are not
+        /// waited for by the frontend), then takes them out.
+        pub fn take_n(&self, n: usize) -> Vec<Msg> {
+            let start = std::time::Instant::now();
+            while self.msgs.lock().unwrap().len() < n {
+                assert!(
+                    start.elapsed() < std::time::Duration::from_secs(10),
+                    "fewer than {n} requests arrived"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            self.take()
+        }
+
+        /// The requests received so far, taken out.
+        pub fn take(&self) -> Vec<Msg> {
+            std::mem::take(&mut *self.msgs.lock().unwrap())
+        }
+
+        pub fn hang_up(&self) {
+            if let Some(s) = self.conn.lock().unwrap().as_ref() {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
+    impl Drop for Backend {
+        fn drop(&mut self) {
+            self.hang_up();
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    pub fn codes(msgs: &[Msg]) -> Vec<u32> {
+        msgs.iter().map(|m| m.code).collect()
+    }
+
+    fn serve(mut s: UnixStream, script: &Script, msgs: &Mutex<Vec<Msg>>) {
+        loop {
+            let mut hdr = [0u8; 12];
+            let (n, file) = match s.recv_with_fd(&mut hdr) {
+                Ok((0, _)) | Err(_) => return,
+                Ok(v) => v,
+            };
+            if n < 12 && s.read_exact(&mut hdr[n..]).is_err() {
+                return;
+            }
+            let code = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
+            let flags = u32::from_le_bytes(hdr[4..8].try_into().unwrap());
+            let size = u32::from_le_bytes(hdr[8..12].try_into().unwrap()) as usize;
+            let mut body = vec![0u8; size];
+            if s.read_exact(&mut body).is_err() {
+                return;
+            }
+            let reply: Option<Vec<u8>> = match code {
+                GET_FEATURES => Some(script.features.to_le_bytes().to_vec()),
+                GET_PROTOCOL_FEATURES => Some(script.protocol_features.to_le_bytes().to_vec()),
+                GET_QUEUE_NUM => Some(script.queue_num.to_le_bytes().to_vec()),
+                GET_CONFIG => {
+                    let off = u32::from_le_bytes(body[0..4].try_into().unwrap()) as usize;
+                    let len = u32::from_le_bytes(body[4..8].try_into().unwrap()) as usize;
+                    let mut r = body[..12].to_vec();
+                    r.extend_from_slice(&script.config[off..off + len]);
+                    Some(r)
+                }
+                GET_VRING_BASE => {
+                    let mut r = body[..4].to_vec();
+                    r.extend_from_slice(&0u32.to_le_bytes());
+                    Some(r)
+                }
+                _ => None,
+            };
+            msgs.lock().unwrap().push(Msg { code, body, file });
+            if let Some(payload) = reply {
+                let mut out = Vec::new();
+                out.extend_from_slice(&code.to_le_bytes());
+                out.extend_from_slice(&((flags & 0x3) | 0x4).to_le_bytes());
+                out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+                out.extend_from_slice(&payload);
+                if s.write_all(&out).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+use evmm_virtio::mmio::*;
+use fake::*;
+use std::io::Write as _;
+use std::os::unix::io::AsRawFd;
+use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+const F_VERSION_1: u64 = 1 << 32;
+const F_EVENT_IDX: u64 = 1 << 29;
+const F_INDIRECT: u64 = 1 << 28;
+const F_PROTOCOL: u64 = 1 << 30;
+const F_LOG_ALL: u64 = 1 << 26;
+const F_NOTIFY_ON_EMPTY: u64 = 1 << 24;
+const F_RING_PACKED: u64 = 1 << 34;
+const BLK_F_FLUSH: u64 = 1 << 9;
+const BLK_F_CONFIG_WCE: u64 = 1 << 11;
+const BLK_F_MQ: u64 = 1 << 12;
+const BLK_F_SECURE_ERASE: u64 = 1 << 16;
+const PROTO_MQ: u64 = 1;
+const PROTO_LOG_SHMFD: u64 = 2;
+const PROTO_CONFIG: u64 = 0x200;
+
+fn script() -> Script {
+    let mut config = vec![0u8; 60];
+    config[..8].copy_from_slice(&2048u64.to_le_bytes());
+    config[34..36].copy_from_slice(&4u16.to_le_bytes());
+    Script {
+        features: F_VERSION_1
+            | F_EVENT_IDX
+            | F_INDIRECT
+            | F_PROTOCOL
+            | F_LOG_ALL
+            | F_NOTIFY_ON_EMPTY
+            | F_RING_PACKED
+            | BLK_F_FLUSH
+            | BLK_F_CONFIG_WCE
+            | BLK_F_MQ
+            | BLK_F_SECURE_ERASE,
+        protocol_features: PROTO_MQ | PROTO_CONFIG | PROTO_LOG_SHMFD,
+        queue_num: 4,
+        config,
+    }
+}
+
+const ACKNOWLEDGE: u32 = 1;
+const DRIVER: u32 = 2;
+const DRIVER_OK: u32 = 4;
+const FEATURES_OK: u32 = 8;
+
+fn r32(t: &mut MmioTransport, off: u64) -> u32 {
+    let mut d = [0u8; 4];
+    t.read(off, &mut d);
+    u32::from_le_bytes(d)
+}
+
+fn w32(t: &mut MmioTransport, off: u64, v: u32) {
+    t.write(off, &v.to_le_bytes());
+}
+
+/// Driver initialisation with queues 0 and 1 ready at 0x1000 * (1 + 3i) ...
+fn init(t: &mut MmioTransport, features: u64, ready: &[u32]) {
+    w32(t, STATUS, ACKNOWLEDGE);
+    w32(t, STATUS, ACKNOWLEDGE | DRIVER);
+    w32(t, DRIVER_FEATURES_SEL, 0);
+    w32(t, DRIVER_FEATURES, features as u32);
+    w32(t, DRIVER_FEATURES_SEL, 1);
+    w32(t, DRIVER_FEATURES, (features >> 32) as u32);
+    w32(t, STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+    for &q in ready {
+        let base = 0x10_0000 * u64::from(q + 1);
+        w32(t, QUEUE_SEL, q);
+        w32(t, QUEUE_NUM, 16);
+        w32(t, QUEUE_DESC_LOW, base as u32);
+        w32(t, QUEUE_DRIVER_LOW, (base + 0x1000) as u32);
+        w32(t, QUEUE_DEVICE_LOW, (base + 0x2000) as u32);
+        w32(t, QUEUE_READY, 1);
+    }
+    w32(t, STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+}
+
+fn readable(fd: &impl AsRawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is a valid pollfd for the duration of the call and nfds is 1.
+    unsafe { libc::poll(&mut pfd, 1, 10_000) == 1 }
+}
+
+fn wait_for<F: Fn() -> bool>(what: &str, f: F) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < Duration::from_secs(10), "{what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn handshake_features_and_config() {
+    let backend = Backend::start(script());
+    let dev = VhostUserBlk::connect(&config(&backend.socket), "vu0").unwrap();
+    assert_eq!(
+        codes(&backend.take()),
+        [
+            SET_OWNER,
+            GET_FEATURES,
+            GET_PROTOCOL_FEATURES,
+            SET_PROTOCOL_FEATURES,
+            GET_QUEUE_NUM,
+            GET_CONFIG
+        ]
+    );
+    // Offered: the backend's device and ring features the transport implements.
+    // Not: PROTOCOL_FEATURES, LOG_ALL, NOTIFY_ON_EMPTY, packed rings,
+    // SECURE_ERASE (its config fields are beyond the 60 bytes read).
+    assert_eq!(
+        dev.avail_features(),
+        F_VERSION_1 | F_EVENT_IDX | F_INDIRECT | BLK_F_FLUSH | BLK_F_CONFIG_WCE | BLK_F_MQ
+    );
+    assert_eq!(dev.queue_count(), 4, "the backend's num_queues");
+    assert_eq!(dev.capacity_sectors(), 2048);
+    assert_eq!(dev.device_type(), 2);
+    assert!(dev.interrupt_status_always_used());
+    drop(dev);
+    // Nothing was started, so nothing is stopped.
+    assert!(codes(&backend.take()).is_empty());
+
+    // queues=2: config num_queues says 2.
+    let backend = Backend::start(script());
+    let dev = VhostUserBlk::connect(
+        &VhostUserBlkConfig {
+            socket: backend.socket.clone(),
+            queues: Some(2),
+        },
+        "vu0",
+    )
+    .unwrap();
+    let mut nq = [0u8; 2];
+    dev.read_config(34, &mut nq);
+    assert_eq!(u16::from_le_bytes(nq), 2);
+    let msgs = backend.take();
+    // SET_PROTOCOL_FEATURES acks MQ and CONFIG only (no LOG_SHMFD).
+    let set = msgs
+        .iter()
+        .find(|m| m.code == SET_PROTOCOL_FEATURES)
+        .unwrap();
+    assert_eq!(set.u64_at(0), PROTO_MQ | PROTO_CONFIG);
+    // GET_CONFIG: 60 bytes from 0.
+    let get = msgs.iter().find(|m| m.code == GET_CONFIG).unwrap();
+    assert_eq!((get.u32_at(0), get.u32_at(4)), (0, 60));
+}
+
+#[test]
+fn a_backend_without_the_config_protocol_feature_is_refused() {
+    let mut s = script();
+    s.protocol_features = PROTO_MQ;
+    let backend = Backend::start(s);
+    let err = VhostUserBlk::connect(&config(&backend.socket), "vu0")
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string()
+            .ends_with("the backend does not offer the CONFIG protocol feature, which evmm needs"),
+        "{err}"
+    );
+    let mut s = script();
+    s.features &= !F_PROTOCOL;
+    let backend = Backend::start(s);
+    let err = VhostUserBlk::connect(&config(&backend.socket), "vu0")
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("VHOST_USER_F_PROTOCOL_FEATURES"),
+        "{err}"
+    );
+}
+
+#[test]
+fn activation_hands_over_memory_rings_and_the_very_eventfds() {
+    let backend = Backend::start(script());
+    let dev = VhostUserBlk::connect(&config(&backend.socket), "vu0").unwrap();
+    backend.take();
+    let ram = crate::memory::GuestRam::new(16 << 20).unwrap();
+    let mem = ram.memory().clone();
+    let host = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
+    let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
+    let irq = irqfd.try_clone().unwrap();
+    let mut t = MmioTransport::new(Box::new(dev), mem.clone(), irqfd).unwrap();
+    let acked = F_VERSION_1 | F_EVENT_IDX | BLK_F_FLUSH;
+    init(&mut t, acked, &[0, 1]);
+    assert!(t.is_activated());
+    let msgs = backend.take_n(14);
+    let per_queue = [
+        SET_VRING_NUM,
+        SET_VRING_ADDR,
+        SET_VRING_BASE,
+        SET_VRING_KICK,
+        SET_VRING_CALL,
+        SET_VRING_ENABLE,
+    ];
+    let mut expected = vec![SET_FEATURES, SET_MEM_TABLE];
+    expected.extend(per_queue);
+    expected.extend(per_queue);
+    assert_eq!(
+        codes(&msgs),
+        expected,
+        "queues 2 and 3 are not ready: not started"
+    );
+
+    // SET_FEATURES: the driver's features plus PROTOCOL_FEATURES.
+    assert_eq!(msgs[0].u64_at(0), acked | F_PROTOCOL);
+    // SET_MEM_TABLE: one region, the memfd, evmm's address.
+    let mt = &msgs[1];
+    assert_eq!(mt.u32_at(0), 1);
+    assert_eq!(mt.u64_at(8), 0, "guest address");
+    assert_eq!(mt.u64_at(16), 16 << 20, "size");
+    assert_eq!(mt.u64_at(24), host, "evmm's address");
+    assert_eq!(mt.u64_at(32), 0, "offset in the memfd");
+    let memfd = mt.file.as_ref().expect("the memfd");
+    // It is the guest RAM: a byte written by the guest is in the file.
+    mem.write_obj(0x5au8, GuestAddress(0x1234)).unwrap();
+    let mut b = [0u8; 1];
+    std::os::unix::fs::FileExt::read_exact_at(memfd, &mut b, 0x1234).unwrap();
+    assert_eq!(b, [0x5a]);
+
+    for (q, m) in [(0u32, &msgs[2..8]), (1, &msgs[8..14])] {
+        let base = 0x10_0000 * u64::from(q + 1);
+        assert_eq!((m[0].u32_at(0), m[0].u32_at(4)), (q, 16), "SET_VRING_NUM");
+        assert_eq!(m[1].u32_at(0), q);
+        assert_eq!(m[1].u32_at(4), 0, "no logging");
+        assert_eq!(m[1].u64_at(8), host + base, "descriptor table");
+        assert_eq!(m[1].u64_at(16), host + base + 0x2000, "used ring");
+        assert_eq!(m[1].u64_at(24), host + base + 0x1000, "available ring");
+        assert_eq!((m[2].u32_at(0), m[2].u32_at(4)), (q, 0), "SET_VRING_BASE 0");
+        assert_eq!(m[3].u64_at(0), u64::from(q), "SET_VRING_KICK with an fd");
+        assert_eq!(m[4].u64_at(0), u64::from(q), "SET_VRING_CALL with an fd");
+        assert_eq!(
+            (m[5].u32_at(0), m[5].u32_at(4)),
+            (q, 1),
+            "SET_VRING_ENABLE 1"
+        );
+        // The kick the backend got is the queue's kick eventfd (KVM's ioeventfd).
+        let mut kick = m[3].file.as_ref().unwrap();
+        kick.write_all(&1u64.to_le_bytes()).unwrap();
+        assert_eq!(t.queue_kicks()[q as usize].read().unwrap(), 1);
+        // The call it got is the device's irqfd.
+        let mut call = m[4].file.as_ref().unwrap();
+        call.write_all(&1u64.to_le_bytes()).unwrap();
+        assert!(readable(&irq));
+        assert_eq!(irq.read().unwrap(), 1);
+    }
+
+    // InterruptStatus: VRING reads set although evmm raised nothing; ACK is harmless.
+    assert_eq!(r32(&mut t, INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING);
+    w32(&mut t, INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
+    assert_eq!(r32(&mut t, INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING);
+    t.config_changed();
+    assert_eq!(
+        r32(&mut t, INTERRUPT_STATUS),
+        VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG
+    );
+    w32(&mut t, INTERRUPT_ACK, VIRTIO_MMIO_INT_CONFIG);
+    assert_eq!(r32(&mut t, INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING);
+
+    // `writeback` goes to the backend (CONFIG_WCE offered); other writes do not.
+    t.write(CONFIG, &[0, 0, 0, 0]);
+    t.write(CONFIG + 32, &[1]);
+    let msgs = backend.take_n(1);
+    assert_eq!(codes(&msgs), [SET_CONFIG]);
+    assert_eq!((msgs[0].u32_at(0), msgs[0].u32_at(4)), (32, 1));
+    assert_eq!(msgs[0].body[12], 1);
+    let mut wce = [0u8; 1];
+    t.read(CONFIG + 32, &mut wce);
+    assert_eq!(wce, [1]);
+
+    // Reset: GET_VRING_BASE on each started queue.
+    w32(&mut t, STATUS, 0);
+    let msgs = backend.take();
+    assert_eq!(codes(&msgs), [GET_VRING_BASE, GET_VRING_BASE]);
+    assert_eq!((msgs[0].u32_at(0), msgs[1].u32_at(0)), (0, 1));
+    assert_eq!(r32(&mut t, INTERRUPT_STATUS), 0, "not live");
+
+    // Re-activation starts the rings again; dropping the device stops them.
+    init(&mut t, F_VERSION_1, &[2]);
+    let msgs = backend.take_n(2 + per_queue.len());
+    assert_eq!(msgs.len(), 2 + per_queue.len());
+    assert_eq!(msgs[2].u32_at(0), 2);
+    let m = t.metrics();
+    assert_eq!(m["device"]["activations"], 2);
+    assert_eq!(m["device"]["backend"], "connected");
+    drop(t);
+    assert_eq!(codes(&backend.take()), [GET_VRING_BASE]);
+}
+
+#[test]
+fn a_backend_that_hangs_up_while_live_is_taken_over() {
+    let backend = Backend::start(script());
+    let dev = VhostUserBlk::connect(&config(&backend.socket), "vu0").unwrap();
+    assert_eq!(backend.take().len(), 6, "the handshake");
+    let ram = crate::memory::GuestRam::new(16 << 20).unwrap();
+    let mem = ram.memory().clone();
+    let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
+    let irq = irqfd.try_clone().unwrap();
+    let mut t = MmioTransport::new(Box::new(dev), mem.clone(), irqfd).unwrap();
+    init(&mut t, F_VERSION_1, &[0]);
+    backend.take_n(8);
+    // A request the backend took and never answered: one descriptor, a writable
+    // status byte, made available.
+    let (desc, avail, used) = (0x10_0000u64, 0x10_1000u64, 0x10_2000u64);
+    mem.write_obj(0x20_0000u64, GuestAddress(desc)).unwrap();
+    mem.write_obj(1u32, GuestAddress(desc + 8)).unwrap();
+    mem.write_obj(2u16, GuestAddress(desc + 12)).unwrap(); // VRING_DESC_F_WRITE
+    mem.write_obj(0u16, GuestAddress(avail + 4)).unwrap();
+    mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+
+    backend.hang_up();
+    assert!(readable(&irq), "the takeover interrupts the guest");
+    wait_for("used entry", || {
+        mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap() == 1
+    });
+    let status: u8 = mem.read_obj(GuestAddress(0x20_0000)).unwrap();
+    assert_eq!(
+        status,
+        virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8
+    );
+    let m = t.metrics();
+    assert_eq!(m["device"]["backend"], "lost");
+    assert_eq!(m["device"]["taken_over"], true);
+    assert_eq!(m["device"]["takeover"]["requests_failed"], 1);
+    // The device stays live; the driver sees no NEEDS_RESET.
+    assert_eq!(
+        r32(&mut t, STATUS),
+        ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK
+    );
+    // A reset sends nothing to the lost backend and returns at once.
+    let start = Instant::now();
+    w32(&mut t, STATUS, 0);
+    assert!(start.elapsed() < Duration::from_secs(1));
+    assert_eq!(t.metrics()["device"]["taken_over"], false);
+    drop(t);
+    assert!(codes(&backend.take()).is_empty());
+}
+
+#[test]
+fn memory_that_cannot_be_shared_fails_activation_not_the_backend() {
+    let backend = Backend::start(script());
+    let dev = VhostUserBlk::connect(&config(&backend.socket), "vu0").unwrap();
+    backend.take();
+    // Anonymous memory: no file descriptor for SET_MEM_TABLE.
+    let mem = crate::memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+    let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
+    let mut t = MmioTransport::new(Box::new(dev), mem, irqfd).unwrap();
+    init(&mut t, F_VERSION_1, &[0]);
+    assert!(!t.is_activated());
+    assert_ne!(r32(&mut t, STATUS) & 0x40, 0, "DEVICE_NEEDS_RESET");
+    assert_eq!(t.metrics()["device"]["backend"], "connected");
+    assert_eq!(t.metrics()["device"]["activations"], 0);
+    w32(&mut t, STATUS, 0);
+    drop(t);
+    assert!(codes(&backend.take()).is_empty(), "nothing was sent");
+}

@@ -1,0 +1,696 @@
+//! evmm's vhost-user-blk frontend against a real backend, qemu-storage-daemon
+//! (`/usr/bin/qemu-storage-daemon`, Debian's `qemu-system-x86` package), without
+//! booting Linux.
+//!
+//! The library tests build the device with guest memory from evmm's memory module,
+//! put it behind the virtio-mmio transport and play the driver through the
+//! registers: one request at a time is written into guest memory, the kick eventfd
+//! is written (as KVM's ioeventfd does) or QueueNotify (as `--notify exit` does),
+//! the backend answers through the irqfd. Then the daemon is killed (or stopped) and
+//! the takeover must answer with IOERR. The binary tests run evmm with a tiny guest.
+//!
+//! These tests need qemu-storage-daemon and fail (never skip) without it.
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use evmm::memory::{GuestMemoryMmap, GuestRam};
+use evmm::vhost_user::{BackendState, VhostUserBlk, VhostUserBlkConfig};
+use evmm_virtio::mmio::*;
+use evmm_virtio::VirtioDevice;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+const QEMU_STORAGE_DAEMON: &str = "/usr/bin/qemu-storage-daemon";
+const DISK_BYTES: u64 = 4 << 20;
+const WAIT: Duration = Duration::from_secs(10);
+const QSIZE: u16 = 16;
+
+const ACKNOWLEDGE: u32 = 1;
+const DRIVER: u32 = 2;
+const DRIVER_OK: u32 = 4;
+const FEATURES_OK: u32 = 8;
+const LIVE: u32 = ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK;
+const EVENT_IDX: u64 = 1 << 29;
+
+/// A qemu-storage-daemon exporting a fresh image as vhost-user-blk.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    image: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn start(num_queues: u16) -> Daemon {
+        assert!(
+            Path::new(QEMU_STORAGE_DAEMON).exists(),
+            "these tests need {QEMU_STORAGE_DAEMON} (Debian package qemu-system-x86)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.img");
+        let pattern: Vec<u8> = (0..DISK_BYTES).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&image, pattern).unwrap();
+        let socket = dir.path().join("vu.sock");
+        let child = Command::new(QEMU_STORAGE_DAEMON)
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=f,filename={}",
+                image.display()
+            ))
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},\
+                 writable=on,num-queues={num_queues}",
+                socket.display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start qemu-storage-daemon");
+        let start = Instant::now();
+        while !socket.exists() {
+            assert!(
+                start.elapsed() < WAIT,
+                "qemu-storage-daemon did not create its socket"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Daemon {
+            child,
+            socket,
+            image,
+            _dir: dir,
+        }
+    }
+
+    fn config(&self, queues: Option<u16>) -> VhostUserBlkConfig {
+        VhostUserBlkConfig {
+            socket: self.socket.clone(),
+            queues,
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our child's pid.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+
+    fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    fn read_image(&self, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        std::fs::File::open(&self.image)
+            .unwrap()
+            .read_exact_at(&mut buf, offset)
+            .unwrap();
+        buf
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_readable(fd: &EventFd, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is a valid pollfd for the duration of the call and nfds is 1.
+    let r = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+    r == 1
+}
+
+fn r32(t: &mut MmioTransport, off: u64) -> u32 {
+    let mut d = [0u8; 4];
+    t.read(off, &mut d);
+    u32::from_le_bytes(d)
+}
+
+fn w32(t: &mut MmioTransport, off: u64, v: u32) {
+    t.write(off, &v.to_le_bytes());
+}
+
+/// One split virtqueue as the test's driver lays it out, one request at a time
+/// (descriptors 0, 1, 2).
+struct Ring {
+    desc: u64,
+    avail: u64,
+    used: u64,
+    /// Requests submitted (= the available idx).
+    submitted: u16,
+    /// Where this ring's buffers are.
+    buf: u64,
+}
+
+impl Ring {
+    fn at(base: u64) -> Ring {
+        Ring {
+            desc: base,
+            avail: base + 0x1000,
+            used: base + 0x2000,
+            submitted: 0,
+            buf: base + 0x10_0000,
+        }
+    }
+
+    fn hdr(&self) -> u64 {
+        self.buf
+    }
+    fn data(&self) -> u64 {
+        self.buf + 0x1000
+    }
+    fn status(&self) -> u64 {
+        self.buf + 0x3000
+    }
+
+    fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
+        mem.read_obj(GuestAddress(self.used + 2)).unwrap()
+    }
+
+    /// Writes a request (IN or OUT of `len` bytes at `sector`) and makes it
+    /// available; with EVENT_IDX, asks for an interrupt when it is used.
+    fn submit(&mut self, mem: &GuestMemoryMmap, kind: u32, sector: u64, len: u32) {
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(self.hdr())).unwrap();
+        mem.write_obj(0xaau8, GuestAddress(self.status())).unwrap();
+        let data_flags = if kind == VIRTIO_BLK_T_IN {
+            VRING_DESC_F_WRITE
+        } else {
+            0
+        };
+        let descs = [
+            (self.hdr(), 16u32, VRING_DESC_F_NEXT, 1u16),
+            (self.data(), len, data_flags | VRING_DESC_F_NEXT, 2),
+            (self.status(), 1, VRING_DESC_F_WRITE, 0),
+        ];
+        for (i, (addr, len, flags, next)) in descs.into_iter().enumerate() {
+            let d = self.desc + 16 * i as u64;
+            mem.write_obj(addr, GuestAddress(d)).unwrap();
+            mem.write_obj(len, GuestAddress(d + 8)).unwrap();
+            mem.write_obj(flags as u16, GuestAddress(d + 12)).unwrap();
+            mem.write_obj(next, GuestAddress(d + 14)).unwrap();
+        }
+        // used_event: interrupt me when the used idx passes what is used now.
+        let used_event = self.avail + 4 + 2 * u64::from(QSIZE);
+        mem.write_obj(self.submitted, GuestAddress(used_event))
+            .unwrap();
+        let slot = self.avail + 4 + 2 * u64::from(self.submitted % QSIZE);
+        mem.write_obj(0u16, GuestAddress(slot)).unwrap();
+        self.submitted = self.submitted.wrapping_add(1);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        mem.write_obj(self.submitted, GuestAddress(self.avail + 2))
+            .unwrap();
+    }
+
+    fn status_byte(&self, mem: &GuestMemoryMmap) -> u8 {
+        mem.read_obj(GuestAddress(self.status())).unwrap()
+    }
+}
+
+/// The transport around a device, with its irqfd (what KVM would inject from).
+struct Setup {
+    t: MmioTransport,
+    irq: EventFd,
+    mem: GuestMemoryMmap,
+    _ram: GuestRam,
+}
+
+fn setup(dev: VhostUserBlk) -> Setup {
+    let ram = GuestRam::new(64 << 20).unwrap();
+    let mem = ram.memory().clone();
+    let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
+    let irq = irqfd.try_clone().unwrap();
+    let t = MmioTransport::new(Box::new(dev), mem.clone(), irqfd).unwrap();
+    Setup {
+        t,
+        irq,
+        mem,
+        _ram: ram,
+    }
+}
+
+impl Setup {
+    /// Full driver initialisation with `rings` (queue i on rings[i]).
+    fn init(&mut self, features: u64, rings: &[&Ring]) {
+        let t = &mut self.t;
+        w32(t, STATUS, ACKNOWLEDGE);
+        w32(t, STATUS, ACKNOWLEDGE | DRIVER);
+        w32(t, DRIVER_FEATURES_SEL, 0);
+        w32(t, DRIVER_FEATURES, features as u32);
+        w32(t, DRIVER_FEATURES_SEL, 1);
+        w32(t, DRIVER_FEATURES, (features >> 32) as u32);
+        w32(t, STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        assert_eq!(r32(t, STATUS), ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        for (i, r) in rings.iter().enumerate() {
+            // The rings start zeroed, as a driver allocates them.
+            let zeros = vec![0u8; 0x3000];
+            self.mem.write_slice(&zeros, GuestAddress(r.desc)).unwrap();
+            w32(t, QUEUE_SEL, i as u32);
+            assert!(r32(t, QUEUE_NUM_MAX) >= u32::from(QSIZE));
+            w32(t, QUEUE_NUM, u32::from(QSIZE));
+            w32(t, QUEUE_DESC_LOW, r.desc as u32);
+            w32(t, QUEUE_DESC_HIGH, 0);
+            w32(t, QUEUE_DRIVER_LOW, r.avail as u32);
+            w32(t, QUEUE_DRIVER_HIGH, 0);
+            w32(t, QUEUE_DEVICE_LOW, r.used as u32);
+            w32(t, QUEUE_DEVICE_HIGH, 0);
+            w32(t, QUEUE_READY, 1);
+        }
+        w32(t, STATUS, LIVE);
+        assert!(t.is_activated());
+        assert_eq!(r32(t, STATUS), LIVE, "no DEVICE_NEEDS_RESET");
+        // libvhost-user signals the call eventfd when it gets it (SET_VRING_CALL).
+        let _ = self.irq.read();
+    }
+
+    fn offered(&mut self) -> u64 {
+        w32(&mut self.t, DEVICE_FEATURES_SEL, 0);
+        let lo = r32(&mut self.t, DEVICE_FEATURES);
+        w32(&mut self.t, DEVICE_FEATURES_SEL, 1);
+        let hi = r32(&mut self.t, DEVICE_FEATURES);
+        (u64::from(hi) << 32) | u64::from(lo)
+    }
+
+    /// Kicks queue `q` the way KVM's ioeventfd does (or through QueueNotify) and
+    /// waits for the interrupt and the used entry.
+    fn kick_and_wait(&mut self, ring: &Ring, q: u32, through_register: bool) {
+        if through_register {
+            w32(&mut self.t, QUEUE_NOTIFY, q);
+        } else {
+            self.t.queue_kicks()[q as usize].write(1).unwrap();
+        }
+        let start = Instant::now();
+        while ring.used_idx(&self.mem) != ring.submitted {
+            assert!(
+                wait_readable(&self.irq, WAIT.saturating_sub(start.elapsed())),
+                "no interrupt within {WAIT:?} (used idx {}, submitted {})",
+                ring.used_idx(&self.mem),
+                ring.submitted
+            );
+            let _ = self.irq.read();
+        }
+    }
+
+    fn metrics(&self) -> serde_json::Value {
+        self.t.metrics()["device"].clone()
+    }
+
+    fn wait_backend(&self, state: &str) {
+        let start = Instant::now();
+        while self.metrics()["backend"] != state {
+            assert!(
+                start.elapsed() < WAIT,
+                "backend not {state}: {}",
+                self.metrics()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn capacity(t: &mut MmioTransport) -> u64 {
+    let mut cap = [0u8; 8];
+    t.read(CONFIG, &mut cap);
+    u64::from_le_bytes(cap)
+}
+
+#[test]
+fn requests_through_qemu_storage_daemon_then_takeover_after_it_dies() {
+    let mut daemon = Daemon::start(1);
+    let dev = VhostUserBlk::connect(&daemon.config(None), "vu-test").expect("connect");
+    assert_eq!(dev.capacity_sectors(), DISK_BYTES / 512);
+    assert_eq!(dev.queue_count(), 1);
+    assert_eq!(dev.backend_state(), BackendState::Connected);
+    assert!(dev.interrupt_status_always_used());
+    let mut s = setup(dev);
+    assert_eq!(r32(&mut s.t, DEVICE_ID), 2);
+    assert_eq!(capacity(&mut s.t), DISK_BYTES / 512, "GET_CONFIG capacity");
+    let offered = s.offered();
+    assert_ne!(offered & (1 << 32), 0, "VIRTIO_F_VERSION_1");
+    assert_eq!(
+        offered & (1 << 30),
+        0,
+        "VHOST_USER_F_PROTOCOL_FEATURES is not offered"
+    );
+    assert_eq!(offered & (1 << 26), 0, "VHOST_F_LOG_ALL is not offered");
+    assert_ne!(
+        offered & EVENT_IDX,
+        0,
+        "qemu-storage-daemon offers EVENT_IDX"
+    );
+    assert_eq!(r32(&mut s.t, INTERRUPT_STATUS), 0, "not live yet");
+
+    let mut ring = Ring::at(0x10_0000);
+    s.init(offered, &[&ring]);
+    assert_eq!(
+        r32(&mut s.t, INTERRUPT_STATUS) & VIRTIO_MMIO_INT_VRING,
+        VIRTIO_MMIO_INT_VRING
+    );
+
+    // OUT: 1 KiB at sector 3, kicked as KVM's ioeventfd would.
+    let payload: Vec<u8> = (0..1024u32).map(|i| (i * 7 % 256) as u8).collect();
+    s.mem
+        .write_slice(&payload, GuestAddress(ring.data()))
+        .unwrap();
+    ring.submit(&s.mem, VIRTIO_BLK_T_OUT, 3, 1024);
+    s.kick_and_wait(&ring, 0, false);
+    assert_eq!(ring.status_byte(&s.mem), VIRTIO_BLK_S_OK as u8);
+    assert_eq!(
+        daemon.read_image(3 * 512, 1024),
+        payload,
+        "data in the file"
+    );
+    // The InterruptStatus policy: VRING reads set and survives an ACK.
+    w32(&mut s.t, INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
+    assert_eq!(r32(&mut s.t, INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING);
+
+    // IN: sector 100 of the original pattern, kicked through QueueNotify
+    // (`--notify exit`).
+    ring.submit(&s.mem, VIRTIO_BLK_T_IN, 100, 512);
+    s.kick_and_wait(&ring, 0, true);
+    assert_eq!(ring.status_byte(&s.mem), VIRTIO_BLK_S_OK as u8);
+    let mut back = vec![0u8; 512];
+    s.mem
+        .read_slice(&mut back, GuestAddress(ring.data()))
+        .unwrap();
+    assert_eq!(back, daemon.read_image(100 * 512, 512));
+    assert_eq!(s.t.notify_exits(), 1);
+
+    // Reset (GET_VRING_BASE) and a second activation on other rings.
+    w32(&mut s.t, STATUS, 0);
+    assert!(!s.t.is_activated());
+    assert_eq!(r32(&mut s.t, INTERRUPT_STATUS), 0);
+    let mut ring = Ring::at(0x40_0000);
+    s.init(offered & !EVENT_IDX, &[&ring]);
+    ring.submit(&s.mem, VIRTIO_BLK_T_IN, 3, 1024);
+    s.kick_and_wait(&ring, 0, false);
+    assert_eq!(ring.status_byte(&s.mem), VIRTIO_BLK_S_OK as u8);
+    let mut back = vec![0u8; 1024];
+    s.mem
+        .read_slice(&mut back, GuestAddress(ring.data()))
+        .unwrap();
+    assert_eq!(back, payload, "read back what was written before the reset");
+    let m = s.metrics();
+    assert_eq!(m["backend"], "connected");
+    assert_eq!(m["activations"], 2);
+    assert_eq!(m["taken_over"], false);
+
+    // The backend dies: evmm notices, takes the queue over, answers IOERR.
+    daemon.kill();
+    s.wait_backend("lost");
+    let start = Instant::now();
+    while s.metrics()["taken_over"] != true {
+        assert!(start.elapsed() < WAIT, "no takeover: {}", s.metrics());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    ring.submit(&s.mem, VIRTIO_BLK_T_OUT, 0, 512);
+    s.kick_and_wait(&ring, 0, false);
+    assert_eq!(ring.status_byte(&s.mem), VIRTIO_BLK_S_IOERR as u8);
+    ring.submit(&s.mem, VIRTIO_BLK_T_IN, 0, 512);
+    s.kick_and_wait(&ring, 0, true);
+    assert_eq!(ring.status_byte(&s.mem), VIRTIO_BLK_S_IOERR as u8);
+    assert_eq!(s.metrics()["takeover"]["requests_failed"], 2);
+    assert_eq!(r32(&mut s.t, STATUS), LIVE, "I/O errors, not NEEDS_RESET");
+
+    // A reset and a re-activation with the backend gone do not hang: the
+    // device is taken over at once.
+    let start = Instant::now();
+    w32(&mut s.t, STATUS, 0);
+    let mut ring = Ring::at(0x80_0000);
+    s.init(offered, &[&ring]);
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    ring.submit(&s.mem, VIRTIO_BLK_T_IN, 0, 512);
+    s.kick_and_wait(&ring, 0, false);
+    assert_eq!(ring.status_byte(&s.mem), VIRTIO_BLK_S_IOERR as u8);
+    let m = s.metrics();
+    assert_eq!(m["activations"], 3);
+    assert_eq!(m["takeover"]["requests_failed"], 3);
+
+    // Dropping the transport (what evmm does at exit) does not hang either.
+    let start = Instant::now();
+    drop(s);
+    assert!(start.elapsed() < Duration::from_secs(2));
+}
+
+#[test]
+fn requests_in_flight_when_the_backend_stops_answering_are_failed() {
+    let daemon = Daemon::start(1);
+    let dev = VhostUserBlk::connect(&daemon.config(None), "vu-stop").unwrap();
+    let mut s = setup(dev);
+    let offered = s.offered();
+    let mut ring = Ring::at(0x10_0000);
+    s.init(offered, &[&ring]);
+    ring.submit(&s.mem, VIRTIO_BLK_T_IN, 0, 512);
+    s.kick_and_wait(&ring, 0, false);
+    assert_eq!(ring.status_byte(&s.mem), VIRTIO_BLK_S_OK as u8);
+
+    // The backend freezes (SIGSTOP): a request sent now is never answered by it.
+    daemon.signal(libc::SIGSTOP);
+    ring.submit(&s.mem, VIRTIO_BLK_T_IN, 1, 512);
+    s.t.queue_kicks()[0].write(1).unwrap();
+    // The driver gives up and resets the device: GET_VRING_BASE gets no answer,
+    // evmm declares the backend lost after its timeout instead of hanging.
+    let start = Instant::now();
+    w32(&mut s.t, STATUS, 0);
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(12), "reset took {took:?}");
+    assert_eq!(s.metrics()["backend"], "lost");
+    // Re-activated: the request is answered by the takeover.
+    let mut ring = Ring::at(0x40_0000);
+    s.init(offered, &[&ring]);
+    ring.submit(&s.mem, VIRTIO_BLK_T_IN, 1, 512);
+    s.kick_and_wait(&ring, 0, false);
+    assert_eq!(ring.status_byte(&s.mem), VIRTIO_BLK_S_IOERR as u8);
+    daemon.signal(libc::SIGCONT);
+    drop(s);
+}
+
+#[test]
+fn queues_follow_the_backend_and_are_checked() {
+    let daemon = Daemon::start(2);
+    // Too many queues: a clear error, nothing started.
+    let err = VhostUserBlk::connect(&daemon.config(Some(3)), "vu-mq")
+        .err()
+        .unwrap();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "--vhost-user-blk socket={}: queues=3 but the backend supports at most 2",
+            daemon.socket.display()
+        )
+    );
+    // The default: the backend's num_queues. (qemu-storage-daemon serves one
+    // frontend at a time; the refused one above has hung up.)
+    let dev = VhostUserBlk::connect(&daemon.config(None), "vu-mq").unwrap();
+    assert_eq!(dev.queue_count(), 2);
+    let mut s = setup(dev);
+    let mut nq = [0u8; 2];
+    s.t.read(CONFIG + 34, &mut nq);
+    assert_eq!(u16::from_le_bytes(nq), 2, "config num_queues");
+    let offered = s.offered();
+    assert_ne!(offered & (1 << 12), 0, "VIRTIO_BLK_F_MQ");
+    let r0 = Ring::at(0x10_0000);
+    let mut r1 = Ring::at(0x40_0000);
+    s.init(offered, &[&r0, &r1]);
+    r1.submit(&s.mem, VIRTIO_BLK_T_IN, 7, 512);
+    s.kick_and_wait(&r1, 1, false);
+    assert_eq!(r1.status_byte(&s.mem), VIRTIO_BLK_S_OK as u8);
+    let mut back = vec![0u8; 512];
+    s.mem
+        .read_slice(&mut back, GuestAddress(r1.data()))
+        .unwrap();
+    assert_eq!(back, daemon.read_image(7 * 512, 512));
+    assert_eq!(r0.used_idx(&s.mem), 0);
+    drop(s);
+
+    // queues=1 on the same backend.
+    let dev = VhostUserBlk::connect(&daemon.config(Some(1)), "vu-mq").unwrap();
+    assert_eq!(dev.queue_count(), 1);
+    let mut nq = [0u8; 2];
+    dev.read_config(34, &mut nq);
+    assert_eq!(u16::from_le_bytes(nq), 1);
+}
+
+// ---- evmm itself, with a tiny guest that never touches the device ----
+
+/// An ELF64 executable loading `code` at 1 MiB.
+fn tiny_kernel(dir: &Path, code: &[u8]) -> PathBuf {
+    const LOAD: u64 = 0x10_0000;
+    let mut f = Vec::new();
+    f.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    f.extend_from_slice(&2u16.to_le_bytes());
+    f.extend_from_slice(&0x3eu16.to_le_bytes());
+    f.extend_from_slice(&1u32.to_le_bytes());
+    f.extend_from_slice(&LOAD.to_le_bytes());
+    f.extend_from_slice(&64u64.to_le_bytes());
+    f.extend_from_slice(&0u64.to_le_bytes());
+    f.extend_from_slice(&0u32.to_le_bytes());
+    for v in [64u16, 56, 1, 64, 0, 0] {
+        f.extend_from_slice(&v.to_le_bytes());
+    }
+    f.extend_from_slice(&1u32.to_le_bytes());
+    f.extend_from_slice(&5u32.to_le_bytes());
+    for v in [
+        0x1000u64,
+        LOAD,
+        LOAD,
+        code.len() as u64,
+        code.len() as u64,
+        0x1000,
+    ] {
+        f.extend_from_slice(&v.to_le_bytes());
+    }
+    f.resize(0x1000, 0);
+    f.extend_from_slice(code);
+    let path = dir.join("kernel");
+    std::fs::write(&path, f).unwrap();
+    path
+}
+
+/// `mov dx, 0x3f8; mov al, c; out dx, al` for each byte, then `code_tail`.
+fn print_then(s: &str, tail: &[u8]) -> Vec<u8> {
+    let mut c = vec![0x66, 0xba, 0xf8, 0x03];
+    for b in s.bytes() {
+        c.extend([0xb0, b, 0xee]);
+    }
+    c.extend_from_slice(tail);
+    c
+}
+
+/// ACPI S5 through port 0x600, then halt.
+const POWEROFF: [u8; 10] = [0x66, 0xba, 0x00, 0x06, 0xb0, 0x34, 0xee, 0xf4, 0xeb, 0xfd];
+/// Halt for ever.
+const HALT: [u8; 3] = [0xf4, 0xeb, 0xfd];
+
+fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        panic!("these tests run a tiny guest and need a usable /dev/kvm: {e}");
+    }
+}
+
+#[test]
+fn evmm_connects_runs_and_reports_the_device() {
+    require_kvm();
+    let daemon = Daemon::start(1);
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = tiny_kernel(dir.path(), &print_then("ok\n", &POWEROFF));
+    let metrics = dir.path().join("m.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_evmm"))
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--memory", "64", "--log-level", "info", "--vhost-user-blk"])
+        .arg(format!("socket={}", daemon.socket.display()))
+        .arg("--metrics")
+        .arg(&metrics)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
+    assert!(stderr.contains("vhost-user-blk@0xc0000000"), "{stderr}");
+    assert!(!stderr.contains("ERROR"), "{stderr}");
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&metrics).unwrap()).unwrap();
+    let d = &m["devices"][0];
+    assert_eq!(d["kind"], "vhost-user-blk");
+    assert_eq!(d["path"], daemon.socket.display().to_string());
+    assert_eq!(d["gsi"], 5);
+    assert_eq!(d["transport"]["device_type"], 2);
+    assert_eq!(d["transport"]["device"]["backend"], "connected");
+    assert_eq!(d["transport"]["device"]["queues"], 1);
+    assert_eq!(d["transport"]["device"]["activations"], 0);
+}
+
+#[test]
+fn evmm_reports_a_dead_backend_and_keeps_running() {
+    require_kvm();
+    let mut daemon = Daemon::start(1);
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = tiny_kernel(dir.path(), &print_then("up\n", &HALT));
+    let metrics = dir.path().join("m.json");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_evmm"))
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--memory", "64", "--vhost-user-blk"])
+        .arg(format!("socket={}", daemon.socket.display()))
+        .arg("--metrics")
+        .arg(&metrics)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut up = [0u8; 3];
+    child.stdout.take().unwrap().read_exact(&mut up).unwrap();
+    assert_eq!(&up, b"up\n");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stderr).lines() {
+            let line = line.unwrap();
+            if line.contains("lost") {
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    daemon.kill();
+    let reported = rx.recv_timeout(WAIT).is_ok();
+    // Still running: the guest is halted, evmm is waiting.
+    assert!(child.try_wait().unwrap().is_none(), "evmm exited");
+    // SAFETY: kill(2) on the child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(start.elapsed() < WAIT, "evmm did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = reader.join().unwrap();
+    assert!(reported, "no report of the lost backend: {stderr}");
+    assert_eq!(status.code(), Some(0), "stderr: {stderr}");
+    let line = stderr.lines().find(|l| l.contains("lost")).unwrap();
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(line.contains("vhost-user-blk@0xc0000000"), "{line}");
+    assert!(
+        line.contains(&daemon.socket.display().to_string()),
+        "{line}"
+    );
+    assert!(line.contains("hung up"), "{line}");
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&metrics).unwrap()).unwrap();
+    assert_eq!(m["devices"][0]["transport"]["device"]["backend"], "lost");
+}
