@@ -69,12 +69,14 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_VCPUS)]
     pub cpus: u32,
 
-    /// Disk parameters "path=<disk_image_path>,readonly=on|off,id=<serial>,queues=<number_of_queues>,direct=on|off".
+    /// Disk parameters "path=<disk_image_path>,readonly=on|off,id=<serial>,queues=<number_of_queues>,direct=on|off,poll_us=<microseconds>".
     /// path is a raw image file or block device; readonly=on offers a
     /// read-only disk (writes fail in the guest) [default: off]; id is what
     /// the guest reads as the disk's serial, at most 20 bytes; queues is 1
     /// to 16 [default: 1]; direct=on opens the file with O_DIRECT (not on
-    /// tmpfs) [default: off]. Repeat the option for more disks
+    /// tmpfs) [default: off]; poll_us is how long the disk's worker keeps
+    /// polling for the next kick before it sleeps, 0 to 1000 [default: 0].
+    /// Repeat the option for more disks
     #[arg(long, value_name = "DISK")]
     pub disk: Vec<String>,
 

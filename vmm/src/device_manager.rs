@@ -523,6 +523,7 @@ mod tests {
             id: Some(format!("q{queues}")),
             queues,
             direct: false,
+            poll_us: 0,
         }
     }
 

@@ -48,6 +48,7 @@ impl Args {
                 id: self.id.clone(),
                 queues: self.queues,
                 direct: self.direct,
+                poll_us: 0,
             },
         }
     }
@@ -75,6 +76,7 @@ mod tests {
                 id: None,
                 queues: 1,
                 direct: false,
+                poll_us: 0,
             }
         );
         assert_eq!(a.log_level, None);

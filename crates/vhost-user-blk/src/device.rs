@@ -151,6 +151,7 @@ mod tests {
             id: Some("vu-disk".into()),
             queues,
             direct: false,
+            poll_us: 0,
         })
         .unwrap()
     }
@@ -242,6 +243,7 @@ mod tests {
                 id: None,
                 queues,
                 direct: false,
+                poll_us: 0,
             });
             assert!(matches!(r, Err(BlockError::Config(_))), "queues={queues}");
         }
@@ -251,6 +253,7 @@ mod tests {
             id: None,
             queues: 1,
             direct: false,
+            poll_us: 0,
         });
         let e = r.err().unwrap().to_string();
         assert!(e.contains("/nonexistent/disk.img"), "{e}");
@@ -260,6 +263,7 @@ mod tests {
             id: Some("x".repeat(21)),
             queues: 1,
             direct: false,
+            poll_us: 0,
         });
         assert!(matches!(r, Err(BlockError::Config(_))));
     }

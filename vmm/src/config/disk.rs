@@ -1,4 +1,5 @@
-//! The value of `--disk`: `path=FILE[,readonly=on][,id=SERIAL][,queues=N][,direct=on]`.
+//! The value of `--disk`:
+//! `path=FILE[,readonly=on][,id=SERIAL][,queues=N][,direct=on][,poll_us=N]`.
 //!
 //! Parsing checks the syntax and the ranges only; [`check_disk_file`] looks at
 //! the file without opening it, so a bad command line is reported before
@@ -12,8 +13,10 @@ use evmm_virtio::blk::BlockConfig;
 pub const MAX_DISK_QUEUES: u16 = 16;
 /// Longest `id` (what VIRTIO_BLK_T_GET_ID returns), in bytes.
 pub const MAX_DISK_ID_BYTES: usize = 20;
+/// Longest polling window after a kick, in microseconds.
+pub const MAX_DISK_POLL_US: u32 = 1000;
 /// The keys `--disk` knows, for error messages.
-const KEYS: &str = "path, readonly, id, queues, direct";
+const KEYS: &str = "path, readonly, id, queues, direct, poll_us";
 
 /// Errors in one `--disk` value.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -44,6 +47,9 @@ pub enum DiskOptionError {
     /// `queues` is not a number between 1 and [`MAX_DISK_QUEUES`].
     #[error("queues={0}: expected a number from 1 to {MAX_DISK_QUEUES}")]
     BadQueues(String),
+    /// `poll_us` is not a number from 0 to [`MAX_DISK_POLL_US`].
+    #[error("poll_us={0}: expected microseconds from 0 to {MAX_DISK_POLL_US}")]
+    BadPoll(String),
     /// `id` is empty or longer than [`MAX_DISK_ID_BYTES`].
     #[error("id '{0}' must be 1 to {MAX_DISK_ID_BYTES} bytes long")]
     BadId(String),
@@ -105,13 +111,14 @@ fn set_once<T>(slot: &mut Option<T>, key: &'static str, value: T) -> Result<(), 
 }
 
 /// Parses one `--disk` value. Defaults: writable, no id, one queue,
-/// buffered I/O.
+/// buffered I/O, no polling (the worker blocks as soon as its queues are empty).
 pub fn parse_disk(spec: &str) -> Result<BlockConfig, DiskOptionError> {
     let mut path = None;
     let mut readonly = None;
     let mut id = None;
     let mut queues = None;
     let mut direct = None;
+    let mut poll_us = None;
     for item in spec.split(',') {
         let (key, value) = item
             .split_once('=')
@@ -139,6 +146,14 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, DiskOptionError> {
                     .ok_or_else(|| DiskOptionError::BadQueues(value.to_string()))?;
                 set_once(&mut queues, "queues", n)?;
             }
+            "poll_us" => {
+                let us = value
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|us| *us <= MAX_DISK_POLL_US)
+                    .ok_or_else(|| DiskOptionError::BadPoll(value.to_string()))?;
+                set_once(&mut poll_us, "poll_us", us)?;
+            }
             _ => return Err(DiskOptionError::UnknownKey(key.to_string())),
         }
     }
@@ -148,6 +163,7 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, DiskOptionError> {
         id,
         queues: queues.unwrap_or(1),
         direct: direct.unwrap_or(false),
+        poll_us: poll_us.unwrap_or(0),
     })
 }
 
@@ -181,6 +197,7 @@ mod tests {
                 id: None,
                 queues: 1,
                 direct: false,
+                poll_us: 0,
             }
         );
     }
@@ -188,13 +205,15 @@ mod tests {
     #[test]
     fn every_key_in_any_order() {
         assert_eq!(
-            parse_disk("queues=4,id=serial-01,direct=on,readonly=on,path=/d/b.raw").unwrap(),
+            parse_disk("queues=4,id=serial-01,poll_us=30,direct=on,readonly=on,path=/d/b.raw")
+                .unwrap(),
             BlockConfig {
                 path: "/d/b.raw".into(),
                 readonly: true,
                 id: Some("serial-01".into()),
                 queues: 4,
                 direct: true,
+                poll_us: 30,
             }
         );
         let c = parse_disk("path=x,readonly=off,direct=false,queues=16").unwrap();
@@ -236,6 +255,11 @@ mod tests {
         for q in ["0", "17", "x", "-1", "", "65536"] {
             assert_eq!(err(&format!("path=/a,queues={q}")), BadQueues(q.into()));
         }
+        for us in ["1001", "x", "-1", ""] {
+            assert_eq!(err(&format!("path=/a,poll_us={us}")), BadPoll(us.into()));
+        }
+        assert_eq!(err("path=/a,poll_us=1,poll_us=2"), Duplicate("poll_us"));
+        assert_eq!(parse_disk("path=/a,poll_us=1000").unwrap().poll_us, 1000);
         let long = "a".repeat(21);
         assert_eq!(err(&format!("path=/a,id={long}")), BadId(long));
         assert_eq!(err("path=/a,id="), BadId("".into()));

@@ -54,6 +54,7 @@ impl Rig {
             id: Some("rig".into()),
             queues: 2,
             direct: false,
+            poll_us: 0,
         })
         .unwrap();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();

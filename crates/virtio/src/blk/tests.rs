@@ -93,6 +93,7 @@ impl Harness {
             interrupt: irq.clone(),
             metrics: Arc::from(vec![QueueMetrics::default()]),
             faults: Arc::new(FaultLog::default()),
+            poll: std::time::Duration::ZERO,
         };
         Self {
             mem: mem.clone(),
@@ -256,6 +257,7 @@ fn id_longer_than_20_bytes_is_refused() {
         id: Some("x".repeat(21)),
         queues: 1,
         direct: false,
+        poll_us: 0,
     };
     assert!(matches!(Block::new(cfg), Err(BlockError::Config(_))));
 }
@@ -414,6 +416,7 @@ fn readonly_device_offers_ro_and_opens_rdonly() {
         id: None,
         queues: 1,
         direct: false,
+        poll_us: 0,
     };
     let b = Block::new(cfg).unwrap();
     assert_ne!(b.avail_features() & (1 << VIRTIO_BLK_F_RO), 0);
@@ -429,6 +432,7 @@ fn features_and_config_space() {
         id: None,
         queues: 4,
         direct: false,
+        poll_us: 0,
     };
     let b = Block::new(cfg).unwrap();
     let feats = b.avail_features();
@@ -476,6 +480,7 @@ fn bad_queue_count_is_refused() {
         id: None,
         queues: 0,
         direct: false,
+        poll_us: 0,
     };
     assert!(matches!(Block::new(cfg), Err(BlockError::Config(_))));
 }
@@ -886,6 +891,7 @@ fn worker_end_to_end() {
         id: None,
         queues: 1,
         direct: false,
+        poll_us: 0,
     };
     let mut blk = Block::new(cfg).unwrap();
     header(&mem, HDR, VIRTIO_BLK_T_IN, 5);
@@ -961,6 +967,7 @@ fn activate_refuses_a_wrong_queue_count() {
         id: None,
         queues: 2,
         direct: false,
+        poll_us: 0,
     };
     let mut blk = Block::new(cfg).unwrap();
     let ctx = ActivateContext {

@@ -11,6 +11,7 @@ use crate::metrics::QueueMetrics;
 use std::io;
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
+use std::time::Duration;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -61,6 +62,8 @@ pub(crate) struct BlockWorker {
     pub interrupt: Arc<dyn InterruptSignal>,
     pub metrics: Arc<[QueueMetrics]>,
     pub faults: Arc<FaultLog>,
+    /// How long to poll for the next kick before blocking.
+    pub poll: Duration,
 }
 
 impl BlockWorker {
@@ -80,7 +83,7 @@ impl BlockWorker {
             return self.backend;
         }
         loop {
-            let tokens = match epoll.wait() {
+            let tokens = match epoll.wait_polling(self.poll) {
                 Ok(t) => t,
                 Err(e) => {
                     log::error!("virtio-blk worker: epoll_wait failed: {e}");
@@ -129,6 +132,7 @@ impl BlockWorker {
             interrupt,
             metrics,
             faults,
+            poll: _,
         } = self;
         let Some(wq) = queues.get_mut(slot) else {
             return 0;

@@ -555,6 +555,7 @@ fn block_device_through_the_transport() {
         id: None,
         queues: 1,
         direct: false,
+        poll_us: 0,
     })
     .unwrap();
     let mem = guest_memory();
