@@ -14,7 +14,7 @@
 use evmm_guest_tools::blk;
 use evmm_testhost::guest::marker_fields;
 use evmm_testhost::images::target_dir;
-use evmm_testhost::{GuestConsole, GuestImages};
+use evmm_testhost::{Backend, BackendKind, GuestConsole, GuestImages};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -63,70 +63,25 @@ fn wait_or_kill(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     }
 }
 
-/// The daemon, its log in a file; killed if dropped while running.
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(dir: &Path, disk: &Path, queues: u16) -> Self {
-        let bin = daemon_binary();
-        eprintln!("daemon: {}", bin.display());
-        let socket = dir.join("vu.sock");
-        let log = dir.join("daemon.log");
-        let child = Command::new(&bin)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--disk")
-            .arg(disk)
-            .args(["--queues", &queues.to_string(), "--log-level", "info"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-        let mut d = Self { child, socket, log };
-        let start = Instant::now();
-        while !d.socket.exists() {
-            if let Ok(Some(status)) = d.child.try_wait() {
-                panic!("daemon exited ({status}) before listening:\n{}", d.log());
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "no socket:\n{}",
-                d.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        d
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM; the exit status and the log.
-    fn terminate(mut self) -> (ExitStatus, String) {
-        let sent = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(sent.success(), "kill -TERM failed");
-        let status = wait_or_kill(&mut self.child, Duration::from_secs(20))
-            .unwrap_or_else(|| panic!("daemon ignored SIGTERM:\n{}", self.log()));
-        (status, self.log())
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// The daemon on `disk` with `queues` queues, logging at info into `dir`.
+fn start_daemon(dir: &Path, disk: &Path, queues: u16) -> Backend {
+    let bin = daemon_binary();
+    eprintln!("daemon: {}", bin.display());
+    let socket = dir.join("vu.sock");
+    let mut argv = BackendKind::Evmm.argv(
+        &disk.display().to_string(),
+        &socket.display().to_string(),
+        queues,
+    );
+    argv[0] = bin.display().to_string();
+    argv.extend(["--log-level".into(), "info".into()]);
+    Backend::spawn(
+        BackendKind::Evmm,
+        &argv,
+        &socket,
+        Some(&dir.join("daemon.log")),
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// QEMU with TCG booting the guest test `blk` with `args` on a vhost-user-blk-pci
@@ -177,8 +132,8 @@ fn qemu_argv(images: &GuestImages, socket: &Path, queues: u16, args: &[&str]) ->
 
 /// Boots the guest, which runs `evmm-guest-blk ARGS` on /dev/vda; returns the
 /// console once the guest test passed.
-fn boot(images: &GuestImages, dir: &Path, daemon: &Daemon, queues: u16, args: &[&str]) -> String {
-    let argv = qemu_argv(images, &daemon.socket, queues, args);
+fn boot(images: &GuestImages, dir: &Path, daemon: &Backend, queues: u16, args: &[&str]) -> String {
+    let argv = qemu_argv(images, daemon.socket(), queues, args);
     let console_path = dir.join("console.log");
     let console_file = File::create(&console_path).unwrap();
     let start = Instant::now();
@@ -249,7 +204,7 @@ fn data_integrity(queues: u16) {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("a.img");
     File::create(&disk).unwrap().set_len(DISK_BYTES).unwrap();
-    let daemon = Daemon::start(dir.path(), &disk, queues);
+    let mut daemon = start_daemon(dir.path(), &disk, queues);
 
     // The guest writes its pattern with O_DIRECT and fsync: the file holds exactly it.
     let console = boot(
@@ -292,8 +247,10 @@ fn data_integrity(queues: u16) {
         report["reads"].parse::<u64>().unwrap() + report["writes"].parse::<u64>().unwrap();
     assert_eq!(done, u64::from(RANDOM_OPS));
 
-    let socket = daemon.socket.clone();
-    let (status, log) = daemon.terminate();
+    let socket = daemon.socket().to_path_buf();
+    let status = daemon.terminate(Duration::from_secs(20));
+    let log = daemon.log();
+    let status = status.unwrap_or_else(|| panic!("daemon ignored SIGTERM:\n{log}"));
     eprintln!("daemon log:\n{log}");
     assert!(status.success(), "daemon exit status {status}:\n{log}");
     assert!(!socket.exists(), "the daemon left its socket behind");

@@ -1,27 +1,42 @@
-//! `evmm-linux-qd1 [--reads N] [--rounds R] [--disk-mib M]`: QD1 4 KiB O_DIRECT
-//! random-read latency and IOPS of virtio-blk in Debian's stock guest, evmm against
-//! QEMU `-M microvm` (same kernel, initramfs, disk file and memory), alternating, one
-//! run; prints a markdown table. Run it where Linux guests boot (benches/linux-qd1
-//! picks the route).
+//! `evmm-linux-qd1 [--reads N] [--qd32-reads M] [--rounds R] [--disk-mib D]`: 4 KiB
+//! O_DIRECT random reads on virtio-blk in Debian's stock guest: latency and IOPS at
+//! queue depth 1, IOPS at queue depth 32. Side by side in one run, alternating, same
+//! kernel, initramfs, disk file and memory: evmm's in-VMM device, evmm as a vhost-user
+//! frontend to `evmm-vhost-user-blk` and to `qemu-storage-daemon`, and QEMU
+//! `-M microvm`'s own virtio-blk. Prints a markdown table. Run it where Linux guests
+//! boot (benches/linux-qd1 picks the route).
 
 use clap::Parser;
-use evmm_testhost::guest::{marker_fields, GuestConsole};
-use evmm_testhost::{EvmmGuest, GuestImages, QemuGuest};
+use evmm_testhost::guest::{all_marker_fields, GuestConsole};
+use evmm_testhost::{Backend, BackendKind, EvmmGuest, GuestImages, QemuGuest};
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
 
-/// QD1 random-read latency, evmm vs. QEMU microvm.
+/// Random-read latency and IOPS: evmm's device, evmm + vhost-user backends, QEMU.
 #[derive(Parser)]
 struct Cli {
-    /// Reads per boot.
+    /// QD1 reads per boot.
     #[arg(long, default_value_t = 5000)]
     reads: u32,
+    /// QD32 reads per boot.
+    #[arg(long, default_value_t = 20000)]
+    qd32_reads: u32,
     /// Boots of each VMM.
     #[arg(long, default_value_t = 2)]
     rounds: u32,
     /// Size of the disk file in MiB.
     #[arg(long, default_value_t = 256)]
     disk_mib: u64,
+}
+
+/// One row of the table: how the guest's disk is served.
+struct Row {
+    name: &'static str,
+    /// The VMM's command line.
+    argv: Vec<String>,
+    /// The vhost-user backend evmm connects to, if any.
+    backend: Option<BackendKind>,
 }
 
 fn main() -> ExitCode {
@@ -38,15 +53,28 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     let images = GuestImages::existing()?;
     let dir = tempfile::tempdir()?;
     let disk = dir.path().join("disk.img");
-    // Not sparse: reads come from the host's page cache, the same for both VMMs.
+    // Not sparse: reads come from the host's page cache, the same for every row.
     std::fs::write(&disk, vec![0x5a; (cli.disk_mib << 20) as usize])?;
     let disk = disk.display().to_string();
+    let socket = dir.path().join("blk.sock");
     let test = "blk";
-    let args = format!(" evmm.args=qd1,/dev/vda,{},1", cli.reads);
+    let args = format!(
+        " evmm.args=qd,/dev/vda,1,{},1,+,qd,/dev/vda,32,{},2",
+        cli.reads, cli.qd32_reads
+    );
 
-    let mut evmm = EvmmGuest::new(test);
-    evmm.cmdline.push_str(&args);
-    evmm.extra = vec!["--disk".into(), format!("path={disk}")];
+    let evmm_with = |extra: Vec<String>| {
+        let mut guest = EvmmGuest::new(test);
+        guest.cmdline.push_str(&args);
+        guest.extra = extra;
+        guest.argv(&images)
+    };
+    let frontend = || {
+        evmm_with(vec![
+            "--vhost-user-blk".into(),
+            format!("socket={}", socket.display()),
+        ])
+    };
     let mut qemu = QemuGuest::microvm(test);
     qemu.cmdline.push_str(&args);
     qemu.extra = [
@@ -58,53 +86,93 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let vmms = [
-        ("evmm", evmm.argv(&images)),
-        ("QEMU -M microvm", qemu.argv(&images)),
+    let rows = [
+        Row {
+            name: "evmm, in-VMM virtio-blk",
+            argv: evmm_with(vec!["--disk".into(), format!("path={disk}")]),
+            backend: None,
+        },
+        Row {
+            name: "evmm + evmm-vhost-user-blk",
+            argv: frontend(),
+            backend: Some(BackendKind::Evmm),
+        },
+        Row {
+            name: "evmm + qemu-storage-daemon",
+            argv: frontend(),
+            backend: Some(BackendKind::QemuStorageDaemon),
+        },
+        Row {
+            name: "QEMU -M microvm, its virtio-blk",
+            argv: qemu.argv(&images),
+            backend: None,
+        },
     ];
 
-    let mut results: Vec<Vec<BTreeMap<String, String>>> = vec![Vec::new(), Vec::new()];
+    let mut results: Vec<Vec<[BTreeMap<String, String>; 2]>> = vec![Vec::new(); rows.len()];
     for round in 1..=cli.rounds {
-        for (i, (name, argv)) in vmms.iter().enumerate() {
-            let out = Command::new(&argv[0])
-                .args(&argv[1..])
+        for (i, row) in rows.iter().enumerate() {
+            let _backend = row
+                .backend
+                .map(|kind| Backend::start(kind, Path::new(&disk), &socket, 1))
+                .transpose()?;
+            let out = Command::new(&row.argv[0])
+                .args(&row.argv[1..])
                 .stdin(Stdio::null())
                 .stderr(Stdio::inherit())
                 .output()?;
             let console = String::from_utf8_lossy(&out.stdout);
             if !out.status.success() || !GuestConsole::parse(&console).passed(test) {
                 return Err(format!(
-                    "{name} run {round} failed ({}); console:\n{console}",
-                    out.status
+                    "{} run {round} failed ({}); console:\n{console}",
+                    row.name, out.status
                 )
                 .into());
             }
-            let fields = console
-                .lines()
-                .find_map(|l| marker_fields(l, "EVMM-BLK-QD1"))
-                .ok_or_else(|| format!("{name}: no EVMM-BLK-QD1 line; console:\n{console}"))?;
-            eprintln!("round {round}/{}: {name}: {fields:?}", cli.rounds);
+            let lines = all_marker_fields(&console, "EVMM-BLK-QD");
+            let depth = |d: &str| {
+                lines
+                    .iter()
+                    .find(|f| f.get("depth").map(String::as_str) == Some(d))
+                    .cloned()
+                    .ok_or_else(|| {
+                        format!(
+                            "{}: no EVMM-BLK-QD depth={d} line; console:\n{console}",
+                            row.name
+                        )
+                    })
+            };
+            let fields = [depth("1")?, depth("32")?];
+            eprintln!(
+                "round {round}/{}: {}: QD1 {:?}; QD32 iops={}",
+                cli.rounds, row.name, fields[0], fields[1]["iops"]
+            );
             results[i].push(fields);
         }
     }
     println!(
-        "| VMM ({} × {} random 4 KiB O_DIRECT reads, QD1, {} MiB disk) | IOPS | p50 µs | p90 µs | p99 µs | p99.9 µs | mean µs |",
-        cli.rounds, cli.reads, cli.disk_mib
+        "| Disk served by ({} × {} QD1 and {} QD32 random 4 KiB O_DIRECT reads, {} MiB disk) | QD1 IOPS | p50 µs | p90 µs | p99 µs | p99.9 µs | mean µs | QD32 IOPS |",
+        cli.rounds, cli.reads, cli.qd32_reads, cli.disk_mib
     );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
-    for ((name, _), runs) in vmms.iter().zip(&results) {
-        // The median round by p50, so one noisy boot does not decide the row.
-        let mut runs = runs.clone();
-        runs.sort_by(|a, b| num(a, "p50_us").total_cmp(&num(b, "p50_us")));
-        let r = &runs[runs.len() / 2];
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for (row, runs) in rows.iter().zip(&results) {
+        // The median round by QD1 p50 (and by QD32 IOPS for that column), so one noisy
+        // boot does not decide the row.
+        let mut qd1: Vec<_> = runs.iter().map(|r| r[0].clone()).collect();
+        qd1.sort_by(|a, b| num(a, "p50_us").total_cmp(&num(b, "p50_us")));
+        let r = &qd1[qd1.len() / 2];
+        let mut qd32: Vec<f64> = runs.iter().map(|r| num(&r[1], "iops")).collect();
+        qd32.sort_by(f64::total_cmp);
         println!(
-            "| {name} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} |",
+            row.name,
             num(r, "iops"),
             num(r, "p50_us"),
             num(r, "p90_us"),
             num(r, "p99_us"),
             num(r, "p999_us"),
-            num(r, "mean_us")
+            num(r, "mean_us"),
+            qd32[qd32.len() / 2]
         );
     }
     Ok(())

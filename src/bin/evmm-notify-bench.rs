@@ -1,7 +1,9 @@
 //! `evmm-notify-bench --probe probe.elf [--requests N] [--out DIR]`: the notify-latency
-//! benchmark. Runs the probe guest under evmm (ioeventfd + irqfd), evmm `--notify exit`
-//! and QEMU `-M microvm` on the same disk file, and the raw KVM floor program, one
-//! after the other in one run; prints a markdown table (p50, p90, p99, p99.9, mean and
+//! benchmark. Runs the probe guest under evmm (ioeventfd + irqfd; and again with the
+//! disk worker polling 30 µs for the next kick before it sleeps), evmm `--notify exit`,
+//! evmm as a vhost-user frontend to `evmm-vhost-user-blk` and to `qemu-storage-daemon`
+//! (the kick and call eventfds handed to the backend process) and QEMU `-M microvm`, all
+//! on the same disk file, and the raw KVM floor program, one after the other in one run; prints a markdown table (p50, p90, p99, p99.9, mean and
 //! the ratio to the floor, in µs; series: poll = kick → used ring seen by polling, kick =
 //! the QueueNotify write alone, irq = kick → interrupt handler, irq_wake = kick → the
 //! guest's loop sees the interrupt) and evmm's counters per request, and writes
@@ -11,6 +13,7 @@
 use clap::Parser;
 use evmm_testhost::probe_output::{ProbeRun, Stats};
 use evmm_testhost::qemu::probe_microvm_argv;
+use evmm_testhost::{Backend, BackendKind};
 use plotters::prelude::*;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -35,6 +38,8 @@ struct Path_ {
     name: &'static str,
     argv: Vec<String>,
     metrics: Option<PathBuf>,
+    /// The vhost-user backend serving the disk during this run, if any.
+    backend: Option<BackendKind>,
 }
 
 #[derive(Serialize)]
@@ -68,6 +73,8 @@ struct Report {
 
 const PROBE_ID: &str = "probe-id";
 const DISK_MIB: u64 = 64;
+/// The polling window of the polling row (keep its name in step).
+const POLL_US: u32 = 30;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -99,7 +106,8 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     let f = std::fs::File::create(&disk)?;
     f.set_len(DISK_MIB << 20)?;
     let _cleanup = RemoveOnDrop(disk.clone());
-    let paths = paths(cli, &disk);
+    let socket = cli.out.join("vhost-user-blk.sock");
+    let paths = paths(cli, &disk, &socket);
 
     let mut runs = Vec::new();
     for (i, p) in paths.iter().enumerate() {
@@ -110,6 +118,10 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
             p.name,
             p.argv.join(" ")
         );
+        let _backend = p
+            .backend
+            .map(|kind| Backend::start(kind, &disk, &socket, 1))
+            .transpose()?;
         let out = Command::new(&p.argv[0])
             .args(&p.argv[1..])
             .stdin(Stdio::null())
@@ -205,12 +217,14 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-fn paths(cli: &Cli, disk: &Path) -> Vec<Path_> {
+fn paths(cli: &Cli, disk: &Path, socket: &Path) -> Vec<Path_> {
     let probe = cli.probe.display().to_string();
     let disk = disk.display().to_string();
     let requests = format!("probe.requests={}", cli.requests);
-    let evmm = |notify: &str| {
-        let metrics = cli.out.join(format!("evmm-{notify}.metrics.json"));
+    let evmm = |notify: &str, poll_us: u32| {
+        let metrics = cli
+            .out
+            .join(format!("evmm-{notify}-poll{poll_us}.metrics.json"));
         let argv = [
             "evmm",
             "--kernel",
@@ -218,7 +232,7 @@ fn paths(cli: &Cli, disk: &Path) -> Vec<Path_> {
             "--memory",
             "256",
             "--disk",
-            &format!("path={disk},id={PROBE_ID}"),
+            &format!("path={disk},id={PROBE_ID},poll_us={poll_us}"),
             "--notify",
             notify,
             "--cmdline",
@@ -231,8 +245,24 @@ fn paths(cli: &Cli, disk: &Path) -> Vec<Path_> {
         .collect();
         (argv, Some(metrics))
     };
-    let (a, am) = evmm("ioeventfd");
-    let (b, bm) = evmm("exit");
+    let (a, am) = evmm("ioeventfd", 0);
+    let (p, pm) = evmm("ioeventfd", POLL_US);
+    let (b, bm) = evmm("exit", 0);
+    // The backends' GET_ID answers are their own; the probe reports what it got.
+    let frontend: Vec<String> = [
+        "evmm",
+        "--kernel",
+        &probe,
+        "--memory",
+        "256",
+        "--vhost-user-blk",
+        &format!("socket={}", socket.display()),
+        "--cmdline",
+        &requests,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let qemu = probe_microvm_argv(&probe, &disk, PROBE_ID, cli.requests, 256);
     let floor = vec![
         "evmm-notify-floor".to_string(),
@@ -244,21 +274,43 @@ fn paths(cli: &Cli, disk: &Path) -> Vec<Path_> {
             name: "evmm ioeventfd + irqfd",
             argv: a,
             metrics: am,
+            backend: None,
+        },
+        Path_ {
+            name: "evmm ioeventfd + irqfd, poll_us=30",
+            argv: p,
+            metrics: pm,
+            backend: None,
         },
         Path_ {
             name: "evmm --notify exit",
             argv: b,
             metrics: bm,
+            backend: None,
+        },
+        Path_ {
+            name: "evmm + evmm-vhost-user-blk",
+            argv: frontend.clone(),
+            metrics: None,
+            backend: Some(BackendKind::Evmm),
+        },
+        Path_ {
+            name: "evmm + qemu-storage-daemon",
+            argv: frontend,
+            metrics: None,
+            backend: Some(BackendKind::QemuStorageDaemon),
         },
         Path_ {
             name: "QEMU microvm",
             argv: qemu,
             metrics: None,
+            backend: None,
         },
         Path_ {
             name: "raw KVM floor",
             argv: floor,
             metrics: None,
+            backend: None,
         },
     ]
 }

@@ -60,6 +60,9 @@ pub enum Error {
     /// The capability probe failed or said something unexpected.
     #[error("the KVM capability probe failed: {0}")]
     Probe(String),
+    /// A vhost-user backend did not come up.
+    #[error("vhost-user backend: {0}")]
+    Backend(String),
     /// Another I/O failure.
     #[error("{0}: {1}")]
     Io(&'static str, #[source] std::io::Error),

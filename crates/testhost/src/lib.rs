@@ -12,6 +12,7 @@ pub mod nested;
 pub mod probe_output;
 pub mod qemu;
 pub mod route;
+pub mod vhost_user;
 
 pub use error::{Error, Result};
 pub use evmm::EvmmGuest;
@@ -20,3 +21,4 @@ pub use images::GuestImages;
 pub use nested::{NestedHost, RunOutput};
 pub use qemu::QemuGuest;
 pub use route::Route;
+pub use vhost_user::{Backend, BackendKind};
