@@ -14,6 +14,7 @@
 use evmm_guest_tools::blk;
 use evmm_testhost::guest::marker_fields;
 use evmm_testhost::images::target_dir;
+use evmm_testhost::qemu::tcg_base_argv;
 use evmm_testhost::{Backend, BackendKind, GuestConsole, GuestImages};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -89,14 +90,11 @@ fn start_daemon(dir: &Path, disk: &Path, queues: u16) -> Backend {
 /// driver uses them all).
 fn qemu_argv(images: &GuestImages, socket: &Path, queues: u16, args: &[&str]) -> Vec<String> {
     let mem_mib = 512;
-    [
-        "qemu-system-x86_64",
+    tcg_base_argv(&[
         "-L",
         "/usr/share/qemu",
         "-M",
         "q35,accel=tcg",
-        "-cpu",
-        "max",
         "-m",
         &format!("{mem_mib}M"),
         "-smp",
@@ -105,12 +103,6 @@ fn qemu_argv(images: &GuestImages, socket: &Path, queues: u16, args: &[&str]) ->
         &format!("memory-backend-memfd,id=mem,size={mem_mib}M,share=on"),
         "-machine",
         "memory-backend=mem",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-no-reboot",
-        "-serial",
-        "stdio",
         "-kernel",
         &images.vmlinuz.display().to_string(),
         "-initrd",
@@ -124,10 +116,7 @@ fn qemu_argv(images: &GuestImages, socket: &Path, queues: u16, args: &[&str]) ->
         &format!("socket,id=c0,path={}", socket.display()),
         "-device",
         &format!("vhost-user-blk-pci,chardev=c0,num-queues={queues}"),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    ])
 }
 
 /// Boots the guest, which runs `evmm-guest-blk ARGS` on /dev/vda; returns the

@@ -3,11 +3,9 @@
 
 use crate::images::GuestImages;
 
-/// Arguments every QEMU guest of the tests and benches takes: host CPU, no default
-/// devices or config, no display, exit instead of reboot, console on stdio.
+/// Arguments every QEMU guest of the tests and benches takes: no default devices or
+/// config, no display, exit instead of reboot, console on stdio.
 const COMMON: &[&str] = &[
-    "-cpu",
-    "host",
     "-nodefaults",
     "-no-user-config",
     "-nographic",
@@ -16,9 +14,20 @@ const COMMON: &[&str] = &[
     "stdio",
 ];
 
-/// `qemu-system-x86_64` followed by [`COMMON`] and `extra`.
+/// `qemu-system-x86_64` with the host CPU (for KVM) followed by [`COMMON`] and `extra`.
 fn base_argv(extra: &[&str]) -> Vec<String> {
-    std::iter::once("qemu-system-x86_64")
+    argv_with_cpu("host", extra)
+}
+
+/// `qemu-system-x86_64` for a guest under TCG (the emulator: every feature it has),
+/// followed by [`COMMON`] and `extra`.
+pub fn tcg_base_argv(extra: &[&str]) -> Vec<String> {
+    argv_with_cpu("max", extra)
+}
+
+fn argv_with_cpu(cpu: &str, extra: &[&str]) -> Vec<String> {
+    ["qemu-system-x86_64", "-cpu", cpu]
+        .into_iter()
         .chain(COMMON.iter().copied())
         .chain(extra.iter().copied())
         .map(str::to_string)

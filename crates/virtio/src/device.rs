@@ -6,6 +6,20 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+/// Copies the bytes of a configuration space `space` at `offset` into `data`; bytes
+/// past its end (or at an offset that does not fit in memory) read as zero.
+pub fn read_config_bytes(space: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    for (i, b) in data.iter_mut().enumerate() {
+        if let Some(v) = start.checked_add(i).and_then(|o| space.get(o)) {
+            *b = *v;
+        }
+    }
+}
+
 /// What a device gets when the driver sets DRIVER_OK.
 pub struct ActivateContext {
     /// Guest memory.
@@ -68,5 +82,20 @@ pub trait VirtioDevice: Send {
     /// The device's counters as JSON (Null when it has none).
     fn metrics(&self) -> serde_json::Value {
         serde_json::Value::Null
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_reads_past_the_end_are_zero() {
+        let space = [1u8, 2, 3, 4];
+        let mut data = [0xffu8; 4];
+        read_config_bytes(&space, 2, &mut data);
+        assert_eq!(data, [3, 4, 0, 0]);
+        read_config_bytes(&space, u64::MAX, &mut data);
+        assert_eq!(data, [0; 4]);
     }
 }

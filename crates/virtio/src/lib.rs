@@ -18,5 +18,5 @@ pub mod worker;
 #[cfg(test)]
 mod test_utils;
 
-pub use device::{ActivateContext, VirtioDevice};
+pub use device::{read_config_bytes, ActivateContext, VirtioDevice};
 pub use interrupt::{InterruptKind, InterruptSignal};

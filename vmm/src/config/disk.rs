@@ -103,6 +103,14 @@ fn switch(key: &'static str, value: &str) -> Result<bool, DiskOptionError> {
     }
 }
 
+/// A `queues=` value: 1 to [`MAX_DISK_QUEUES`].
+pub(crate) fn parse_queue_count(value: &str) -> Option<u16> {
+    value
+        .parse::<u16>()
+        .ok()
+        .filter(|n| (1..=MAX_DISK_QUEUES).contains(n))
+}
+
 fn set_once<T>(slot: &mut Option<T>, key: &'static str, value: T) -> Result<(), DiskOptionError> {
     if slot.replace(value).is_some() {
         return Err(DiskOptionError::Duplicate(key));
@@ -139,10 +147,7 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, DiskOptionError> {
                 set_once(&mut id, "id", value.to_string())?;
             }
             "queues" => {
-                let n = value
-                    .parse::<u16>()
-                    .ok()
-                    .filter(|n| (1..=MAX_DISK_QUEUES).contains(n))
+                let n = parse_queue_count(value)
                     .ok_or_else(|| DiskOptionError::BadQueues(value.to_string()))?;
                 set_once(&mut queues, "queues", n)?;
             }

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use super::disk::MAX_DISK_QUEUES;
+use super::disk::{parse_queue_count, MAX_DISK_QUEUES};
 
 /// The keys `--vhost-user-blk` knows, for error messages.
 const KEYS: &str = "socket, queues";
@@ -61,10 +61,7 @@ pub fn parse_vhost_user_blk(spec: &str) -> Result<VhostUserBlkConfig, VhostUserO
                 }
             }
             "queues" => {
-                let n = value
-                    .parse::<u16>()
-                    .ok()
-                    .filter(|n| (1..=MAX_DISK_QUEUES).contains(n))
+                let n = parse_queue_count(value)
                     .ok_or_else(|| VhostUserOptionError::BadQueues(value.to_string()))?;
                 if queues.replace(n).is_some() {
                     return Err(VhostUserOptionError::Duplicate("queues"));

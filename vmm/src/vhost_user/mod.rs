@@ -387,15 +387,7 @@ impl VirtioDevice for VhostUserBlk {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        for (i, b) in data.iter_mut().enumerate() {
-            if let Some(v) = start.checked_add(i).and_then(|o| self.config_space.get(o)) {
-                *b = *v;
-            }
-        }
+        evmm_virtio::read_config_bytes(&self.config_space, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
