@@ -1,17 +1,20 @@
 //! `evmm-linux-qd1 [--reads N] [--qd32-reads M] [--rounds R] [--disk-mib D]`: 4 KiB
 //! O_DIRECT random reads on virtio-blk in Debian's stock guest: latency and IOPS at
 //! queue depth 1, IOPS at queue depth 32. Side by side in one run, alternating, same
-//! kernel, initramfs, disk file and memory: evmm's in-VMM device, evmm as a vhost-user
+//! kernel, initramfs, disk file and memory: evmm's in-VMM device (without and with a
+//! 30 µs polling window), evmm as a vhost-user
 //! frontend to `evmm-vhost-user-blk` and to `qemu-storage-daemon`, and QEMU
 //! `-M microvm`'s own virtio-blk. Prints a markdown table. Run it where Linux guests
 //! boot (benches/linux-qd1 picks the route).
 
 use clap::Parser;
 use evmm_testhost::guest::{all_marker_fields, GuestConsole};
+use evmm_testhost::process::run_with_limit;
 use evmm_testhost::{Backend, BackendKind, EvmmGuest, GuestImages, QemuGuest};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, ExitCode, Stdio};
+use std::process::ExitCode;
+use std::time::Duration;
 
 /// Random-read latency and IOPS: evmm's device, evmm + vhost-user backends, QEMU.
 #[derive(Parser)]
@@ -29,6 +32,9 @@ struct Cli {
     #[arg(long, default_value_t = 256)]
     disk_mib: u64,
 }
+
+/// Longest a boot may take; a guest still running then is reported as hung.
+const BOOT_LIMIT: Duration = Duration::from_secs(300);
 
 /// One row of the table: how the guest's disk is served.
 struct Row {
@@ -93,6 +99,11 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
             backend: None,
         },
         Row {
+            name: "evmm, in-VMM virtio-blk, poll_us=30",
+            argv: evmm_with(vec!["--disk".into(), format!("path={disk},poll_us=30")]),
+            backend: None,
+        },
+        Row {
             name: "evmm + evmm-vhost-user-blk",
             argv: frontend(),
             backend: Some(BackendKind::Evmm),
@@ -110,26 +121,36 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     ];
 
     let mut results: Vec<Vec<[BTreeMap<String, String>; 2]>> = vec![Vec::new(); rows.len()];
+    let mut failures = Vec::new();
     for round in 1..=cli.rounds {
         for (i, row) in rows.iter().enumerate() {
             let _backend = row
                 .backend
                 .map(|kind| Backend::start(kind, Path::new(&disk), &socket, 1))
                 .transpose()?;
-            let out = Command::new(&row.argv[0])
-                .args(&row.argv[1..])
-                .stdin(Stdio::null())
-                .stderr(Stdio::inherit())
-                .output()?;
-            let console = String::from_utf8_lossy(&out.stdout);
-            if !out.status.success() || !GuestConsole::parse(&console).passed(test) {
-                return Err(format!(
-                    "{} run {round} failed ({}); console:\n{console}",
-                    row.name, out.status
-                )
-                .into());
+            let out = run_with_limit(&row.argv, BOOT_LIMIT)?;
+            let console = &out.stdout;
+            let failure = match out.status {
+                None => Some(format!("still running after {BOOT_LIMIT:?}, killed")),
+                Some(s) if !s.success() => Some(format!("ended with {s}")),
+                Some(_) if !GuestConsole::parse(console).passed(test) => {
+                    Some("the guest test did not pass".to_string())
+                }
+                Some(_) => None,
+            };
+            if let Some(why) = failure {
+                let tail: Vec<&str> = console.lines().rev().take(30).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                eprintln!(
+                    "round {round}/{}: {}: FAILED: {why}; the end of its console:\n{}",
+                    cli.rounds,
+                    row.name,
+                    tail.join("\n")
+                );
+                failures.push(format!("{} (round {round}): {why}", row.name));
+                continue;
             }
-            let lines = all_marker_fields(&console, "EVMM-BLK-QD");
+            let lines = all_marker_fields(console, "EVMM-BLK-QD");
             let depth = |d: &str| {
                 lines
                     .iter()
@@ -156,6 +177,10 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     );
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (row, runs) in rows.iter().zip(&results) {
+        if runs.is_empty() {
+            println!("| {} | no round completed | | | | | | |", row.name);
+            continue;
+        }
         // The median round by QD1 p50 (and by QD32 IOPS for that column), so one noisy
         // boot does not decide the row.
         let mut qd1: Vec<_> = runs.iter().map(|r| r[0].clone()).collect();
@@ -174,6 +199,13 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
             num(r, "mean_us"),
             qd32[qd32.len() / 2]
         );
+    }
+    if !failures.is_empty() {
+        println!("\nFailed rounds (left out of the table):");
+        for f in &failures {
+            println!("- {f}");
+        }
+        return Err(format!("{} round(s) failed", failures.len()).into());
     }
     Ok(())
 }

@@ -12,12 +12,13 @@
 
 use clap::Parser;
 use evmm_testhost::probe_output::{ProbeRun, Stats};
+use evmm_testhost::process::run_with_limit;
 use evmm_testhost::qemu::probe_microvm_argv;
 use evmm_testhost::{Backend, BackendKind};
 use plotters::prelude::*;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::ExitCode;
 
 /// Notify-latency benchmark: every notify path side by side.
 #[derive(Parser)]
@@ -73,6 +74,8 @@ struct Report {
 
 const PROBE_ID: &str = "probe-id";
 const DISK_MIB: u64 = 64;
+/// Longest one path's run may take.
+const RUN_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
 /// The polling window of the polling row (keep its name in step).
 const POLL_US: u32 = 30;
 
@@ -122,19 +125,20 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
             .backend
             .map(|kind| Backend::start(kind, &disk, &socket, 1))
             .transpose()?;
-        let out = Command::new(&p.argv[0])
-            .args(&p.argv[1..])
-            .stdin(Stdio::null())
-            .stderr(Stdio::inherit())
-            .output()
-            .map_err(|e| format!("cannot run {}: {e}", p.argv[0]))?;
-        let console = String::from_utf8_lossy(&out.stdout).into_owned();
+        let out = run_with_limit(&p.argv, RUN_LIMIT)?;
+        let console = out.stdout;
         std::fs::write(cli.out.join(format!("{}.console", slug(p.name))), &console)?;
-        if !out.status.success() {
-            return Err(format!(
-                "{} failed ({}); console in {}",
+        let status = out.status.ok_or_else(|| {
+            format!(
+                "{} still running after {RUN_LIMIT:?}, killed; console in {}",
                 p.name,
-                out.status,
+                cli.out.display()
+            )
+        })?;
+        if !status.success() {
+            return Err(format!(
+                "{} failed ({status}); console in {}",
+                p.name,
                 cli.out.display()
             )
             .into());

@@ -10,6 +10,7 @@ pub mod guest;
 pub mod images;
 pub mod nested;
 pub mod probe_output;
+pub mod process;
 pub mod qemu;
 pub mod route;
 pub mod vhost_user;
