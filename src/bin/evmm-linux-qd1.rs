@@ -20,10 +20,10 @@ use std::time::Duration;
 #[derive(Parser)]
 struct Cli {
     /// QD1 reads per boot.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = 2000)]
     reads: u32,
     /// QD32 reads per boot.
-    #[arg(long, default_value_t = 20000)]
+    #[arg(long, default_value_t = 5000)]
     qd32_reads: u32,
     /// Boots of each VMM.
     #[arg(long, default_value_t = 2)]
