@@ -8,8 +8,8 @@
 //!
 //! QEMU runs here with TCG (this host's /dev/kvm cannot boot Linux, see
 //! ENVIRONMENT.md), guest RAM in a shared memfd so the daemon can map it. The daemon
-//! is the newest of `target/{release,debug}/evmm-vhost-user-blk` (or
-//! `$EVMM_VHOST_USER_BLK`): `cargo build [--release] -p evmm-vhost-user-blk` first.
+//! is `target/release/evmm-vhost-user-blk` (or `$EVMM_VHOST_USER_BLK`): `cargo build
+//! --release -p evmm-vhost-user-blk` first.
 
 use evmm_guest_tools::blk;
 use evmm_testhost::guest::marker_fields;
@@ -29,23 +29,19 @@ const DISK_BYTES: u64 = 64 << 20;
 /// Operations of the random workload.
 const RANDOM_OPS: u32 = 10_000;
 
-/// The daemon binary: `$EVMM_VHOST_USER_BLK`, else the newest build in the target dir.
+/// The daemon binary: `$EVMM_VHOST_USER_BLK`, else the release build (scripts/test
+/// builds it before the tests).
 fn daemon_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("EVMM_VHOST_USER_BLK") {
         return PathBuf::from(p);
     }
-    let candidates = ["release", "debug"].map(|p| target_dir().join(p).join("evmm-vhost-user-blk"));
-    candidates
-        .iter()
-        .filter_map(|p| Some((std::fs::metadata(p).ok()?.modified().ok()?, p)))
-        .max()
-        .map(|(_, p)| p.clone())
-        .unwrap_or_else(|| {
-            panic!(
-                "no evmm-vhost-user-blk in {}: run cargo build --release -p evmm-vhost-user-blk",
-                target_dir().display()
-            )
-        })
+    let bin = target_dir().join("release").join("evmm-vhost-user-blk");
+    assert!(
+        bin.is_file(),
+        "no {}: run cargo build --release -p evmm-vhost-user-blk",
+        bin.display()
+    );
+    bin
 }
 
 /// Waits for `child` up to `limit`; kills it and returns None on timeout.
