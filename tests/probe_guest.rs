@@ -1,11 +1,14 @@
 //! The notify-latency probe guest (crates/probe-guest) completes its requests under
-//! evmm (both notify paths) and under QEMU microvm, every GET_ID answer is the disk's
-//! id, and evmm's counters add up. The probe measures in guest ring 3, so it runs on
+//! evmm (both notify paths), under evmm as a vhost-user frontend to
+//! evmm-vhost-user-blk, and under QEMU microvm, every GET_ID answer is the disk's id,
+//! and the counters add up. The probe measures in guest ring 3, so it runs on
 //! this host's /dev/kvm directly, PVM or not.
 
 use evmm_testhost::images::{repo_root, target_dir};
 use evmm_testhost::probe_output::ProbeRun;
+use evmm_testhost::process::run_with_limit;
 use evmm_testhost::qemu::probe_microvm_argv;
+use evmm_testhost::{Backend, BackendKind};
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -106,6 +109,88 @@ fn probe_completes_under_evmm_with_ioeventfd() {
 #[test]
 fn probe_completes_under_evmm_with_notify_exit() {
     evmm("exit");
+}
+
+#[test]
+fn probe_completes_through_evmm_vhost_user_blk() {
+    let probe = probe_elf();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = disk(&dir);
+    let socket = dir.path().join("blk.sock");
+    let mut argv = BackendKind::Evmm.argv(&disk, &socket.display().to_string(), 1);
+    argv[0] = target_dir()
+        .join("release/evmm-vhost-user-blk")
+        .display()
+        .to_string();
+    argv.extend([
+        "--id".into(),
+        ID.into(),
+        "--log-level".into(),
+        "info".into(),
+    ]);
+    let mut daemon = Backend::spawn(
+        BackendKind::Evmm,
+        &argv,
+        &socket,
+        Some(&dir.path().join("daemon.log")),
+    )
+    .unwrap_or_else(|e| panic!("{e} (cargo build --release first)"));
+    let metrics = dir.path().join("metrics.json");
+    let evmm = target_dir().join("release/evmm").display().to_string();
+    let argv = [
+        evmm.as_str(),
+        "--kernel",
+        probe.to_str().unwrap(),
+        "--memory",
+        "128",
+        "--vhost-user-blk",
+        &format!("socket={}", socket.display()),
+        "--cmdline",
+        &format!("probe.requests={N}"),
+        "--metrics",
+        metrics.to_str().unwrap(),
+    ];
+    let out = run_with_limit(&argv, std::time::Duration::from_secs(120))
+        .expect("run target/release/evmm (cargo build --release first)");
+    let console = &out.stdout;
+    assert!(
+        out.status.is_some_and(|s| s.success()),
+        "evmm failed or hung ({:?}); its messages are above; console:\n{console}",
+        out.status
+    );
+    // The GET_ID answers come from the daemon's --id.
+    check(&ProbeRun::parse(console), console);
+
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+    let t = &m["devices"][0]["transport"];
+    assert_eq!(
+        t["notify_exits"], 0,
+        "kicks went to the daemon by ioeventfd: {t}"
+    );
+    assert_eq!(t["device"]["backend"], "connected", "{t}");
+    assert_eq!(t["device"]["taken_over"], false, "{t}");
+
+    let status = daemon.terminate(std::time::Duration::from_secs(20));
+    let log = daemon.log();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "daemon: {status:?}\n{log}"
+    );
+    // The daemon served the reads (two series of N) and saw no bad chain.
+    let counters = log
+        .lines()
+        .rev()
+        .find_map(|l| l.split_once("counters: q0: ").map(|(_, c)| c.to_string()))
+        .unwrap_or_else(|| panic!("no counters in the daemon's log:\n{log}"));
+    let counter = |key: &str| -> u64 {
+        counters
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key).and_then(|v| v.parse().ok()))
+            .unwrap_or_else(|| panic!("no {key} in {counters}"))
+    };
+    assert_eq!(counter("in="), 2 * N, "{log}");
+    assert_eq!(counter("malformed="), 0, "{log}");
 }
 
 #[test]
