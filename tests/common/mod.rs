@@ -14,19 +14,26 @@ pub const MIB: u64 = 1024 * 1024;
 
 /// Runs a shell script where guests boot; `$D` is a fresh folder for disk files.
 pub fn run_script(body: &str) -> RunOutput {
-    let route = Route::detect().unwrap_or_else(|e| panic!("{e}"));
+    try_run_script(body, Duration::from_secs(600)).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// As [`run_script`], with a time limit, returning what went wrong instead of
+/// panicking (for a caller that retries).
+pub fn try_run_script(body: &str, limit: Duration) -> Result<RunOutput, String> {
+    let route = Route::detect().map_err(|e| e.to_string())?;
     eprintln!("{route}");
     let script = format!("set -e\nD=$(mktemp -d)\n{body}\nrm -rf \"$D\"\n");
     let out = route
-        .run(&["sh", "-c", &script], Duration::from_secs(600))
-        .unwrap_or_else(|e| panic!("run failed: {e}"));
+        .run(&["sh", "-c", &script], limit)
+        .map_err(|e| format!("run failed: {e}"))?;
     eprintln!("ran {:.1} s", out.command_time.as_secs_f64());
-    assert_eq!(
-        out.status, 0,
-        "script failed ({}); output:\n{}",
-        out.status, out.output
-    );
-    out
+    if out.status != 0 {
+        return Err(format!(
+            "script failed ({}); output:\n{}",
+            out.status, out.output
+        ));
+    }
+    Ok(out)
 }
 
 /// The shell command that boots the guest test `test` with `args` under evmm with
