@@ -127,6 +127,17 @@ fn queue(vq: &MockSplitQueue<GuestMemoryMmap>, event_idx: bool) -> TakeoverQueue
     }
 }
 
+/// A takeover of `queue` on `mem`, with a fresh interrupt and fresh counters.
+fn takeover(
+    mem: &GuestMemoryMmap,
+    queue: TakeoverQueue,
+) -> (Takeover, Arc<Irq>, Arc<TakeoverStats>) {
+    let irq = Irq::new();
+    let stats = Arc::new(TakeoverStats::default());
+    let t = Takeover::new("test", mem.clone(), vec![queue], irq.clone(), stats.clone());
+    (t, irq, stats)
+}
+
 #[test]
 fn pending_requests_are_answered_with_ioerr_where_the_backend_stopped() {
     let mem = mem();
@@ -136,11 +147,9 @@ fn pending_requests_are_answered_with_ioerr_where_the_backend_stopped() {
     }
     // The backend completed the first request (head 0), took the second and died.
     backend_completed(&mem, &[0]);
-    let irq = Irq::new();
-    let stats = Arc::new(TakeoverStats::default());
     let q = queue(&vq, false);
     q.kick.write(1).unwrap();
-    let mut t = Takeover::new("test", mem.clone(), vec![q], irq.clone(), stats.clone());
+    let (mut t, irq, stats) = takeover(&mem, q);
     assert_eq!(t.begin(), 3);
 
     assert_eq!(status(&mem, 0), 0, "completed by the backend: untouched");
@@ -175,13 +184,10 @@ fn pending_requests_are_answered_with_ioerr_where_the_backend_stopped() {
 fn the_thread_answers_kicked_requests_and_stops() {
     let mem = mem();
     let vq = MockSplitQueue::create(&mem, GuestAddress(0), QSIZE);
-    let irq = Irq::new();
-    let stats = Arc::new(TakeoverStats::default());
     let q = queue(&vq, true);
     let kick = q.kick.try_clone().unwrap();
-    let handle = Takeover::new("test", mem.clone(), vec![q], irq.clone(), stats.clone())
-        .spawn()
-        .unwrap();
+    let (t, irq, stats) = takeover(&mem, q);
+    let handle = t.spawn().unwrap();
     // The unconditional first interrupt.
     assert!(wait_readable(&irq.fd));
     irq.fd.read().unwrap();
@@ -212,15 +218,7 @@ fn event_idx_and_no_interrupt_suppress_interrupts() {
     add_request(&vq, &mem, 0, status_addr(0));
     let used_event = vq.avail_addr().0 + 4 + 2 * u64::from(QSIZE);
     mem.write_obj(10u16, GuestAddress(used_event)).unwrap();
-    let irq = Irq::new();
-    let stats = Arc::new(TakeoverStats::default());
-    let mut t = Takeover::new(
-        "t",
-        mem.clone(),
-        vec![queue(&vq, true)],
-        irq.clone(),
-        stats.clone(),
-    );
+    let (mut t, irq, stats) = takeover(&mem, queue(&vq, true));
     assert_eq!(t.drain(0), 1);
     assert_eq!(irq.vring(), 0);
     assert_eq!(stats.snapshot().interrupts_suppressed, 1);
@@ -231,14 +229,7 @@ fn event_idx_and_no_interrupt_suppress_interrupts() {
     add_request(&vq, &mem, 0, status_addr(0));
     mem.write_obj(VRING_AVAIL_F_NO_INTERRUPT as u16, vq.avail_addr())
         .unwrap();
-    let irq = Irq::new();
-    let mut t = Takeover::new(
-        "t",
-        mem.clone(),
-        vec![queue(&vq, false)],
-        irq.clone(),
-        stats.clone(),
-    );
+    let (mut t, irq, _) = takeover(&mem, queue(&vq, false));
     assert_eq!(t.drain(0), 1);
     assert_eq!(irq.vring(), 0);
     assert_eq!(status(&mem, 0), IOERR);
@@ -262,15 +253,7 @@ fn a_chain_without_a_status_byte_stops_the_queue_with_needs_reset() {
     )
     .unwrap();
     add_request(&vq, &mem, 1, status_addr(1));
-    let irq = Irq::new();
-    let stats = Arc::new(TakeoverStats::default());
-    let mut t = Takeover::new(
-        "t",
-        mem.clone(),
-        vec![queue(&vq, false)],
-        irq.clone(),
-        stats.clone(),
-    );
+    let (mut t, irq, stats) = takeover(&mem, queue(&vq, false));
     assert_eq!(t.drain(0), 0);
     assert!(irq.needs_reset.load(Ordering::SeqCst));
     assert_eq!(stats.snapshot().malformed_chains, 1);
@@ -286,9 +269,7 @@ fn a_used_ring_outside_memory_stops_the_queue() {
     let vq = MockSplitQueue::create(&mem, GuestAddress(0), QSIZE);
     let mut q = queue(&vq, false);
     q.queue.set_used_ring_address(Some(0xffff_0000), Some(0));
-    let irq = Irq::new();
-    let stats = Arc::new(TakeoverStats::default());
-    let mut t = Takeover::new("t", mem, vec![q], irq.clone(), stats.clone());
+    let (mut t, irq, stats) = takeover(&mem, q);
     assert!(irq.needs_reset.load(Ordering::SeqCst));
     assert_eq!(t.drain(0), 0);
     assert_eq!(stats.snapshot().malformed_chains, 1);
