@@ -153,6 +153,9 @@ impl BlockWorker {
                 faults,
             },
         );
+        // Counted before the guest is signalled, so that whoever the interrupt wakes
+        // sees the counters of what it was woken for.
+        drained.count_notification(m);
         if drained.notify {
             if let Err(e) = interrupt.trigger(InterruptKind::Vring) {
                 log::error!(
@@ -161,7 +164,6 @@ impl BlockWorker {
                 );
             }
         }
-        drained.count_notification(m);
         if let Some(f) = drained.fault {
             faults.report(wq.index, &f);
             wq.broken = true;
