@@ -2,6 +2,7 @@
 //! kernel with the guest initramfs to its start marker and returns the guest test's result.
 
 use evmm_testhost::guest::all_marker_fields;
+use evmm_testhost::qemu_cpu::{reported_model, FALLBACK};
 use evmm_testhost::{GuestConsole, GuestImages, QemuGuest, Route};
 use std::time::Duration;
 
@@ -11,8 +12,13 @@ fn boot_in_qemu(route: &Route, guest: &QemuGuest) -> String {
         .run(&guest.argv(&images), Duration::from_secs(240))
         .unwrap_or_else(|e| panic!("QEMU run failed: {e}"));
     assert_eq!(out.status, 0, "QEMU failed; output:\n{}", out.output);
+    let cpu = reported_model(&out.output)
+        .unwrap_or_else(|| panic!("evmm-qemu reported no CPU model:\n{}", out.output));
+    if let Some(forced) = &guest.cpu {
+        assert_eq!(cpu, forced, "the forced CPU model was not used");
+    }
     eprintln!(
-        "QEMU boot and guest test: {:.1} s (L1 up in {:.1} s)",
+        "QEMU (-cpu {cpu}) boot and guest test: {:.1} s (L1 up in {:.1} s)",
         out.command_time.as_secs_f64(),
         out.l1_boot.as_secs_f64()
     );
@@ -49,10 +55,13 @@ fn qemu_boots_the_stock_kernel_to_the_guest_test() {
     );
 }
 
+/// Also runs QEMU with the CPU model used where the host's KVM refuses `-cpu host`, so
+/// that model is tried on every host.
 #[test]
 fn a_failing_guest_test_reports_its_status() {
     let route = route();
     let mut guest = QemuGuest::microvm("fail");
+    guest.cpu = Some(FALLBACK.into());
     guest.cmdline.push_str(" evmm.args=5");
     let console = boot_in_qemu(&route, &guest);
     let parsed = GuestConsole::parse(&console);

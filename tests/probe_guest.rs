@@ -8,6 +8,7 @@ use evmm_testhost::images::{repo_root, target_dir};
 use evmm_testhost::probe_output::ProbeRun;
 use evmm_testhost::process::run_with_limit;
 use evmm_testhost::qemu::probe_microvm_argv;
+use evmm_testhost::qemu_cpu::{kvm_cpu_model, FALLBACK};
 use evmm_testhost::{Backend, BackendKind};
 use std::path::PathBuf;
 use std::process::Command;
@@ -193,11 +194,11 @@ fn probe_completes_through_evmm_vhost_user_blk() {
     assert_eq!(counter("malformed="), 0, "{log}");
 }
 
-#[test]
-fn probe_completes_under_qemu_microvm() {
+/// The probe under QEMU microvm with CPU model `cpu`.
+fn qemu_microvm(cpu: &str) {
     let probe = probe_elf();
     let dir = tempfile::tempdir().unwrap();
-    let argv = probe_microvm_argv(probe.to_str().unwrap(), &disk(&dir), ID, N as u32, 128);
+    let argv = probe_microvm_argv(cpu, probe.to_str().unwrap(), &disk(&dir), ID, N as u32, 128);
     let out = Command::new(&argv[0])
         .args(&argv[1..])
         .output()
@@ -209,4 +210,17 @@ fn probe_completes_under_qemu_microvm() {
         String::from_utf8_lossy(&out.stderr)
     );
     check(&ProbeRun::parse(&console), &console);
+}
+
+#[test]
+fn probe_completes_under_qemu_microvm() {
+    let cpu = kvm_cpu_model().unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("QEMU's CPU model: {cpu}");
+    qemu_microvm(&cpu.model);
+}
+
+/// The CPU model used where the host's KVM refuses `-cpu host`, run on every host.
+#[test]
+fn probe_completes_under_qemu_microvm_with_the_fallback_cpu_model() {
+    qemu_microvm(FALLBACK);
 }

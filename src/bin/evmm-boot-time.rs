@@ -6,6 +6,7 @@
 
 use clap::Parser;
 use evmm_testhost::boottime::{summary, time_boot, BootTiming};
+use evmm_testhost::qemu_cpu::kvm_cpu_model;
 use evmm_testhost::{GuestImages, QemuGuest};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -59,8 +60,9 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
         .trim_start_matches("console=ttyS0 reboot=t panic=-1 quiet ")
         .into();
     let qemu = qemu.argv(&images);
+    let qemu_name = format!("QEMU -M microvm (-cpu {})", kvm_cpu_model()?.model);
 
-    let vmms: [(&str, &[String]); 2] = [("evmm", &evmm), ("QEMU -M microvm", &qemu)];
+    let vmms: [(&str, &[String]); 2] = [("evmm", &evmm), (&qemu_name, &qemu)];
     let mut results: Vec<Vec<BootTiming>> = vec![Vec::new(), Vec::new()];
     for run in 1..=cli.runs {
         for (i, (name, argv)) in vmms.iter().enumerate() {

@@ -10,6 +10,7 @@
 use clap::Parser;
 use evmm_testhost::guest::{all_marker_fields, GuestConsole};
 use evmm_testhost::process::run_with_limit;
+use evmm_testhost::qemu_cpu::kvm_cpu_model;
 use evmm_testhost::{Backend, BackendKind, EvmmGuest, GuestImages, QemuGuest};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -38,7 +39,7 @@ const BOOT_LIMIT: Duration = Duration::from_secs(300);
 
 /// One row of the table: how the guest's disk is served.
 struct Row {
-    name: &'static str,
+    name: String,
     /// The VMM's command line.
     argv: Vec<String>,
     /// The vhost-user backend evmm connects to, if any.
@@ -94,27 +95,30 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     .collect();
     let rows = [
         Row {
-            name: "evmm, in-VMM virtio-blk",
+            name: "evmm, in-VMM virtio-blk".into(),
             argv: evmm_with(vec!["--disk".into(), format!("path={disk}")]),
             backend: None,
         },
         Row {
-            name: "evmm, in-VMM virtio-blk, poll_us=30",
+            name: "evmm, in-VMM virtio-blk, poll_us=30".into(),
             argv: evmm_with(vec!["--disk".into(), format!("path={disk},poll_us=30")]),
             backend: None,
         },
         Row {
-            name: "evmm + evmm-vhost-user-blk",
+            name: "evmm + evmm-vhost-user-blk".into(),
             argv: frontend(),
             backend: Some(BackendKind::Evmm),
         },
         Row {
-            name: "evmm + qemu-storage-daemon",
+            name: "evmm + qemu-storage-daemon".into(),
             argv: frontend(),
             backend: Some(BackendKind::QemuStorageDaemon),
         },
         Row {
-            name: "QEMU -M microvm, its virtio-blk",
+            name: format!(
+                "QEMU -M microvm (-cpu {}), its virtio-blk",
+                kvm_cpu_model()?.model
+            ),
             argv: qemu.argv(&images),
             backend: None,
         },

@@ -14,6 +14,7 @@ use clap::Parser;
 use evmm_testhost::probe_output::{ProbeRun, Stats};
 use evmm_testhost::process::run_with_limit;
 use evmm_testhost::qemu::probe_microvm_argv;
+use evmm_testhost::qemu_cpu::kvm_cpu_model;
 use evmm_testhost::{Backend, BackendKind};
 use plotters::prelude::*;
 use serde::Serialize;
@@ -36,7 +37,7 @@ struct Cli {
 
 /// A path through which the guest's kick travels.
 struct Path_ {
-    name: &'static str,
+    name: String,
     argv: Vec<String>,
     metrics: Option<PathBuf>,
     /// The vhost-user backend serving the disk during this run, if any.
@@ -66,6 +67,8 @@ struct Counters {
 struct Report {
     requests: u32,
     tsc_mhz: f64,
+    /// The `-cpu` model of the QEMU row.
+    qemu_cpu: String,
     /// p50 of the GET_ID kick with `--notify exit` over the same with ioeventfd.
     kick_exit_over_ioeventfd: Option<f64>,
     rows: Vec<Row>,
@@ -110,7 +113,9 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     f.set_len(DISK_MIB << 20)?;
     let _cleanup = RemoveOnDrop(disk.clone());
     let socket = cli.out.join("vhost-user-blk.sock");
-    let paths = paths(cli, &disk, &socket);
+    let qemu_cpu = kvm_cpu_model()?;
+    eprintln!("QEMU's CPU model: {qemu_cpu}");
+    let paths = paths(cli, &disk, &socket, &qemu_cpu.model);
 
     let mut runs = Vec::new();
     for (i, p) in paths.iter().enumerate() {
@@ -127,7 +132,7 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
             .transpose()?;
         let out = run_with_limit(&p.argv, RUN_LIMIT)?;
         let console = out.stdout;
-        std::fs::write(cli.out.join(format!("{}.console", slug(p.name))), &console)?;
+        std::fs::write(cli.out.join(format!("{}.console", slug(&p.name))), &console)?;
         let status = out.status.ok_or_else(|| {
             format!(
                 "{} still running after {RUN_LIMIT:?}, killed; console in {}",
@@ -175,7 +180,7 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
                 continue;
             };
             rows.push(Row {
-                path: p.name.to_string(),
+                path: p.name.clone(),
                 kind: s.kind.clone(),
                 mode: s.mode.clone(),
                 stats_us: stats.scaled(tsc_mhz),
@@ -188,7 +193,7 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
         .filter_map(|p| {
             p.metrics
                 .as_ref()
-                .map(|m| counters(p.name, m, cli.requests))
+                .map(|m| counters(&p.name, m, cli.requests))
         })
         .collect::<Result<Vec<_>, _>>()?;
     let kick_p50 = |path: &str| {
@@ -202,6 +207,7 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     let report = Report {
         requests: cli.requests,
         tsc_mhz,
+        qemu_cpu: qemu_cpu.model.clone(),
         kick_exit_over_ioeventfd,
         rows,
         counters,
@@ -221,7 +227,7 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-fn paths(cli: &Cli, disk: &Path, socket: &Path) -> Vec<Path_> {
+fn paths(cli: &Cli, disk: &Path, socket: &Path, qemu_cpu: &str) -> Vec<Path_> {
     let probe = cli.probe.display().to_string();
     let disk = disk.display().to_string();
     let requests = format!("probe.requests={}", cli.requests);
@@ -267,7 +273,7 @@ fn paths(cli: &Cli, disk: &Path, socket: &Path) -> Vec<Path_> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let qemu = probe_microvm_argv(&probe, &disk, PROBE_ID, cli.requests, 256);
+    let qemu = probe_microvm_argv(qemu_cpu, &probe, &disk, PROBE_ID, cli.requests, 256);
     let floor = vec![
         "evmm-notify-floor".to_string(),
         "--requests".into(),
@@ -275,43 +281,43 @@ fn paths(cli: &Cli, disk: &Path, socket: &Path) -> Vec<Path_> {
     ];
     vec![
         Path_ {
-            name: "evmm ioeventfd + irqfd",
+            name: "evmm ioeventfd + irqfd".into(),
             argv: a,
             metrics: am,
             backend: None,
         },
         Path_ {
-            name: "evmm ioeventfd + irqfd, poll_us=30",
+            name: "evmm ioeventfd + irqfd, poll_us=30".into(),
             argv: p,
             metrics: pm,
             backend: None,
         },
         Path_ {
-            name: "evmm --notify exit",
+            name: "evmm --notify exit".into(),
             argv: b,
             metrics: bm,
             backend: None,
         },
         Path_ {
-            name: "evmm + evmm-vhost-user-blk",
+            name: "evmm + evmm-vhost-user-blk".into(),
             argv: frontend.clone(),
             metrics: None,
             backend: Some(BackendKind::Evmm),
         },
         Path_ {
-            name: "evmm + qemu-storage-daemon",
+            name: "evmm + qemu-storage-daemon".into(),
             argv: frontend,
             metrics: None,
             backend: Some(BackendKind::QemuStorageDaemon),
         },
         Path_ {
-            name: "QEMU microvm",
+            name: format!("QEMU microvm (-cpu {qemu_cpu})"),
             argv: qemu,
             metrics: None,
             backend: None,
         },
         Path_ {
-            name: "raw KVM floor",
+            name: "raw KVM floor".into(),
             argv: floor,
             metrics: None,
             backend: None,
@@ -393,7 +399,7 @@ fn plot(
                 .series("get_id", "irq")
                 .or_else(|| r.series("floor", "irq"))?;
             Some((
-                p.name,
+                p.name.as_str(),
                 s.cycles.iter().map(|&c| c as f64 / tsc_mhz).collect(),
             ))
         })

@@ -63,6 +63,9 @@ pub enum Error {
     /// A vhost-user backend did not come up.
     #[error("vhost-user backend: {0}")]
     Backend(String),
+    /// No QEMU CPU model starts on this host's KVM.
+    #[error("choosing QEMU's CPU model: {0}")]
+    CpuModel(String),
     /// Another I/O failure.
     #[error("{0}: {1}")]
     Io(&'static str, #[source] std::io::Error),

@@ -12,6 +12,7 @@ pub mod nested;
 pub mod probe_output;
 pub mod process;
 pub mod qemu;
+pub mod qemu_cpu;
 pub mod route;
 pub mod vhost_user;
 

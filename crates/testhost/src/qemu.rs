@@ -14,9 +14,16 @@ const COMMON: &[&str] = &[
     "stdio",
 ];
 
-/// `qemu-system-x86_64` with the host CPU (for KVM) followed by [`COMMON`] and `extra`.
-fn base_argv(extra: &[&str]) -> Vec<String> {
-    argv_with_cpu("host", extra)
+/// QEMU on KVM through `evmm-qemu`, which adds the `-cpu` model that QEMU starts with
+/// on the KVM where the command runs (this host or the nested host; see
+/// [`crate::qemu_cpu`]), followed by [`COMMON`] and `extra`.
+fn kvm_base_argv(extra: &[&str]) -> Vec<String> {
+    ["evmm-qemu"]
+        .into_iter()
+        .chain(COMMON.iter().copied())
+        .chain(extra.iter().copied())
+        .map(str::to_string)
+        .collect()
 }
 
 /// `qemu-system-x86_64` for a guest under TCG (the emulator: every feature it has),
@@ -25,6 +32,7 @@ pub fn tcg_base_argv(extra: &[&str]) -> Vec<String> {
     argv_with_cpu("max", extra)
 }
 
+/// `qemu-system-x86_64 -cpu cpu`, followed by [`COMMON`] and `extra`.
 fn argv_with_cpu(cpu: &str, extra: &[&str]) -> Vec<String> {
     ["qemu-system-x86_64", "-cpu", cpu]
         .into_iter()
@@ -47,6 +55,9 @@ pub struct QemuGuest {
     pub cmdline: String,
     /// Further QEMU arguments (devices).
     pub extra: Vec<String>,
+    /// A `-cpu` model to force (`$EVMM_QEMU_CPU` for `evmm-qemu`); `None`: the model
+    /// `evmm-qemu` finds QEMU starts with where the command runs.
+    pub cpu: Option<String>,
 }
 
 impl QemuGuest {
@@ -58,12 +69,19 @@ impl QemuGuest {
             cpus: 1,
             cmdline: crate::guest::test_arg(test),
             extra: Vec::new(),
+            cpu: None,
         }
     }
 
-    /// The full command line, console on stdout, exiting when the guest reboots.
+    /// The full command line, console on stdout, exiting when the guest reboots. It
+    /// starts with `evmm-qemu` (a release binary of this repository, on PATH wherever
+    /// [`crate::Route`] runs a command).
     pub fn argv(&self, images: &GuestImages) -> Vec<String> {
-        let mut argv = base_argv(&["-L", "/usr/share/qemu"]);
+        let mut argv: Vec<String> = match &self.cpu {
+            Some(model) => vec!["env".into(), format!("{}={model}", crate::qemu_cpu::ENV)],
+            None => Vec::new(),
+        };
+        argv.extend(kvm_base_argv(&["-L", "/usr/share/qemu"]));
         argv.extend([
             "-M".into(),
             format!("{},accel=kvm", self.machine),
@@ -86,20 +104,25 @@ impl QemuGuest {
 /// QEMU `-M microvm` running the notify-latency probe guest (a PVH ELF) on a
 /// virtio-blk disk whose GET_ID answer is `id`. QEMU 7.2's virtio-mmio is legacy unless
 /// told otherwise, and a PVH kernel gets no `virtio_mmio.device=` from it: a single
-/// device sits in microvm's last transport, 0xfeb02e00, on GSI 47.
+/// device sits in microvm's last transport, 0xfeb02e00, on GSI 47. `cpu` is the `-cpu`
+/// model (see [`crate::qemu_cpu::kvm_cpu_model`]).
 pub fn probe_microvm_argv(
+    cpu: &str,
     probe: &str,
     disk: &str,
     id: &str,
     requests: u32,
     memory_mib: u32,
 ) -> Vec<String> {
-    let mut argv = base_argv(&[
-        "-M",
-        "microvm,accel=kvm",
-        "-global",
-        "virtio-mmio.force-legacy=false",
-    ]);
+    let mut argv = argv_with_cpu(
+        cpu,
+        &[
+            "-M",
+            "microvm,accel=kvm",
+            "-global",
+            "virtio-mmio.force-legacy=false",
+        ],
+    );
     argv.extend([
         "-m".into(),
         memory_mib.to_string(),
@@ -131,9 +154,15 @@ mod tests {
         let mut g = QemuGuest::microvm("sysinfo");
         g.cpus = 2;
         let argv = g.argv(&images).join(" ");
-        assert!(argv.starts_with("qemu-system-x86_64 "));
+        assert!(argv.starts_with("evmm-qemu "));
         assert!(argv.contains("-M microvm,accel=kvm -m 512 -smp 2"));
         assert!(argv.contains("-kernel /o/vmlinuz -initrd /o/initramfs.cpio.gz"));
         assert!(argv.ends_with("quiet evmm.test=sysinfo"));
+        g.cpu = Some("host,-arch-capabilities".into());
+        let argv = g.argv(&images).join(" ");
+        assert!(
+            argv.starts_with("env EVMM_QEMU_CPU=host,-arch-capabilities evmm-qemu "),
+            "{argv}"
+        );
     }
 }
