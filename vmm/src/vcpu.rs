@@ -53,6 +53,20 @@ pub enum VcpuError {
         /// Underlying error.
         source: regs::RegsError,
     },
+    /// KVM refused a boot MSR that it had listed as supported.
+    #[error(
+        "cannot configure vCPU {index}: this host's KVM refused MSR {msr:#x} ({name}) = {value:#x}"
+    )]
+    MsrRefused {
+        /// vCPU index.
+        index: u8,
+        /// The MSR's index.
+        msr: u32,
+        /// Its name.
+        name: &'static str,
+        /// The value refused.
+        value: u64,
+    },
     /// Starting the thread failed.
     #[error("cannot start the thread of vCPU {index}: {source}")]
     Spawn {
@@ -74,6 +88,8 @@ pub struct VcpuSetup<'a> {
     pub count: u8,
     /// Whether KVM has the TSC deadline timer.
     pub tsc_deadline: bool,
+    /// The boot MSRs this host's KVM offers ([`msr::boot_msr_entries`]).
+    pub msrs: &'a [msr::BootMsr],
     /// Guest memory (for the boot vCPU's GDT and page tables).
     pub memory: &'a GuestMemoryMmap,
     /// How the boot vCPU enters the kernel.
@@ -124,11 +140,16 @@ impl Vcpu {
         .map_err(|source| VcpuError::Cpuid { index, source })?;
         fd.set_cpuid2(&cpuid).map_err(configure("CPUID"))?;
 
-        let msrs = msr::boot_msrs().map_err(|source| VcpuError::Cpuid { index, source })?;
+        let msrs =
+            msr::to_kvm_msrs(setup.msrs).map_err(|source| VcpuError::Cpuid { index, source })?;
         let set = fd.set_msrs(&msrs).map_err(configure("MSRs"))?;
-        if set != msrs.as_slice().len() {
-            let failed = msrs.as_slice()[set].index;
-            log::warn!("vCPU {index}: KVM refused MSR {failed:#x}; later boot MSRs not set");
+        if let Some(refused) = setup.msrs.get(set) {
+            return Err(VcpuError::MsrRefused {
+                index,
+                msr: refused.index,
+                name: refused.name,
+                value: refused.value,
+            });
         }
 
         regs::setup_fpu(&fd).map_err(|source| VcpuError::Regs { index, source })?;

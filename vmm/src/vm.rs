@@ -269,10 +269,14 @@ impl Vm {
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("get the supported CPUID"))?;
+        let host_msrs = crate::msr::HostMsrs::query(&kvm, &supported_cpuid)
+            .map_err(kvm_err("list the MSRs KVM supports"))?;
+        let msrs = crate::msr::boot_msr_entries(&host_msrs);
         let setup = VcpuSetup {
             supported_cpuid: &supported_cpuid,
             count: config.vcpus,
             tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+            msrs: &msrs,
             memory: mem,
             entry: &entry,
         };
