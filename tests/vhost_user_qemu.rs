@@ -1,13 +1,13 @@
 //! Debian's QEMU 7.2 as the vhost-user frontend (`vhost-user-blk-pci`) on
-//! evmm-vhost-user-blk, with Debian's stock guest kernel: step 3's data-integrity
-//! checks, with 1 and with 2 queues. The guest writes its pattern with O_DIRECT and
+//! evmm-vhost-user-blk, with Debian's stock guest kernel: the data-integrity checks
+//! of tests/virtio_blk.rs, with 1 and with 2 queues. The guest writes its pattern with O_DIRECT and
 //! the host file holds it; the host's pattern reads back in the guest; a verified
 //! random workload passes and leaves the file with the checksum of the guest's shadow.
 //! One daemon serves the three guests of a run one after the other (a real frontend
 //! reconnecting), and stops on SIGTERM with exit status 0.
 //!
-//! QEMU runs here with TCG (this host's /dev/kvm cannot boot Linux, see
-//! ENVIRONMENT.md), guest RAM in a shared memfd so the daemon can map it. The daemon
+//! QEMU runs here with TCG (where /dev/kvm emulates guest ring 0, as on PVM hosts,
+//! Linux does not boot on it; `evmm-kvm-probe` tells), guest RAM in a shared memfd so the daemon can map it. The daemon
 //! is `target/release/evmm-vhost-user-blk` (or `$EVMM_VHOST_USER_BLK`): `cargo build
 //! --release -p evmm-vhost-user-blk` first.
 
