@@ -1,7 +1,7 @@
 //! The capability probe on this host: it measures, reports a verdict, and the route the
 //! Linux-booting tests take follows from it.
 
-use evmm::probe::{probe, Ring0};
+use evmm_kvm_probe::{probe, Ring0};
 use evmm_testhost::Route;
 use std::path::Path;
 

@@ -13,7 +13,9 @@ use crate::layout::{
 };
 use crate::memory::GuestMemoryMmap;
 
-use crate::long_mode::{CR0_CD, CR0_ET, CR0_NW, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME};
+use evmm_kvm_probe::long_mode::{
+    CR0_CD, CR0_ET, CR0_NW, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME,
+};
 
 /// Local APIC register offsets and delivery modes.
 const APIC_LVT0: usize = 0x350;

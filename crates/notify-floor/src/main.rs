@@ -3,7 +3,7 @@
 //! A minimal program that drives `/dev/kvm` directly (no VMM, no virtio):
 //! it creates a VM with the in-kernel irqchip, a single vCPU that starts
 //! directly in 64-bit long mode at CPL 3 (set up through `KVM_SET_SREGS`, the
-//! same way `evmm::probe` does), an ioeventfd on an MMIO address and an
+//! same way the capability probe does, with `evmm_kvm_probe::long_mode`), an ioeventfd on an MMIO address and an
 //! irqfd on a GSI. The guest loop, per request:
 //!
 //! 1. `rdtsc` (start),
@@ -48,9 +48,7 @@ use std::sync::Arc;
 use std::thread;
 
 use clap::{Parser, ValueEnum};
-use evmm::long_mode::{
-    tss_descriptor_low, FlatLayout, PTE_P, PTE_PCD, PTE_PS, PTE_PWT, PTE_RW, PTE_US, SEL_CODE0,
-};
+use evmm_kvm_probe::long_mode::{FlatLayout, FlatTables, SEL_CODE0};
 use kvm_bindings::{
     kvm_irqchip, kvm_regs, kvm_sregs, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC,
 };
@@ -423,37 +421,27 @@ fn build(requests: u64) -> Result<Floor, Error> {
     })
 }
 
+/// The guest's tables: 4 GiB identity-mapped (uncached from 3 GiB: MMIO), the IDT,
+/// and the ring-0 stack for interrupts taken in ring 3.
+const TABLES: FlatTables = FlatTables {
+    layout: FlatLayout {
+        gdt: GDT_ADDR,
+        pml4: PML4_ADDR,
+        tss: TSS_ADDR,
+        idt: Some((IDT_ADDR, 256 * 16 - 1)),
+    },
+    pdpt: PDPT_ADDR,
+    pd: PD_ADDR,
+    gib: 4,
+    uncached_from_gib: 3,
+    kernel_stack: Some(KSTACK_TOP),
+};
+
 /// Writes the GDT, TSS, IDT, page tables and code into guest memory.
 fn write_guest(mem: &GuestMem) {
-    // GDT: null, code DPL0, data DPL0, code DPL3, data DPL3, 64-bit TSS.
-    let gdt: [u64; 7] = [
-        0,
-        0x00af_9b00_0000_ffff,
-        0x00cf_9300_0000_ffff,
-        0x00af_fb00_0000_ffff,
-        0x00cf_f300_0000_ffff,
-        tss_descriptor_low(TSS_ADDR, 0x67),
-        TSS_ADDR >> 32,
-    ];
-    for (i, e) in gdt.iter().enumerate() {
-        mem.write_u64(GDT_ADDR + 8 * i as u64, *e);
+    for (addr, value) in TABLES.writes() {
+        mem.write_u64(addr, value);
     }
-    // TSS: RSP0 at offset 4; I/O map base past the limit (no bitmap).
-    mem.write_u64(TSS_ADDR + 4, KSTACK_TOP);
-    mem.write(TSS_ADDR + 0x66, &0x68u16.to_le_bytes());
-
-    // Identity map of the first 4 GiB with 2 MiB pages, user-accessible (the
-    // same tables serve CPL 0 and 3); uncached from 3 GiB (MMIO).
-    let flags = PTE_P | PTE_RW | PTE_US;
-    mem.write_u64(PML4_ADDR, PDPT_ADDR | flags);
-    for g in 0..4u64 {
-        mem.write_u64(PDPT_ADDR + 8 * g, (PD_ADDR + 0x1000 * g) | flags);
-    }
-    for i in 0..2048u64 {
-        let uc = if i >= 1536 { PTE_PCD | PTE_PWT } else { 0 };
-        mem.write_u64(PD_ADDR + 8 * i, (i << 21) | flags | PTE_PS | uc);
-    }
-
     let (code, isr_off, fault_off) = guest_code();
     mem.write(CODE_ADDR, code);
 
@@ -483,13 +471,7 @@ fn idt_gate(handler: u64, sel: u16) -> (u64, u64) {
 
 /// Special registers for 64-bit long mode at CPL 3, with the guest's IDT.
 fn long_mode_sregs(base: &kvm_sregs) -> kvm_sregs {
-    let layout = FlatLayout {
-        gdt: GDT_ADDR,
-        pml4: PML4_ADDR,
-        tss: TSS_ADDR,
-        idt: Some((IDT_ADDR, 256 * 16 - 1)),
-    };
-    evmm::long_mode::long_mode_sregs(base, 3, &layout)
+    TABLES.sregs(base, 3)
 }
 
 /// One measured series: its `mode=` name and the samples (cycles).

@@ -25,24 +25,10 @@ pub enum Route {
 }
 
 impl Route {
-    /// Runs the capability probe (`evmm-kvm-probe` of the release build) and picks the route.
+    /// Runs the capability probe ([`evmm_kvm_probe::probe`]) and picks the route.
     pub fn detect() -> Result<Self> {
-        let probe = target_dir().join("release/evmm-kvm-probe");
-        let out = Command::new(&probe).output().map_err(|e| {
-            Error::Spawn(
-                format!("{} (run cargo build --release)", probe.display()),
-                e,
-            )
-        })?;
-        let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if !out.status.success() {
-            return Err(Error::Probe(format!(
-                "{}{}",
-                line,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        Self::from_probe_line(&line)
+        let report = evmm_kvm_probe::probe(None).map_err(|e| Error::Probe(e.to_string()))?;
+        Self::from_probe_line(&report.to_string())
     }
 
     /// The route for a line of `evmm-kvm-probe` output.

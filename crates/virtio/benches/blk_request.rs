@@ -1,3 +1,4 @@
+#![allow(missing_docs)] // criterion_group! defines an undocumented public function
 //! Per-request cost of the virtio-blk request path, without a guest: available-ring
 //! pop, [`process_chain`] (request parse, pread/pwrite/fdatasync against a file on
 //! tmpfs, status byte) and the used-ring push, on mock guest memory.

@@ -29,7 +29,7 @@ use std::fmt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::long_mode::{tss_descriptor_low, FlatLayout, PTE_P, PTE_PS, PTE_RW, PTE_US};
+use crate::long_mode::{FlatLayout, FlatTables};
 use kvm_bindings::{kvm_regs, kvm_sregs, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use log::{debug, info};
@@ -471,51 +471,36 @@ impl ProbeVm {
     }
 }
 
-/// Write the GDT, the page tables and the loop into guest memory.
-fn write_guest(mem: &GuestMemoryMmap) -> Result<(), ProbeError> {
-    let w = |val: u64, addr: u64| {
-        mem.write_obj(val, GuestAddress(addr))
-            .map_err(|e| ProbeError::GuestMemory(e.to_string()))
-    };
-
-    // GDT: null, code DPL0, data DPL0, code DPL3, data DPL3, 64-bit TSS (two slots).
-    let gdt: [u64; 7] = [
-        0,
-        0x00af_9b00_0000_ffff, // 64-bit code, DPL 0, accessed
-        0x00cf_9300_0000_ffff, // data, DPL 0, accessed
-        0x00af_fb00_0000_ffff, // 64-bit code, DPL 3, accessed
-        0x00cf_f300_0000_ffff, // data, DPL 3, accessed
-        tss_descriptor_low(TSS_ADDR, 0x67),
-        TSS_ADDR >> 32,
-    ];
-    for (i, entry) in gdt.iter().enumerate() {
-        w(*entry, GDT_ADDR + 8 * i as u64)?;
-    }
-
-    // Identity map of the first GiB with 2 MiB pages, all user-accessible so
-    // the same tables serve CPL 0 and CPL 3 (CR4.SMEP/SMAP stay clear).
-    let flags = PTE_P | PTE_RW | PTE_US;
-    w(PDPT_ADDR | flags, PML4_ADDR)?;
-    w(PD_ADDR | flags, PDPT_ADDR)?;
-    for i in 0..512u64 {
-        w((i << 21) | flags | PTE_PS, PD_ADDR + 8 * i)?;
-    }
-
-    mem.write_slice(&GUEST_CODE, GuestAddress(CODE_ADDR))
-        .map_err(|e| ProbeError::GuestMemory(e.to_string()))
-}
-
-/// Special registers for 64-bit long mode at `cpl` (0 or 3). No IDT: any exception
+/// The probe guest's tables: the first GiB identity-mapped, no IDT (any exception
 /// escalates to a triple fault, i.e. KVM_EXIT_SHUTDOWN, which the probe reports as an
-/// unexpected exit.
-fn long_mode_sregs(base: &kvm_sregs, cpl: u8) -> kvm_sregs {
-    let layout = FlatLayout {
+/// unexpected exit).
+const TABLES: FlatTables = FlatTables {
+    layout: FlatLayout {
         gdt: GDT_ADDR,
         pml4: PML4_ADDR,
         tss: TSS_ADDR,
         idt: None,
-    };
-    crate::long_mode::long_mode_sregs(base, cpl, &layout)
+    },
+    pdpt: PDPT_ADDR,
+    pd: PD_ADDR,
+    gib: 1,
+    uncached_from_gib: 1,
+    kernel_stack: None,
+};
+
+/// Write the GDT, the page tables and the loop into guest memory.
+fn write_guest(mem: &GuestMemoryMmap) -> Result<(), ProbeError> {
+    let err = |e: vm_memory::GuestMemoryError| ProbeError::GuestMemory(e.to_string());
+    for (addr, value) in TABLES.writes() {
+        mem.write_obj(value, GuestAddress(addr)).map_err(err)?;
+    }
+    mem.write_slice(&GUEST_CODE, GuestAddress(CODE_ADDR))
+        .map_err(err)
+}
+
+/// Special registers for 64-bit long mode at `cpl` (0 or 3).
+fn long_mode_sregs(base: &kvm_sregs, cpl: u8) -> kvm_sregs {
+    TABLES.sregs(base, cpl)
 }
 
 #[cfg(test)]
@@ -569,12 +554,6 @@ mod tests {
         assert_eq!(json["ring0"], "emulated");
         assert_eq!(json["kvm"], "pvm");
         assert_eq!(json["cpl0_iterations"], 20_000);
-    }
-
-    #[test]
-    fn tss_descriptor_encoding() {
-        // base 0x6000, limit 0x67, type 0xb, present.
-        assert_eq!(tss_descriptor_low(0x6000, 0x67), 0x0000_8b00_6000_0067);
     }
 
     #[test]

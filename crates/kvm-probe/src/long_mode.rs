@@ -1,6 +1,7 @@
 //! A flat 64-bit long-mode vCPU state for tiny hand-built guests (the capability probe
 //! and the raw KVM notify floor): GDT selectors, control-register and page-table bits,
-//! the TSS descriptor and the special registers. Linux guests are set up by `regs`.
+//! the tables in guest memory ([`FlatTables`]) and the special registers. evmm's Linux
+//! boot set-up shares the control-register bits.
 
 use kvm_bindings::{kvm_segment, kvm_sregs};
 
@@ -68,6 +69,72 @@ pub struct FlatLayout {
     pub tss: u64,
     /// The IDT and its limit; None: no IDT, so any exception is a triple fault.
     pub idt: Option<(u64, u16)>,
+}
+
+/// The tables of a flat guest: a GDT with ring-0 and ring-3 segments and a 64-bit TSS,
+/// and page tables that identity-map the first `gib` GiB with 2 MiB pages, all
+/// user-accessible so that the same tables serve CPL 0 and CPL 3.
+#[derive(Debug, Clone, Copy)]
+pub struct FlatTables {
+    /// Where the GDT, PML4, TSS and IDT go.
+    pub layout: FlatLayout,
+    /// The page-directory-pointer table (one page).
+    pub pdpt: u64,
+    /// The page directories, one page per GiB, consecutive.
+    pub pd: u64,
+    /// GiB identity-mapped (at most 512).
+    pub gib: u64,
+    /// GiB from which pages are mapped uncached (MMIO); `gib` for none.
+    pub uncached_from_gib: u64,
+    /// The stack the CPU switches to on an interrupt from ring 3 (the TSS's RSP0).
+    pub kernel_stack: Option<u64>,
+}
+
+impl FlatTables {
+    /// The 64-bit values to write into guest memory, as (guest address, value).
+    pub fn writes(&self) -> Vec<(u64, u64)> {
+        let tss = self.layout.tss;
+        // Null, code DPL 0, data DPL 0, code DPL 3, data DPL 3, 64-bit TSS (two slots).
+        let gdt = [
+            0,
+            0x00af_9b00_0000_ffff,
+            0x00cf_9300_0000_ffff,
+            0x00af_fb00_0000_ffff,
+            0x00cf_f300_0000_ffff,
+            tss_descriptor_low(tss, 0x67),
+            tss >> 32,
+        ];
+        let mut w: Vec<(u64, u64)> = gdt
+            .iter()
+            .enumerate()
+            .map(|(i, &e)| (self.layout.gdt + 8 * i as u64, e))
+            .collect();
+        if let Some(rsp0) = self.kernel_stack {
+            // RSP0 at offset 4 (an unaligned u64: bytes 4..12).
+            w.push((tss + 4, rsp0));
+        }
+        // The I/O map base (u16 at 0x66) past the limit: no I/O bitmap.
+        w.push((tss + 0x60, 0x68 << 48));
+        let flags = PTE_P | PTE_RW | PTE_US;
+        w.push((self.layout.pml4, self.pdpt | flags));
+        for g in 0..self.gib {
+            w.push((self.pdpt + 8 * g, (self.pd + 0x1000 * g) | flags));
+        }
+        for i in 0..512 * self.gib {
+            let uc = if i >= 512 * self.uncached_from_gib {
+                PTE_PCD | PTE_PWT
+            } else {
+                0
+            };
+            w.push((self.pd + 8 * i, (i << 21) | flags | PTE_PS | uc));
+        }
+        w
+    }
+
+    /// The special registers at `cpl` (0 or 3), from the vCPU's reset state `base`.
+    pub fn sregs(&self, base: &kvm_sregs, cpl: u8) -> kvm_sregs {
+        long_mode_sregs(base, cpl, &self.layout)
+    }
 }
 
 /// Low half of a 16-byte 64-bit TSS descriptor (type 0xb: busy, present).
@@ -155,6 +222,41 @@ mod tests {
         assert_eq!((d >> 16) & 0xff_ffff, 0x34_5678);
         assert_eq!((d >> 40) & 0xff, 0x8b);
         assert_eq!(d >> 56, 0x12);
+    }
+
+    #[test]
+    fn tables_map_identity_with_user_pages() {
+        let t = FlatTables {
+            layout: FlatLayout {
+                gdt: 0x1000,
+                pml4: 0x2000,
+                tss: 0x6000,
+                idt: None,
+            },
+            pdpt: 0x3000,
+            pd: 0x4000,
+            gib: 2,
+            uncached_from_gib: 1,
+            kernel_stack: Some(0x8000),
+        };
+        let w = t.writes();
+        let at = |a| w.iter().find(|(addr, _)| *addr == a).map(|(_, v)| *v);
+        assert_eq!(at(0x1008), Some(0x00af_9b00_0000_ffff));
+        assert_eq!(at(0x6004), Some(0x8000));
+        assert_eq!(at(0x2000), Some(0x3000 | PTE_P | PTE_RW | PTE_US));
+        assert_eq!(at(0x3008), Some(0x5000 | PTE_P | PTE_RW | PTE_US));
+        // 2 MiB page 1 maps 2 MiB, cached; page 512 (1 GiB) is uncached.
+        assert_eq!(
+            at(0x4008),
+            Some((1 << 21) | PTE_P | PTE_RW | PTE_US | PTE_PS)
+        );
+        assert_eq!(at(0x4000 + 8 * 512).unwrap() & PTE_PCD, PTE_PCD);
+        assert_eq!(
+            w.iter()
+                .filter(|(a, _)| (0x4000..0x6000).contains(a))
+                .count(),
+            1024
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use evmm::probe::{probe, MAX_ITERATIONS};
+use evmm_kvm_probe::{probe, MAX_ITERATIONS};
 
 /// Probe /dev/kvm: time a `dec rcx; jnz` guest loop at CPL 0 and CPL 3 and
 /// say whether ring 0 is emulated.
