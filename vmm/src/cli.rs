@@ -332,7 +332,7 @@ mod tests {
             assert!(msg.contains(why), "{why:?} not in {msg:?}");
             assert!(!msg.contains('\n'), "one line: {msg}");
         }
-        let many = vec!["socket=/s"; crate::layout::MAX_VIRTIO_MMIO_DEVICES as usize + 1];
+        let many = vec!["socket=/s"; crate::arch::layout::MAX_VIRTIO_MMIO_DEVICES as usize + 1];
         assert!(matches!(
             vhost_user_config(&many),
             Err(ConfigError::TooManyDevices { .. })

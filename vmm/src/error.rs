@@ -1,7 +1,7 @@
 //! The error type of [`crate::run`].
 
 use crate::config::ConfigError;
-use crate::vm::VmError;
+use crate::vstate::vm::VmError;
 
 /// Everything that can stop evmm before or while running a VM.
 #[derive(Debug, thiserror::Error)]

@@ -4,102 +4,91 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Mutex;
+use std::time::Duration;
 
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use evmm_virtio::epoll::{EpollHelper, EpollToken};
 
 use crate::devices::serial::SerialDevice;
-use crate::exit::{ExitReason, VmExit};
 use crate::signals::StopSignals;
+use crate::vstate::exit::{ExitReason, VmExit};
 
 const STDIN_FD: i32 = libc::STDIN_FILENO;
-/// How often to retry stdin while the UART's receive FIFO is full (ms).
-const FIFO_FULL_RETRY_MS: i32 = 20;
+/// How often a full UART receive FIFO is looked at again.
+const FIFO_FULL_RETRY: Duration = Duration::from_millis(20);
 
-/// Event sources of the loop.
+/// What woke the main loop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Token {
-    Exit = 1,
-    Signal = 2,
-    Stdin = 3,
+    Exit,
+    Signal,
+    Stdin,
 }
 
-impl Token {
-    fn from_data(data: u64) -> Option<Self> {
+impl EpollToken for Token {
+    fn to_raw(self) -> u64 {
+        self as u64
+    }
+
+    fn from_raw(raw: u64) -> Option<Self> {
         [Token::Exit, Token::Signal, Token::Stdin]
-            .into_iter()
-            .find(|t| *t as u64 == data)
+            .get(usize::try_from(raw).ok()?)
+            .copied()
     }
 }
 
-fn add(epoll: &Epoll, fd: i32, token: Token) -> io::Result<()> {
-    epoll.ctl(
-        ControlOperation::Add,
-        fd,
-        EpollEvent::new(EventSet::IN, token as u64),
-    )
-}
-
-fn remove_stdin(epoll: &Epoll) {
-    let _ = epoll.ctl(ControlOperation::Delete, STDIN_FD, EpollEvent::default());
-}
-
-/// Runs until the VM is asked to stop. `console_input` says whether stdin
-/// is forwarded to the guest's UART.
+/// Runs until a stop is requested: forwards stdin to the UART (when
+/// `console_input`), turns stop signals into an exit request, and wakes on the
+/// VM's exit event.
 pub fn run(
     exit: &VmExit,
     serial: &Mutex<SerialDevice>,
     signals: &mut StopSignals,
     console_input: bool,
 ) -> io::Result<()> {
-    let epoll = Epoll::new()?;
-    add(&epoll, exit.eventfd().as_raw_fd(), Token::Exit)?;
-    add(&epoll, signals.as_raw_fd(), Token::Signal)?;
+    let mut epoll = EpollHelper::new(8)?;
+    epoll.add(exit.eventfd().as_raw_fd(), Token::Exit)?;
+    epoll.add(signals.as_raw_fd(), Token::Signal)?;
     let mut stdin_polled = false;
     if console_input {
-        match add(&epoll, STDIN_FD, Token::Stdin) {
+        match epoll.add(STDIN_FD, Token::Stdin) {
             Ok(()) => stdin_polled = true,
-            // Regular files and /dev/null cannot be polled: no input then.
             Err(e) => log::debug!("stdin not forwarded to the guest: {e}"),
         }
     }
     let mut stdin_paused = false;
-    let mut events = vec![EpollEvent::default(); 8];
+    let mut ready = Vec::with_capacity(3);
 
     while !exit.is_stopping() {
         if stdin_paused && lock(serial).input_capacity() > 0 {
-            add(&epoll, STDIN_FD, Token::Stdin)?;
+            epoll.add(STDIN_FD, Token::Stdin)?;
             stdin_paused = false;
             stdin_polled = true;
         }
-        let timeout = if stdin_paused { FIFO_FULL_RETRY_MS } else { -1 };
-        let n = match epoll.wait(timeout, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        for ev in &events[..n] {
-            match Token::from_data(ev.data()) {
-                Some(Token::Exit) => {
+        let timeout = stdin_paused.then_some(FIFO_FULL_RETRY);
+        epoll.wait(timeout, &mut ready)?;
+        for &token in &ready {
+            match token {
+                Token::Exit => {
                     let _ = exit.eventfd().read();
                 }
-                Some(Token::Signal) => {
+                Token::Signal => {
                     while let Some(signo) = signals.read()? {
                         exit.request(ExitReason::Signal(signo));
                     }
                 }
-                Some(Token::Stdin) if stdin_polled => match forward_stdin(serial) {
+                Token::Stdin if stdin_polled => match forward_stdin(serial) {
                     StdinState::Open => {}
                     StdinState::FifoFull => {
-                        remove_stdin(&epoll);
+                        let _ = epoll.remove(STDIN_FD);
                         stdin_polled = false;
                         stdin_paused = true;
                     }
                     StdinState::Closed => {
-                        remove_stdin(&epoll);
+                        let _ = epoll.remove(STDIN_FD);
                         stdin_polled = false;
                     }
                 },
-                _ => {}
+                Token::Stdin => {}
             }
         }
     }

@@ -38,7 +38,7 @@ fn main() -> ExitCode {
     };
     let kvm_device = std::env::var_os(KVM_DEVICE_ENV)
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(evmm::vm::DEFAULT_KVM_DEVICE));
+        .unwrap_or_else(|| PathBuf::from(evmm::vstate::vm::DEFAULT_KVM_DEVICE));
 
     match evmm::run(&config, &kvm_device) {
         Ok(reason) if reason.is_error() => {

@@ -18,9 +18,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use evmm::memory::{GuestMemoryMmap, GuestRam};
-use evmm::vhost_user::{BackendState, VhostUserBlk, VhostUserBlkConfig};
-use evmm_virtio::mmio::*;
+use evmm::vstate::memory::{GuestMemoryMmap, GuestRam};
+use evmm_virtio::transport::mmio::*;
+use evmm_virtio::vhost::user::BackendState;
+use evmm_virtio::vhost::{VhostUserBlk, VhostUserBlkConfig};
 use evmm_virtio::VirtioDevice;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
@@ -338,7 +339,7 @@ fn capacity(t: &mut MmioTransport) -> u64 {
 #[test]
 fn requests_through_qemu_storage_daemon_then_takeover_after_it_dies() {
     let mut daemon = Daemon::start(1);
-    let dev = VhostUserBlk::connect(&daemon.config(None), "vu-test").expect("connect");
+    let dev = daemon.config(None).connect("vu-test").expect("connect");
     assert_eq!(dev.capacity_sectors(), DISK_BYTES / 512);
     assert_eq!(dev.queue_count(), 1);
     assert_eq!(dev.backend_state(), BackendState::Connected);
@@ -460,7 +461,7 @@ fn requests_through_qemu_storage_daemon_then_takeover_after_it_dies() {
 #[test]
 fn requests_in_flight_when_the_backend_stops_answering_are_failed() {
     let daemon = Daemon::start(1);
-    let dev = VhostUserBlk::connect(&daemon.config(None), "vu-stop").unwrap();
+    let dev = daemon.config(None).connect("vu-stop").unwrap();
     let mut s = setup(dev);
     let offered = s.offered();
     let mut ring = Ring::at(0x10_0000);
@@ -494,9 +495,7 @@ fn requests_in_flight_when_the_backend_stops_answering_are_failed() {
 fn queues_follow_the_backend_and_are_checked() {
     let daemon = Daemon::start(2);
     // Too many queues: a clear error, nothing started.
-    let err = VhostUserBlk::connect(&daemon.config(Some(3)), "vu-mq")
-        .err()
-        .unwrap();
+    let err = daemon.config(Some(3)).connect("vu-mq").err().unwrap();
     assert_eq!(
         err.to_string(),
         format!(
@@ -506,7 +505,7 @@ fn queues_follow_the_backend_and_are_checked() {
     );
     // The default: the backend's num_queues. (qemu-storage-daemon serves one
     // frontend at a time; the refused one above has hung up.)
-    let dev = VhostUserBlk::connect(&daemon.config(None), "vu-mq").unwrap();
+    let dev = daemon.config(None).connect("vu-mq").unwrap();
     assert_eq!(dev.queue_count(), 2);
     let mut s = setup(dev);
     let mut nq = [0u8; 2];
@@ -529,7 +528,7 @@ fn queues_follow_the_backend_and_are_checked() {
     drop(s);
 
     // queues=1 on the same backend.
-    let dev = VhostUserBlk::connect(&daemon.config(Some(1)), "vu-mq").unwrap();
+    let dev = daemon.config(Some(1)).connect("vu-mq").unwrap();
     assert_eq!(dev.queue_count(), 1);
     let mut nq = [0u8; 2];
     dev.read_config(34, &mut nq);

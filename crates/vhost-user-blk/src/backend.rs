@@ -13,9 +13,9 @@ use crate::exit_events::ExitEvents;
 use crate::queue::{QueueEnv, QueueServer};
 use evmm_virtio::blk::backend::BlockBackend;
 use evmm_virtio::blk::config::QUEUE_SIZE;
+use evmm_virtio::blk::metrics::BlockQueueMetrics;
 use evmm_virtio::blk::request::RequestLimits;
-use evmm_virtio::blk::FaultLog;
-use evmm_virtio::metrics::QueueMetrics;
+use evmm_virtio::fault::FaultLog;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -34,7 +34,7 @@ pub struct BlkBackend {
     features: u64,
     config_space: Vec<u8>,
     limits: RequestLimits,
-    metrics: Arc<[QueueMetrics]>,
+    metrics: Arc<[BlockQueueMetrics]>,
     faults: Arc<FaultLog>,
     queues: Vec<QueueServer>,
     mem: RwLock<GuestMemory>,

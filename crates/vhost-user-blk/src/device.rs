@@ -4,9 +4,10 @@
 
 use evmm_virtio::blk::backend::DiskFile;
 use evmm_virtio::blk::config::{self, CONFIG_SIZE, MAX_QUEUES};
+use evmm_virtio::blk::metrics::{BlockMetricsSnapshot, BlockQueueMetrics};
 use evmm_virtio::blk::request::RequestLimits;
-use evmm_virtio::blk::{BlockConfig, BlockError, FaultLog};
-use evmm_virtio::metrics::{DeviceMetricsSnapshot, QueueMetrics};
+use evmm_virtio::blk::{BlockConfig, BlockError};
+use evmm_virtio::fault::FaultLog;
 use std::sync::Arc;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 
@@ -51,7 +52,7 @@ pub struct BlockDevice {
     features: u64,
     config_space: [u8; CONFIG_SIZE],
     limits: RequestLimits,
-    metrics: Arc<[QueueMetrics]>,
+    metrics: Arc<[BlockQueueMetrics]>,
     faults: Arc<FaultLog>,
 }
 
@@ -78,8 +79,8 @@ impl BlockDevice {
             features: virtio_features(config.readonly, queues),
             config_space: config::config_space(capacity, queues),
             limits: config::limits(capacity),
-            metrics: (0..queues).map(|_| QueueMetrics::default()).collect(),
-            faults: Arc::new(FaultLog::default()),
+            metrics: (0..queues).map(|_| BlockQueueMetrics::default()).collect(),
+            faults: Arc::new(FaultLog::new("virtio-blk")),
         })
     }
 
@@ -109,7 +110,7 @@ impl BlockDevice {
     }
 
     /// The per-queue counters (kept across connections).
-    pub fn metrics(&self) -> &Arc<[QueueMetrics]> {
+    pub fn metrics(&self) -> &Arc<[BlockQueueMetrics]> {
         &self.metrics
     }
 
@@ -119,9 +120,13 @@ impl BlockDevice {
     }
 
     /// The counters, typed.
-    pub fn metrics_snapshot(&self) -> DeviceMetricsSnapshot {
-        DeviceMetricsSnapshot {
-            queues: self.metrics.iter().map(QueueMetrics::snapshot).collect(),
+    pub fn metrics_snapshot(&self) -> BlockMetricsSnapshot {
+        BlockMetricsSnapshot {
+            queues: self
+                .metrics
+                .iter()
+                .map(BlockQueueMetrics::snapshot)
+                .collect(),
         }
     }
 }

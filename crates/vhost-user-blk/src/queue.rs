@@ -1,6 +1,6 @@
 //! Serving one request queue on a vring of vhost-user-backend: the vhost-user twin
 //! of evmm's in-VMM worker (`evmm_virtio::blk` worker), running the same
-//! [`drain_queue`] and reporting to the frontend's call eventfd instead of an irqfd.
+//! [`serve_queue`] and reporting to the frontend's call eventfd instead of an irqfd.
 //!
 //! # Guest faults
 //!
@@ -12,10 +12,10 @@
 //! QEMU sends when the guest resets the device), resets the device, or reconnects.
 
 use evmm_virtio::blk::backend::BlockBackend;
-use evmm_virtio::blk::drain::{drain_queue, DrainContext};
+use evmm_virtio::blk::chain::{serve_queue, ServeContext};
+use evmm_virtio::blk::metrics::BlockQueueMetrics;
 use evmm_virtio::blk::request::RequestLimits;
-use evmm_virtio::blk::FaultLog;
-use evmm_virtio::metrics::QueueMetrics;
+use evmm_virtio::fault::FaultLog;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use vhost_user_backend::{VringMutex, VringT};
@@ -30,7 +30,7 @@ pub struct QueueEnv<'a> {
     /// cache until FLUSH); without it every write is followed by fdatasync.
     pub writeback: bool,
     /// The queue's counters.
-    pub metrics: &'a QueueMetrics,
+    pub metrics: &'a BlockQueueMetrics,
     /// The device's once-per-kind fault log.
     pub faults: &'a FaultLog,
 }
@@ -85,10 +85,10 @@ impl QueueServer {
         if !state.get_queue().ready() || !state.is_enabled() {
             return 0;
         }
-        let drained = drain_queue(
+        let drained = serve_queue(
             state.get_queue_mut(),
             mem,
-            DrainContext {
+            ServeContext {
                 index: self.index,
                 backend: &mut backend,
                 limits: env.limits,
@@ -96,6 +96,7 @@ impl QueueServer {
                 faults: env.faults,
             },
         );
+        drained.count_notification(&env.metrics.interrupts, &env.metrics.interrupts_suppressed);
         if drained.notify {
             if let Err(e) = state.signal_used_queue() {
                 log::error!(
@@ -104,7 +105,6 @@ impl QueueServer {
                 );
             }
         }
-        drained.count_notification(env.metrics);
         if let Some(fault) = drained.fault {
             env.faults.report(self.index, &fault);
             self.stopped.store(true, Ordering::Release);

@@ -110,7 +110,7 @@ impl Server {
 }
 
 /// The counters as one line of `queue:key=value` text.
-fn counters_line(m: &evmm_virtio::metrics::DeviceMetricsSnapshot) -> String {
+fn counters_line(m: &evmm_virtio::blk::metrics::BlockMetricsSnapshot) -> String {
     m.queues
         .iter()
         .enumerate()

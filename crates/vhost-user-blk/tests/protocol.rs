@@ -75,11 +75,11 @@ fn a_readonly_disk_offers_ro_and_refuses_writes_through_the_queue() {
     assert_ne!(s.hs.features & (1 << VIRTIO_BLK_F_RO), 0);
     assert_eq!(s.hs.features & (1 << VIRTIO_BLK_F_MQ), 0);
     s.mem.write_slice(&[0u8; 4096], GuestAddress(DATA)).unwrap();
-    let st = s.queues[0].run(&s.mem, VIRTIO_BLK_T_OUT, 0, &[(DATA, 4096, false)]);
+    let st = s.queues[0].run(&s.mem, VIRTIO_BLK_T_OUT, 0, &[Desc(DATA, 4096, false)]);
     assert_eq!(st, VIRTIO_BLK_S_IOERR as u8);
     assert_eq!(std::fs::read(&img).unwrap(), pattern(MIB as usize, 3));
     // Reads work.
-    let st = s.queues[0].run(&s.mem, VIRTIO_BLK_T_IN, 0, &[(DATA, 4096, true)]);
+    let st = s.queues[0].run(&s.mem, VIRTIO_BLK_T_IN, 0, &[Desc(DATA, 4096, true)]);
     assert_eq!(st, VIRTIO_BLK_S_OK as u8);
     let mut back = vec![0u8; 4096];
     s.mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
@@ -95,7 +95,7 @@ fn write_flush_read(s: &mut Session, queue: usize, sector: u64, seed: u8, img: &
         mem,
         VIRTIO_BLK_T_OUT,
         sector,
-        &[(DATA, 4096, false), (DATA + 4096, 4096, false)],
+        &[Desc(DATA, 4096, false), Desc(DATA + 4096, 4096, false)],
     );
     assert_eq!(st, VIRTIO_BLK_S_OK as u8, "OUT on queue {queue}");
     let st = q.run(mem, VIRTIO_BLK_T_FLUSH, 0, &[]);
@@ -108,7 +108,7 @@ fn write_flush_read(s: &mut Session, queue: usize, sector: u64, seed: u8, img: &
 
     mem.write_slice(&[0u8; 8192], GuestAddress(DATA)).unwrap();
     let before = q.used_idx(mem);
-    let st = q.run(mem, VIRTIO_BLK_T_IN, sector, &[(DATA, 8192, true)]);
+    let st = q.run(mem, VIRTIO_BLK_T_IN, sector, &[Desc(DATA, 8192, true)]);
     assert_eq!(st, VIRTIO_BLK_S_OK as u8, "IN on queue {queue}");
     assert_eq!(q.used_elem(mem, before).1, 8193, "used length of IN");
     let mut back = vec![0u8; 8192];
@@ -126,7 +126,7 @@ fn io_through_each_queue_reaches_the_file_and_reads_back() {
     write_flush_read(&mut s, 1, 2048, 2, &img);
 
     // GET_ID, on queue 1.
-    let st = s.queues[1].run(&s.mem, VIRTIO_BLK_T_GET_ID, 0, &[(DATA, 20, true)]);
+    let st = s.queues[1].run(&s.mem, VIRTIO_BLK_T_GET_ID, 0, &[Desc(DATA, 20, true)]);
     assert_eq!(st, VIRTIO_BLK_S_OK as u8);
     let mut id = [0u8; 10];
     s.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
@@ -307,7 +307,7 @@ fn sigterm_with_a_frontend_connected_flushes_removes_the_socket_and_exits_0() {
     // in the file either way.
     let last = pattern(4096, 6);
     s.mem.write_slice(&last, GuestAddress(DATA)).unwrap();
-    let st = s.queues[0].run(&s.mem, VIRTIO_BLK_T_OUT, 200, &[(DATA, 4096, false)]);
+    let st = s.queues[0].run(&s.mem, VIRTIO_BLK_T_OUT, 200, &[Desc(DATA, 4096, false)]);
     assert_eq!(st, VIRTIO_BLK_S_OK as u8);
 
     let status = daemon.signal_and_wait(libc::SIGTERM);

@@ -18,6 +18,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use evmm_virtio::blk::backend::{BlockBackend, DiskFile};
 use evmm_virtio::blk::request::RequestLimits;
 use evmm_virtio::blk::{config, process_chain, ChainOutcome};
+use evmm_virtio::test_utils::{add_chain, guest_memory, used_idx, Desc, USED_ADDR};
 use std::hint::black_box;
 use std::io::Write;
 use std::num::Wrapping;
@@ -28,19 +29,12 @@ use tempfile::NamedTempFile;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_OK, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-/// Guest memory: 16 MiB at 0.
-const MEM_SIZE: usize = 16 << 20;
 /// Queue size (the device's own, [`config::QUEUE_SIZE`]).
 const QSIZE: u16 = config::QUEUE_SIZE;
-/// Where the used ring goes: MockSplitQueue's own used ring overlaps its available
-/// ring beyond 8 entries (virtio-queue 0.18).
-const USED_ADDR: u64 = 0x1_0000;
 /// Request header, data buffers and status byte.
 const HDR: u64 = 0x10_0000;
 const DATA: u64 = 0x20_0000;
@@ -55,7 +49,7 @@ struct Case {
     name: &'static str,
     request_type: u32,
     sector: u64,
-    data: Vec<(u64, u32, bool)>,
+    data: Vec<Desc>,
 }
 
 impl Case {
@@ -95,8 +89,7 @@ fn disk_file() -> NamedTempFile {
 
 impl Rig {
     fn new(case: &Case) -> Self {
-        let mem =
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory");
+        let mem = guest_memory();
         let disk = disk_file();
         let disk_file = DiskFile::open(disk.path(), false, false, ID).expect("open the disk");
         let limits = config::limits(disk_file.capacity_sectors());
@@ -113,32 +106,15 @@ impl Rig {
             mem.write_slice(&fill, GuestAddress(d.0)).expect("data");
         }
 
-        let mut descs = vec![(HDR, 16, false)];
+        let mut descs = vec![Desc(HDR, 16, false)];
         descs.extend_from_slice(&case.data);
-        descs.push((STATUS, 1, true));
-        let raw: Vec<RawDescriptor> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, &(addr, len, writable))| {
-                let last = i + 1 == descs.len();
-                let mut flags = if writable {
-                    VRING_DESC_F_WRITE as u16
-                } else {
-                    0
-                };
-                if !last {
-                    flags |= VRING_DESC_F_NEXT as u16;
-                }
-                let next = if last { 0 } else { i as u16 + 1 };
-                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
-            })
-            .collect();
+        descs.push(Desc(STATUS, 1, true));
 
         let (queue, avail_idx_addr) = {
             let vq = MockSplitQueue::new(&mem, QSIZE);
             // Writes the chain at descriptor 0 and publishes it once (available slot 0,
             // available index 1). The other slots hold 0 too: they all name this chain.
-            vq.add_desc_chains(&raw, 0).expect("descriptor chain");
+            add_chain(&vq, 0, &descs);
             let mut q: Queue = vq.create_queue().expect("queue");
             q.set_used_ring_address(Some(USED_ADDR as u32), Some(0));
             (q, GuestAddress(vq.avail_addr().0 + 2))
@@ -192,11 +168,7 @@ impl Rig {
         assert_eq!(completion.status, VIRTIO_BLK_S_OK as u8, "{}", case.name);
         let status: u8 = self.mem.read_obj(GuestAddress(STATUS)).expect("status");
         assert_eq!(status, VIRTIO_BLK_S_OK as u8, "{}", case.name);
-        let used_idx: u16 = self
-            .mem
-            .read_obj(GuestAddress(USED_ADDR + 2))
-            .expect("used idx");
-        assert_eq!(used_idx, 1, "{}", case.name);
+        assert_eq!(used_idx(&self.mem), 1, "{}", case.name);
         if case.request_type == VIRTIO_BLK_T_GET_ID {
             let mut id = [0u8; 20];
             self.mem
@@ -238,25 +210,25 @@ fn cases() -> Vec<Case> {
             name: "get_id",
             request_type: VIRTIO_BLK_T_GET_ID,
             sector: 0,
-            data: vec![(DATA, 20, true)],
+            data: vec![Desc(DATA, 20, true)],
         },
         Case {
             name: "in_4k",
             request_type: VIRTIO_BLK_T_IN,
             sector: 0,
-            data: vec![(DATA, K4, true)],
+            data: vec![Desc(DATA, K4, true)],
         },
         Case {
             name: "out_4k",
             request_type: VIRTIO_BLK_T_OUT,
             sector: 1024,
-            data: vec![(DATA, K4, false)],
+            data: vec![Desc(DATA, K4, false)],
         },
         Case {
             name: "in_64k",
             request_type: VIRTIO_BLK_T_IN,
             sector: 0,
-            data: vec![(DATA, 64 << 10, true)],
+            data: vec![Desc(DATA, 64 << 10, true)],
         },
         // What a Linux guest sends for 64 KiB in scattered pages: 16 segments.
         Case {
@@ -264,7 +236,7 @@ fn cases() -> Vec<Case> {
             request_type: VIRTIO_BLK_T_IN,
             sector: 0,
             data: (0..16u64)
-                .map(|i| (DATA + i * 2 * u64::from(K4), K4, true))
+                .map(|i| Desc(DATA + i * 2 * u64::from(K4), K4, true))
                 .collect(),
         },
         Case {

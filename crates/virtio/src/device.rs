@@ -1,8 +1,9 @@
-//! The small trait the transport drives.
+//! The small trait the transport drives, and what a device gets when it is activated.
 
 use crate::interrupt::InterruptSignal;
 use std::sync::Arc;
-use virtio_queue::Queue;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -32,6 +33,63 @@ pub struct ActivateContext {
     pub kicks: Vec<EventFd>,
     /// Raises the device's interrupt, and NEEDS_RESET.
     pub interrupt: Arc<dyn InterruptSignal>,
+}
+
+/// A queue the driver made ready, with its kick eventfd.
+pub struct ReadyQueue {
+    /// The virtio queue index.
+    pub index: usize,
+    /// The queue, EVENT_IDX set as negotiated.
+    pub queue: Queue,
+    /// Its kick eventfd.
+    pub kick: EventFd,
+}
+
+impl ReadyQueue {
+    /// An independent copy (the same ring addresses and indices, a dup of the kick).
+    pub fn try_clone(&self) -> Result<Self, ActivateError> {
+        Ok(ReadyQueue {
+            index: self.index,
+            queue: Queue::try_from(self.queue.state())
+                .map_err(|e| ActivateError::BadSetup(format!("queue {}: {e}", self.index)))?,
+            kick: self.kick.try_clone().map_err(ActivateError::Worker)?,
+        })
+    }
+}
+
+impl ActivateContext {
+    /// Whether the driver accepted feature `bit`.
+    pub fn has_feature(&self, bit: u32) -> bool {
+        self.acked_features & (1u64 << bit) != 0
+    }
+
+    /// The start of every activation: checks that the transport handed over `expected`
+    /// queues and kicks, and returns the ready ones with EVENT_IDX as negotiated; fails
+    /// when none is ready.
+    pub fn take_ready_queues(&mut self, expected: usize) -> Result<Vec<ReadyQueue>, ActivateError> {
+        if self.queues.len() != expected || self.kicks.len() != expected {
+            return Err(ActivateError::BadSetup(format!(
+                "{} queues and {} kick eventfds for a device with {expected} queues",
+                self.queues.len(),
+                self.kicks.len()
+            )));
+        }
+        let event_idx = self.has_feature(VIRTIO_RING_F_EVENT_IDX);
+        let ready: Vec<ReadyQueue> = std::mem::take(&mut self.queues)
+            .into_iter()
+            .zip(std::mem::take(&mut self.kicks))
+            .enumerate()
+            .filter(|(_, (q, _))| q.ready())
+            .map(|(index, (mut queue, kick))| {
+                queue.set_event_idx(event_idx);
+                ReadyQueue { index, queue, kick }
+            })
+            .collect();
+        if ready.is_empty() {
+            return Err(ActivateError::BadSetup("no queue is ready".into()));
+        }
+        Ok(ready)
+    }
 }
 
 /// Errors of activation.

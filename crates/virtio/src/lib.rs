@@ -1,22 +1,34 @@
-//! virtio devices for evmm and the virtio-mmio transport that drives them.
+//! virtio devices for evmm, the virtio-mmio transport that drives them, and the vhost
+//! frontend that hands a device's queues to a backend outside evmm.
 //!
 //! Nothing here knows KVM: the transport is a register file that the VMM maps into
 //! guest-physical space, each queue's kick is an [`vmm_sys_util::eventfd::EventFd`]
-//! (which the VMM may bind as a KVM ioeventfd), and the device's interrupt is an
-//! eventfd too (which the VMM binds as a KVM irqfd). Device workers block in epoll on
-//! those eventfds and nothing else.
+//! (which the VMM binds as a KVM ioeventfd), and the device's interrupt is an eventfd
+//! too (which the VMM binds as a KVM irqfd). Device workers block in epoll on those
+//! eventfds and nothing else; a vhost backend gets the very same eventfds.
+//!
+//! * the device layer: [`device`] (the trait the transport drives, activation),
+//!   [`interrupt`], [`status`], [`queue`] (the drain/notify loop every device runs),
+//!   [`epoll`] and [`worker`] (every thread's wait and lifetime), [`fault`] (guest
+//!   faults, logged once per kind), [`metrics`];
+//! * [`transport::mmio`]: the virtio-mmio register file and status machine;
+//! * devices: [`blk`];
+//! * [`vhost`]: the frontend for devices served by a vhost backend.
 
 pub mod blk;
 pub mod device;
-mod epoll;
+pub mod epoll;
+pub mod fault;
 pub mod interrupt;
 pub mod metrics;
-pub mod mmio;
+pub mod queue;
 pub mod status;
+pub mod transport;
+pub mod vhost;
 pub mod worker;
 
-#[cfg(test)]
-mod test_utils;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 
-pub use device::{read_config_bytes, ActivateContext, VirtioDevice};
+pub use device::{read_config_bytes, ActivateContext, ReadyQueue, VirtioDevice};
 pub use interrupt::{InterruptKind, InterruptSignal};

@@ -1,7 +1,6 @@
-//! Per-queue counters of a device, lock-free so the worker can bump them while the
-//! VMM reads them.
+//! Counters that a worker bumps while the VMM reads them, lock-free. Each device keeps
+//! its own per-queue set (`blk::metrics`, ...).
 
-use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A monotonically increasing counter.
@@ -23,84 +22,27 @@ impl Counter {
     }
 }
 
-/// The counters of one queue.
-#[derive(Debug, Default)]
-pub struct QueueMetrics {
-    /// Sum of the kick eventfd values the worker read (coalesced kicks count each).
-    pub kicks: Counter,
-    /// Times the worker woke up for this queue.
-    pub wakeups: Counter,
-    /// VIRTIO_BLK_T_IN requests.
-    pub req_in: Counter,
-    /// VIRTIO_BLK_T_OUT requests.
-    pub req_out: Counter,
-    /// VIRTIO_BLK_T_FLUSH requests.
-    pub req_flush: Counter,
-    /// VIRTIO_BLK_T_GET_ID requests.
-    pub req_get_id: Counter,
-    /// VIRTIO_BLK_T_DISCARD requests.
-    pub req_discard: Counter,
-    /// VIRTIO_BLK_T_WRITE_ZEROES requests.
-    pub req_write_zeroes: Counter,
-    /// Requests of a type the device does not know.
-    pub req_unsupported: Counter,
-    /// Bytes read from the disk into guest memory.
-    pub bytes_read: Counter,
-    /// Bytes written from guest memory to the disk.
-    pub bytes_written: Counter,
-    /// Used-buffer interrupts raised.
-    pub interrupts: Counter,
-    /// Used-buffer interrupts EVENT_IDX let the device skip.
-    pub interrupts_suppressed: Counter,
-    /// Descriptor chains rejected as malformed.
-    pub malformed_chains: Counter,
-}
-
-/// A point-in-time copy of [`QueueMetrics`], serialized as JSON.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-#[allow(missing_docs)]
-pub struct QueueMetricsSnapshot {
-    pub kicks: u64,
-    pub wakeups: u64,
-    pub req_in: u64,
-    pub req_out: u64,
-    pub req_flush: u64,
-    pub req_get_id: u64,
-    pub req_discard: u64,
-    pub req_write_zeroes: u64,
-    pub req_unsupported: u64,
-    pub bytes_read: u64,
-    pub bytes_written: u64,
-    pub interrupts: u64,
-    pub interrupts_suppressed: u64,
-    pub malformed_chains: u64,
-}
-
-impl QueueMetrics {
-    /// Reads every counter.
-    pub fn snapshot(&self) -> QueueMetricsSnapshot {
-        QueueMetricsSnapshot {
-            kicks: self.kicks.get(),
-            wakeups: self.wakeups.get(),
-            req_in: self.req_in.get(),
-            req_out: self.req_out.get(),
-            req_flush: self.req_flush.get(),
-            req_get_id: self.req_get_id.get(),
-            req_discard: self.req_discard.get(),
-            req_write_zeroes: self.req_write_zeroes.get(),
-            req_unsupported: self.req_unsupported.get(),
-            bytes_read: self.bytes_read.get(),
-            bytes_written: self.bytes_written.get(),
-            interrupts: self.interrupts.get(),
-            interrupts_suppressed: self.interrupts_suppressed.get(),
-            malformed_chains: self.malformed_chains.get(),
+/// Declares a struct of [`Counter`]s and its serializable snapshot with the same fields.
+#[macro_export]
+macro_rules! counters {
+    ($(#[$m:meta])* $name:ident => $snap:ident { $($(#[$fm:meta])* $field:ident),* $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Default)]
+        pub struct $name {
+            $($(#[$fm])* pub $field: $crate::metrics::Counter,)*
         }
-    }
-}
 
-/// A device's counters as serialized by [`crate::VirtioDevice::metrics`].
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct DeviceMetricsSnapshot {
-    /// One entry per queue, in queue-index order.
-    pub queues: Vec<QueueMetricsSnapshot>,
+        #[doc = concat!("A point-in-time copy of [`", stringify!($name), "`], serialized as JSON.")]
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+        pub struct $snap {
+            $($(#[$fm])* pub $field: u64,)*
+        }
+
+        impl $name {
+            /// Reads every counter.
+            pub fn snapshot(&self) -> $snap {
+                $snap { $($field: self.$field.get(),)* }
+            }
+        }
+    };
 }

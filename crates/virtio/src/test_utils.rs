@@ -1,4 +1,8 @@
-//! Helpers shared by the unit tests.
+//! Test helpers for devices on guest memory, public behind the `test-utils` feature so
+//! that the unit tests here, the vhost-user-blk daemon's tests, evmm's tests and the
+//! criterion bench build descriptor chains one way: a guest memory, descriptor chains
+//! on virtio-queue's `MockSplitQueue` with the used ring at [`USED_ADDR`], readers of the
+//! used ring, and an interrupt that records what a device raised.
 
 use crate::interrupt::{InterruptKind, InterruptSignal};
 use std::os::unix::io::AsRawFd;
@@ -6,25 +10,54 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// 16 MiB of guest memory at 0.
 pub const MEM_SIZE: usize = 16 << 20;
 
+/// [`MEM_SIZE`] of anonymous guest memory at 0.
 pub fn guest_memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
 }
 
+/// `size` bytes of guest memory at 0 backed by a memfd, as a VMM shares it with a
+/// vhost-user backend.
+pub fn memfd_memory(size: usize) -> GuestMemoryMmap {
+    // SAFETY: the name is a NUL-terminated string; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"evmm-test-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a new descriptor owned by nobody else.
+    let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    file.set_len(size as u64).unwrap();
+    GuestMemoryMmap::from_ranges_with_files(&[(
+        GuestAddress(0),
+        size,
+        Some(vm_memory::FileOffset::new(file, 0)),
+    )])
+    .unwrap()
+}
+
 /// An InterruptSignal that records what the device did and writes an eventfd.
 pub struct RecordingInterrupt {
+    /// Used-buffer interrupts raised.
     pub vring: AtomicU64,
+    /// Configuration interrupts raised.
     pub config: AtomicU64,
+    /// Whether the device asked for a reset.
     pub needs_reset: AtomicBool,
+    /// Written on every interrupt.
     pub fd: EventFd,
 }
 
+impl Default for RecordingInterrupt {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl RecordingInterrupt {
+    /// Nothing recorded yet.
     pub fn new() -> Self {
         Self {
             vring: AtomicU64::new(0),
@@ -33,9 +66,11 @@ impl RecordingInterrupt {
             fd: EventFd::new(EFD_NONBLOCK).unwrap(),
         }
     }
+    /// Used-buffer interrupts raised so far.
     pub fn vring(&self) -> u64 {
         self.vring.load(Ordering::SeqCst)
     }
+    /// Whether the device asked for a reset.
     pub fn needs_reset(&self) -> bool {
         self.needs_reset.load(Ordering::SeqCst)
     }
@@ -53,10 +88,14 @@ impl InterruptSignal for RecordingInterrupt {
         self.needs_reset.store(true, Ordering::SeqCst);
         let _ = self.trigger(InterruptKind::Config);
     }
+
+    fn call_eventfd(&self) -> Option<&EventFd> {
+        Some(&self.fd)
+    }
 }
 
 /// Waits up to 10 s for `fd` to become readable.
-pub fn wait_readable(fd: &EventFd) -> bool {
+pub fn wait_readable(fd: &impl AsRawFd) -> bool {
     let mut pfd = libc::pollfd {
         fd: fd.as_raw_fd(),
         events: libc::POLLIN,
@@ -68,12 +107,12 @@ pub fn wait_readable(fd: &EventFd) -> bool {
 }
 
 /// One descriptor of a chain: address, length, device-writable.
-#[derive(Clone, Copy)]
-pub struct D(pub u64, pub u32, pub bool);
+#[derive(Clone, Copy, Debug)]
+pub struct Desc(pub u64, pub u32, pub bool);
 
 /// Writes `descs` as one chain at descriptor-table index `first` and makes it
 /// available.
-pub fn add_chain(vq: &MockSplitQueue<GuestMemoryMmap>, first: u16, descs: &[D]) {
+pub fn add_chain<M: GuestMemory>(vq: &MockSplitQueue<M>, first: u16, descs: &[Desc]) {
     let raw: Vec<RawDescriptor> = descs
         .iter()
         .enumerate()
@@ -103,7 +142,7 @@ pub const QSIZE: u16 = 16;
 
 /// A ready queue on `vq`'s descriptor table and available ring, with the used ring at
 /// [`USED_ADDR`].
-pub fn make_queue(vq: &MockSplitQueue<GuestMemoryMmap>) -> virtio_queue::Queue {
+pub fn make_queue<M: GuestMemory>(vq: &MockSplitQueue<M>) -> virtio_queue::Queue {
     use virtio_queue::QueueT;
     let mut q: virtio_queue::Queue = vq.create_queue().unwrap();
     q.set_used_ring_address(Some(USED_ADDR as u32), Some(0));
@@ -111,13 +150,13 @@ pub fn make_queue(vq: &MockSplitQueue<GuestMemoryMmap>) -> virtio_queue::Queue {
 }
 
 /// The used ring's idx.
-pub fn used_idx(mem: &GuestMemoryMmap) -> u16 {
+pub fn used_idx<M: GuestMemory>(mem: &M) -> u16 {
     use vm_memory::Bytes;
     mem.read_obj(GuestAddress(USED_ADDR + 2)).unwrap()
 }
 
 /// The used element `i`: (id, len).
-pub fn used_elem(mem: &GuestMemoryMmap, i: u16) -> (u32, u32) {
+pub fn used_elem<M: GuestMemory>(mem: &M, i: u16) -> (u32, u32) {
     use vm_memory::Bytes;
     let base = USED_ADDR + 4 + 8 * u64::from(i % QSIZE);
     (
@@ -127,15 +166,124 @@ pub fn used_elem(mem: &GuestMemoryMmap, i: u16) -> (u32, u32) {
 }
 
 /// Sets the driver's used_event (EVENT_IDX) in the available ring.
-pub fn set_used_event(vq: &MockSplitQueue<GuestMemoryMmap>, mem: &GuestMemoryMmap, v: u16) {
+pub fn set_used_event<M: GuestMemory>(vq: &MockSplitQueue<M>, mem: &M, v: u16) {
     use vm_memory::Bytes;
     let addr = vq.avail_addr().0 + 4 + 2 * u64::from(QSIZE);
     mem.write_obj(v, GuestAddress(addr)).unwrap();
 }
 
 /// The device's avail_event (EVENT_IDX) in the used ring.
-pub fn avail_event(mem: &GuestMemoryMmap) -> u16 {
+pub fn avail_event<M: GuestMemory>(mem: &M) -> u16 {
     use vm_memory::Bytes;
     mem.read_obj(GuestAddress(USED_ADDR + 4 + 8 * u64::from(QSIZE)))
         .unwrap()
+}
+
+/// Sets the available ring's flags (e.g. VRING_AVAIL_F_NO_INTERRUPT).
+pub fn set_avail_flags<M: GuestMemory>(vq: &MockSplitQueue<M>, mem: &M, flags: u16) {
+    use vm_memory::Bytes;
+    mem.write_obj(flags, vq.avail_addr()).unwrap();
+}
+
+/// A split ring as a driver writes it, at addresses the test chooses: for a backend
+/// that is told where the rings are (over vhost-user, or by `set_queue_info`).
+/// Descriptors are allocated one after the other, wrapping at the ring's size.
+#[derive(Debug, Clone)]
+pub struct DriverRing {
+    /// The descriptor table.
+    pub desc: u64,
+    /// The available ring.
+    pub avail: u64,
+    /// The used ring.
+    pub used: u64,
+    /// The queue size.
+    pub size: u16,
+    next_desc: u16,
+    avail_idx: u16,
+}
+
+impl DriverRing {
+    /// A ring of `size` with its three parts at `desc`, `desc + 0x1000` and
+    /// `desc + 0x2000` (room for up to 256 entries).
+    pub fn at(desc: u64, size: u16) -> Self {
+        Self {
+            desc,
+            avail: desc + 0x1000,
+            used: desc + 0x2000,
+            size,
+            next_desc: 0,
+            avail_idx: 0,
+        }
+    }
+
+    /// Zeroes the ring in `mem` and starts over.
+    pub fn clear<M: GuestMemory>(&mut self, mem: &M) {
+        use vm_memory::Bytes;
+        mem.write_slice(&[0u8; 0x3000], GuestAddress(self.desc))
+            .unwrap();
+        self.next_desc = 0;
+        self.avail_idx = 0;
+    }
+
+    /// Writes `descs` as one chain and makes it available; returns its head.
+    pub fn add_chain<M: GuestMemory>(&mut self, mem: &M, descs: &[Desc]) -> u16 {
+        use vm_memory::Bytes;
+        let head = self.next_desc;
+        for (i, d) in descs.iter().enumerate() {
+            let index = (head + i as u16) % self.size;
+            let last = i + 1 == descs.len();
+            let mut flags = if d.2 { VRING_DESC_F_WRITE as u16 } else { 0 };
+            if !last {
+                flags |= VRING_DESC_F_NEXT as u16;
+            }
+            let at = self.desc + 16 * u64::from(index);
+            mem.write_obj(d.0, GuestAddress(at)).unwrap();
+            mem.write_obj(d.1, GuestAddress(at + 8)).unwrap();
+            mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+            mem.write_obj((index + 1) % self.size, GuestAddress(at + 14))
+                .unwrap();
+        }
+        self.next_desc = (head + descs.len() as u16) % self.size;
+        let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % self.size);
+        mem.write_obj(head, GuestAddress(slot)).unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
+            .unwrap();
+        head
+    }
+
+    /// Chains made available so far.
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
+    }
+
+    /// The driver's used_event (EVENT_IDX): interrupt me once entry `v` is used.
+    pub fn set_used_event<M: GuestMemory>(&self, mem: &M, v: u16) {
+        use vm_memory::Bytes;
+        let at = self.avail + 4 + 2 * u64::from(self.size);
+        mem.write_obj(v, GuestAddress(at)).unwrap();
+    }
+
+    /// The available ring's flags (e.g. VRING_AVAIL_F_NO_INTERRUPT).
+    pub fn set_avail_flags<M: GuestMemory>(&self, mem: &M, flags: u16) {
+        use vm_memory::Bytes;
+        mem.write_obj(flags, GuestAddress(self.avail)).unwrap();
+    }
+
+    /// The used ring's idx.
+    pub fn used_idx<M: GuestMemory>(&self, mem: &M) -> u16 {
+        use vm_memory::Bytes;
+        mem.read_obj(GuestAddress(self.used + 2)).unwrap()
+    }
+
+    /// Used element `i`: (head, length).
+    pub fn used_elem<M: GuestMemory>(&self, mem: &M, i: u16) -> (u32, u32) {
+        use vm_memory::Bytes;
+        let at = self.used + 4 + 8 * u64::from(i % self.size);
+        (
+            mem.read_obj(GuestAddress(at)).unwrap(),
+            mem.read_obj(GuestAddress(at + 4)).unwrap(),
+        )
+    }
 }

@@ -3,6 +3,10 @@
 //! The thread gets a clone of a kill eventfd, which it must watch in its epoll set.
 //! Dropping the handle (or calling [`WorkerHandle::stop`]) writes that eventfd and
 //! joins the thread, so a device can never leak a worker past its reset.
+//!
+//! Workers start with the process's stop signals (SIGTERM, SIGINT, SIGHUP) blocked:
+//! those are for the VMM's (or daemon's) main thread, which turns them into an orderly
+//! shutdown; delivered to a worker, they would kill the process instead.
 
 use std::io;
 use std::thread::JoinHandle;
@@ -24,9 +28,11 @@ impl<T: Send + 'static> WorkerHandle<T> {
     {
         let kill = EventFd::new(EFD_NONBLOCK)?;
         let thread_kill = kill.try_clone()?;
-        let thread = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || body(thread_kill))?;
+        let thread = with_stop_signals_blocked(|| {
+            std::thread::Builder::new()
+                .name(name.to_string())
+                .spawn(move || body(thread_kill))
+        })?;
         Ok(Self {
             kill,
             thread: Some(thread),
@@ -60,6 +66,39 @@ impl<T: Send + 'static> WorkerHandle<T> {
     }
 }
 
+/// Signals that end the process in an orderly way, delivered to its main thread.
+pub const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+/// [`STOP_SIGNALS`] as a signal set.
+pub fn stop_sigset() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t and the signals are valid.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for s in STOP_SIGNALS {
+            libc::sigaddset(&mut set, s);
+        }
+    }
+    set
+}
+
+/// Runs `f` with [`STOP_SIGNALS`] blocked in the calling thread and restores its
+/// signal mask afterwards. Threads that `f` starts inherit the blocked mask.
+pub fn with_stop_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
+    let set = stop_sigset();
+    // SAFETY: sigset_t is plain data, filled in by pthread_sigmask.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` and `old` are valid for the call.
+    let blocked = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old) } == 0;
+    let r = f();
+    if blocked {
+        // SAFETY: `old` is the mask pthread_sigmask returned above.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    }
+    r
+}
+
 impl<T: Send + 'static> Drop for WorkerHandle<T> {
     fn drop(&mut self) {
         let _ = self.stop_inner();
@@ -69,23 +108,13 @@ impl<T: Send + 'static> Drop for WorkerHandle<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::io::AsRawFd;
 
-    fn wait_readable(fd: &EventFd) {
-        let mut pfd = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `pfd` is a valid pollfd for the duration of the call and nfds is 1.
-        let r = unsafe { libc::poll(&mut pfd, 1, 10_000) };
-        assert_eq!(r, 1);
-    }
+    use crate::test_utils::wait_readable;
 
     #[test]
     fn stop_hands_back_the_value() {
         let w = WorkerHandle::spawn("t-stop", |kill| {
-            wait_readable(&kill);
+            assert!(wait_readable(&kill));
             42u32
         })
         .unwrap();
@@ -98,12 +127,32 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         {
             let _w = WorkerHandle::spawn("t-drop", move |kill| {
-                wait_readable(&kill);
+                assert!(wait_readable(&kill));
                 tx.send(()).unwrap();
             })
             .unwrap();
         }
         // Already joined: the message is there without waiting.
         assert!(rx.try_recv().is_ok());
+    }
+}
+
+#[cfg(test)]
+mod signal_tests {
+    use super::*;
+
+    #[test]
+    fn workers_start_with_the_stop_signals_blocked() {
+        let w = WorkerHandle::spawn("t-mask", |kill| {
+            // SAFETY: sigset_t is plain data, filled in by pthread_sigmask.
+            let mut mask: libc::sigset_t = unsafe { std::mem::zeroed() };
+            // SAFETY: a null new mask only reads the current one into `mask`.
+            unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut mask) };
+            let _ = kill;
+            // SAFETY: `mask` is a valid sigset_t.
+            STOP_SIGNALS.map(|s| unsafe { libc::sigismember(&mask, s) } == 1)
+        })
+        .unwrap();
+        assert_eq!(w.stop(), Some([true; 3]));
     }
 }

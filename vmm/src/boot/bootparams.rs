@@ -6,8 +6,8 @@ use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header
 use vm_memory::GuestAddress;
 
 use super::loader::LoadedInitramfs;
-use crate::layout::ZERO_PAGE_START;
-use crate::memory::{E820Entry, GuestMemoryMmap};
+use crate::arch::layout::ZERO_PAGE_START;
+use crate::vstate::memory::{E820Entry, GuestMemoryMmap};
 
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
 const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
@@ -84,7 +84,7 @@ pub fn write_boot_params(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::{e820_map, GuestRam};
+    use crate::vstate::memory::{e820_map, GuestRam};
     use vm_memory::Bytes;
 
     #[test]

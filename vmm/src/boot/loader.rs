@@ -9,8 +9,8 @@ use linux_loader::loader::elf::PvhBootCapability;
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
 use vm_memory::{Address, Bytes, GuestAddress};
 
-use crate::layout::HIMEM_START;
-use crate::memory::{low_ram_end, GuestMemoryMmap};
+use crate::arch::layout::HIMEM_START;
+use crate::vstate::memory::{low_ram_end, GuestMemoryMmap};
 
 /// Offset of the 64-bit entry point from the start of the protected-mode
 /// kernel of a bzImage (`startup_64`).
@@ -273,7 +273,7 @@ pub fn load_initramfs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::GuestRam;
+    use crate::vstate::memory::GuestRam;
     use std::io::Write;
 
     #[test]

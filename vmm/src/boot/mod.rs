@@ -13,8 +13,8 @@ use vm_memory::GuestAddress;
 
 pub use loader::{KernelEntry, LoadedInitramfs, LoadedKernel};
 
-use crate::layout::{CMDLINE_MAX_SIZE, CMDLINE_START};
-use crate::memory::{E820Entry, GuestMemoryMmap};
+use crate::arch::layout::{CMDLINE_MAX_SIZE, CMDLINE_START};
+use crate::vstate::memory::{E820Entry, GuestMemoryMmap};
 
 /// Highest initramfs end address for kernels that do not say
 /// (`initrd_addr_max` of boot protocol < 2.03).

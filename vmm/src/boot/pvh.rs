@@ -8,8 +8,8 @@ use linux_loader::loader::elf::start_info::{
 use vm_memory::GuestAddress;
 
 use super::loader::LoadedInitramfs;
-use crate::layout::{PVH_INFO_START, PVH_MEMMAP_START, PVH_MODLIST_START};
-use crate::memory::{E820Entry, GuestMemoryMmap};
+use crate::arch::layout::{PVH_INFO_START, PVH_MEMMAP_START, PVH_MODLIST_START};
+use crate::vstate::memory::{E820Entry, GuestMemoryMmap};
 
 /// Errors while writing the PVH structures.
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +87,7 @@ pub fn write_pvh_info(mem: &GuestMemoryMmap, info: &PvhInfo) -> Result<(), PvhEr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::{e820_map, GuestRam};
+    use crate::vstate::memory::{e820_map, GuestRam};
     use vm_memory::Bytes;
 
     #[test]

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use evmm_virtio::blk::BlockConfig;
 
 /// Most request queues a disk may have.
-pub const MAX_DISK_QUEUES: u16 = 16;
+pub const MAX_DISK_QUEUES: u16 = evmm_virtio::blk::config::MAX_QUEUES;
 /// Longest `id` (what VIRTIO_BLK_T_GET_ID returns), in bytes.
 pub const MAX_DISK_ID_BYTES: usize = 20;
 /// Longest polling window after a kick, in microseconds.

@@ -5,20 +5,12 @@
 
 use std::path::PathBuf;
 
+pub use evmm_virtio::vhost::VhostUserBlkConfig;
+
 use super::disk::{parse_queue_count, MAX_DISK_QUEUES};
 
 /// The keys `--vhost-user-blk` knows, for error messages.
 const KEYS: &str = "socket, queues";
-
-/// One vhost-user-blk device: where its backend listens and how many queues to use.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VhostUserBlkConfig {
-    /// The backend's Unix socket.
-    pub socket: PathBuf,
-    /// Request queues; `None`: the backend's `num_queues` (its config space, when it
-    /// offers VIRTIO_BLK_F_MQ) or 1.
-    pub queues: Option<u16>,
-}
 
 /// Errors in one `--vhost-user-blk` value.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -2,9 +2,9 @@
 //! SLEEP_STATUS_REG): the guest powers off by writing SLP_EN with the S5
 //! sleep type from the DSDT's `\_S5_`.
 
-use crate::acpi::S5_SLEEP_TYPE;
-use crate::bus::BusDevice;
-use crate::exit::{ExitReason, VmExit};
+use crate::arch::acpi::S5_SLEEP_TYPE;
+use crate::devices::bus::BusDevice;
+use crate::vstate::exit::{ExitReason, VmExit};
 use std::sync::Arc;
 
 /// SLP_EN bit of the sleep control register.

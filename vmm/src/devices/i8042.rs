@@ -3,8 +3,8 @@
 
 use vm_superio::I8042Device;
 
-use crate::bus::BusDevice;
-use crate::exit::ExitTrigger;
+use crate::devices::bus::BusDevice;
+use crate::vstate::exit::ExitTrigger;
 
 /// The i8042 at ports 0x60..=0x64.
 pub struct I8042 {
@@ -40,7 +40,7 @@ impl BusDevice for I8042 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exit::{ExitReason, VmExit};
+    use crate::vstate::exit::{ExitReason, VmExit};
 
     #[test]
     fn reset_command_stops_the_vm() {

@@ -1,7 +1,7 @@
-//! Devices the VMM emulates: the legacy platform devices on the port I/O
-//! bus, and the virtio-mmio transports on the MMIO bus.
+//! The legacy devices evmm emulates on the port I/O bus (serial, i8042, the ACPI sleep
+//! register), and the buses that route vCPU exits to devices.
 
 pub mod acpi_pm;
+pub mod bus;
 pub mod i8042;
 pub mod serial;
-pub mod virtio_mmio;

@@ -7,7 +7,7 @@ use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::bus::BusDevice;
+use crate::devices::bus::BusDevice;
 
 /// A [`Trigger`] that signals an eventfd registered as a KVM irqfd: each
 /// trigger is one edge on the GSI.

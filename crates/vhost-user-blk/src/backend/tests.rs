@@ -6,34 +6,23 @@
 
 use super::*;
 use evmm_virtio::blk::BlockConfig;
+use evmm_virtio::test_utils::{Desc, DriverRing};
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::io::{FromRawFd, IntoRawFd};
 use tempfile::NamedTempFile;
 use vhost_user_backend::VringT;
 use virtio_bindings::virtio_blk::*;
-use virtio_bindings::virtio_ring::{
-    VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
-};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const MEM_SIZE: usize = 16 << 20;
 const QSIZE: u16 = 16;
-/// The descriptor table, available ring and used ring.
-const DESC: u64 = 0x0;
-const AVAIL: u64 = 0x1000;
-const USED: u64 = 0x2000;
-/// The driver's used_event (EVENT_IDX), after the available ring.
-const USED_EVENT: u64 = AVAIL + 4 + 2 * QSIZE as u64;
 const HDR: u64 = 0x10_0000;
 const DATA: u64 = 0x20_0000;
 const STATUS: u64 = 0x30_0000;
 const SECTORS: usize = 64;
-
-/// One descriptor: address, length, device-writable.
-#[derive(Clone, Copy)]
-struct D(u64, u32, bool);
 
 struct Rig {
     mem: GuestMemoryMmap,
@@ -41,7 +30,7 @@ struct Rig {
     backend: BlkBackend,
     vring: VringMutex,
     call: EventFd,
-    next_desc: u16,
+    ring: DriverRing,
 }
 
 impl Rig {
@@ -61,8 +50,11 @@ impl Rig {
         let atomic = GuestMemoryAtomic::new(mem.clone());
         let backend = BlkBackend::new(&device, atomic.clone());
         let vring = VringMutex::new(atomic, QSIZE).unwrap();
+        let ring = DriverRing::at(0, QSIZE);
         vring.set_queue_size(QSIZE);
-        vring.set_queue_info(DESC, AVAIL, USED).unwrap();
+        vring
+            .set_queue_info(ring.desc, ring.avail, ring.used)
+            .unwrap();
         vring.set_queue_ready(true);
         vring.set_enabled(true);
         let call = EventFd::new(EFD_NONBLOCK).unwrap();
@@ -77,46 +69,25 @@ impl Rig {
             backend,
             vring,
             call,
-            next_desc: 0,
+            ring,
         }
     }
 
     /// Writes `descs` as one chain into the descriptor table and makes it available.
-    fn chain(&mut self, descs: &[D]) {
-        let first = self.next_desc;
-        for (i, d) in descs.iter().enumerate() {
-            let index = (first + i as u16) % QSIZE;
-            let last = i + 1 == descs.len();
-            let mut flags = if d.2 { VRING_DESC_F_WRITE as u16 } else { 0 };
-            if !last {
-                flags |= VRING_DESC_F_NEXT as u16;
-            }
-            let next = (index + 1) % QSIZE;
-            let at = DESC + 16 * u64::from(index);
-            self.mem.write_obj(d.0, GuestAddress(at)).unwrap();
-            self.mem.write_obj(d.1, GuestAddress(at + 8)).unwrap();
-            self.mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
-            self.mem.write_obj(next, GuestAddress(at + 14)).unwrap();
-        }
-        let idx: u16 = self.mem.read_obj(GuestAddress(AVAIL + 2)).unwrap();
-        let slot = AVAIL + 4 + 2 * u64::from(idx % QSIZE);
-        self.mem.write_obj(first, GuestAddress(slot)).unwrap();
-        self.mem
-            .write_obj(idx.wrapping_add(1), GuestAddress(AVAIL + 2))
-            .unwrap();
-        self.next_desc = (first + descs.len() as u16) % QSIZE;
+    fn chain(&mut self, descs: &[Desc]) {
+        self.ring.add_chain(&self.mem, descs);
     }
 
     /// A request: header (type, sector), data descriptors, status byte.
-    fn request(&mut self, t: u32, sector: u64, data: &[D]) {
+    fn request(&mut self, t: u32, sector: u64, data: &[Desc]) {
         let mut h = [0u8; 16];
         h[..4].copy_from_slice(&t.to_le_bytes());
         h[8..].copy_from_slice(&sector.to_le_bytes());
         self.mem.write_slice(&h, GuestAddress(HDR)).unwrap();
         self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-        let mut descs = vec![D(HDR, 16, false)];
+        let mut descs = vec![Desc(HDR, 16, false)];
         descs.extend_from_slice(data);
-        descs.push(D(STATUS, 1, true));
+        descs.push(Desc(STATUS, 1, true));
         self.chain(&descs);
     }
 
@@ -129,15 +100,11 @@ impl Rig {
     }
 
     fn used_idx(&self) -> u16 {
-        self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+        self.ring.used_idx(&self.mem)
     }
 
     fn used_elem(&self, i: u16) -> (u32, u32) {
-        let base = USED + 4 + 8 * u64::from(i % QSIZE);
-        (
-            self.mem.read_obj(GuestAddress(base)).unwrap(),
-            self.mem.read_obj(GuestAddress(base + 4)).unwrap(),
-        )
+        self.ring.used_elem(&self.mem, i)
     }
 
     /// Whether the call eventfd was signalled (and consumes it).
@@ -149,7 +116,7 @@ impl Rig {
         std::fs::read(self.file.path()).unwrap()
     }
 
-    fn metrics(&self) -> evmm_virtio::metrics::QueueMetricsSnapshot {
+    fn metrics(&self) -> evmm_virtio::blk::metrics::BlockQueueSnapshot {
         self.backend.metrics[0].snapshot()
     }
 }
@@ -164,7 +131,7 @@ fn out_flush_in_reach_the_file_and_come_back() {
     let data = pattern(2048);
     rig.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
 
-    rig.request(VIRTIO_BLK_T_OUT, 8, &[D(DATA, 2048, false)]);
+    rig.request(VIRTIO_BLK_T_OUT, 8, &[Desc(DATA, 2048, false)]);
     assert_eq!(rig.serve(), 1);
     assert_eq!(rig.status(), VIRTIO_BLK_S_OK as u8);
     assert_eq!(rig.used_idx(), 1);
@@ -182,7 +149,7 @@ fn out_flush_in_reach_the_file_and_come_back() {
     rig.request(
         VIRTIO_BLK_T_IN,
         8,
-        &[D(DATA, 1024, true), D(DATA + 1024, 1024, true)],
+        &[Desc(DATA, 1024, true), Desc(DATA + 1024, 1024, true)],
     );
     assert_eq!(rig.serve(), 1);
     assert_eq!(rig.status(), VIRTIO_BLK_S_OK as u8);
@@ -200,7 +167,7 @@ fn out_flush_in_reach_the_file_and_come_back() {
 #[test]
 fn get_id_answers_the_configured_id() {
     let mut rig = Rig::new(false);
-    rig.request(VIRTIO_BLK_T_GET_ID, 0, &[D(DATA, 20, true)]);
+    rig.request(VIRTIO_BLK_T_GET_ID, 0, &[Desc(DATA, 20, true)]);
     assert_eq!(rig.serve(), 1);
     assert_eq!(rig.status(), VIRTIO_BLK_S_OK as u8);
     let mut id = [0u8; 3];
@@ -227,7 +194,7 @@ fn bad_requests_are_answered_and_the_queue_goes_on() {
     assert_eq!(rig.serve(), 1);
     assert_eq!(rig.status(), VIRTIO_BLK_S_UNSUPP as u8);
     // Beyond the capacity.
-    rig.request(VIRTIO_BLK_T_IN, SECTORS as u64, &[D(DATA, 512, true)]);
+    rig.request(VIRTIO_BLK_T_IN, SECTORS as u64, &[Desc(DATA, 512, true)]);
     assert_eq!(rig.serve(), 1);
     assert_eq!(rig.status(), VIRTIO_BLK_S_IOERR as u8);
     rig.request(VIRTIO_BLK_T_FLUSH, 0, &[]);
@@ -242,7 +209,7 @@ fn a_readonly_disk_refuses_writes() {
     rig.mem
         .write_slice(&pattern(512), GuestAddress(DATA))
         .unwrap();
-    rig.request(VIRTIO_BLK_T_OUT, 0, &[D(DATA, 512, false)]);
+    rig.request(VIRTIO_BLK_T_OUT, 0, &[Desc(DATA, 512, false)]);
     assert_eq!(rig.serve(), 1);
     assert_eq!(rig.status(), VIRTIO_BLK_S_IOERR as u8);
     assert!(rig.file_bytes().iter().all(|&b| b == 0));
@@ -252,7 +219,7 @@ fn a_readonly_disk_refuses_writes() {
 fn a_chain_without_status_stops_the_queue_until_the_ring_is_restarted() {
     let mut rig = Rig::new(false);
     // The last descriptor is device-readable: nowhere to answer.
-    rig.chain(&[D(HDR, 16, false), D(STATUS, 1, false)]);
+    rig.chain(&[Desc(HDR, 16, false), Desc(STATUS, 1, false)]);
     assert_eq!(rig.serve(), 0);
     assert_eq!(rig.used_idx(), 0);
     assert!(rig.backend.queue(0).unwrap().is_stopped());
@@ -285,7 +252,7 @@ fn event_idx_suppresses_calls_the_driver_does_not_want() {
     let mut rig = Rig::new(false);
     rig.vring.set_queue_event_idx(true);
     // used_event = 5: the driver wants a call only once the used index passes 5.
-    rig.mem.write_obj(5u16, GuestAddress(USED_EVENT)).unwrap();
+    rig.ring.set_used_event(&rig.mem, 5);
     rig.request(VIRTIO_BLK_T_FLUSH, 0, &[]);
     assert_eq!(rig.serve(), 1);
     assert!(!rig.called(), "called although used_event says no");
@@ -293,11 +260,11 @@ fn event_idx_suppresses_calls_the_driver_does_not_want() {
     // The device published avail_event for the driver's next kick.
     let avail_event: u16 = rig
         .mem
-        .read_obj(GuestAddress(USED + 4 + 8 * u64::from(QSIZE)))
+        .read_obj(GuestAddress(rig.ring.used + 4 + 8 * u64::from(QSIZE)))
         .unwrap();
     assert_eq!(avail_event, 1);
     // used_event = 1: call when the used index moves past 1, as it does next.
-    rig.mem.write_obj(1u16, GuestAddress(USED_EVENT)).unwrap();
+    rig.ring.set_used_event(&rig.mem, 1);
     rig.request(VIRTIO_BLK_T_FLUSH, 0, &[]);
     assert_eq!(rig.serve(), 1);
     assert!(rig.called());
@@ -306,12 +273,10 @@ fn event_idx_suppresses_calls_the_driver_does_not_want() {
 #[test]
 fn no_interrupt_flag_is_honoured_without_event_idx() {
     let mut rig = Rig::new(false);
-    rig.mem
-        .write_obj(
-            virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT as u16,
-            GuestAddress(AVAIL),
-        )
-        .unwrap();
+    rig.ring.set_avail_flags(
+        &rig.mem,
+        virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT as u16,
+    );
     rig.request(VIRTIO_BLK_T_FLUSH, 0, &[]);
     assert_eq!(rig.serve(), 1);
     assert!(!rig.called());

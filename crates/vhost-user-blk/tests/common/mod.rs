@@ -4,8 +4,9 @@
 
 #![allow(dead_code)]
 
+pub use evmm_virtio::test_utils::Desc;
+use evmm_virtio::test_utils::{memfd_memory, DriverRing};
 use std::fs::File;
-use std::os::unix::io::FromRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -16,10 +17,8 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::{
-    VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
-};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// How long anything may take before a test gives up.
@@ -187,19 +186,7 @@ pub const STATUS: u64 = 0x3f_f000;
 
 /// Guest memory in a memfd, shared with the daemon through SET_MEM_TABLE.
 pub fn guest_memory() -> GuestMemoryMmap {
-    let name = c"evmm-vu-test";
-    // SAFETY: `name` is a valid NUL-terminated string; memfd_create returns a new fd or -1.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: `fd` is a fresh descriptor owned by nobody else.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(MEM_SIZE as u64).unwrap();
-    GuestMemoryMmap::from_ranges_with_files(&[(
-        GuestAddress(0),
-        MEM_SIZE,
-        Some(FileOffset::new(file, 0)),
-    )])
-    .unwrap()
+    memfd_memory(MEM_SIZE)
 }
 
 /// The memory table entry of `mem` for SET_MEM_TABLE.
@@ -266,12 +253,8 @@ pub fn handshake(fe: &mut Frontend) -> Handshake {
 pub struct TestQueue {
     /// The queue index.
     pub index: usize,
-    desc: u64,
-    avail: u64,
-    used: u64,
-    next_desc: u16,
-    /// Chains made available so far.
-    pub avail_idx: u16,
+    /// The rings in guest memory.
+    pub ring: DriverRing,
     /// The kick eventfd (the test writes it).
     pub kick: EventFd,
     /// The call eventfd (the daemon writes it).
@@ -281,14 +264,9 @@ pub struct TestQueue {
 impl TestQueue {
     /// Queue `index`'s rings at 64 KiB * index.
     pub fn new(index: usize) -> Self {
-        let base = 0x1_0000 * index as u64;
         Self {
             index,
-            desc: base,
-            avail: base + 0x1000,
-            used: base + 0x2000,
-            next_desc: 0,
-            avail_idx: 0,
+            ring: DriverRing::at(0x1_0000 * index as u64, QSIZE),
             kick: EventFd::new(EFD_NONBLOCK).unwrap(),
             call: EventFd::new(EFD_NONBLOCK).unwrap(),
         }
@@ -297,10 +275,7 @@ impl TestQueue {
     /// Zeroes the rings and hands the queue to the backend: SET_VRING_NUM, _ADDR,
     /// _BASE, _CALL, _KICK, _ENABLE.
     pub fn setup(&mut self, fe: &mut Frontend, mem: &GuestMemoryMmap) {
-        mem.write_slice(&[0u8; 0x3000], GuestAddress(self.desc))
-            .unwrap();
-        self.next_desc = 0;
-        self.avail_idx = 0;
+        self.ring.clear(mem);
         fe.set_vring_num(self.index, QSIZE).expect("SET_VRING_NUM");
         fe.set_vring_addr(
             self.index,
@@ -308,9 +283,9 @@ impl TestQueue {
                 queue_max_size: QSIZE,
                 queue_size: QSIZE,
                 flags: 0,
-                desc_table_addr: host_addr(mem, self.desc),
-                used_ring_addr: host_addr(mem, self.used),
-                avail_ring_addr: host_addr(mem, self.avail),
+                desc_table_addr: host_addr(mem, self.ring.desc),
+                used_ring_addr: host_addr(mem, self.ring.used),
+                avail_ring_addr: host_addr(mem, self.ring.avail),
                 log_addr: None,
             },
         )
@@ -324,54 +299,25 @@ impl TestQueue {
             .expect("SET_VRING_ENABLE");
     }
 
-    /// Writes a request (header, `data` descriptors as (gpa, len, device-writable),
-    /// status) and makes it available; returns its head index.
+    /// Writes a request (header, `data` descriptors, status) and makes it available
+    /// with EVENT_IDX's used_event at it (call me once it is used); returns its head.
     pub fn add_request(
         &mut self,
         mem: &GuestMemoryMmap,
         request_type: u32,
         sector: u64,
-        data: &[(u64, u32, bool)],
+        data: &[Desc],
     ) -> u16 {
         let mut h = [0u8; 16];
         h[..4].copy_from_slice(&request_type.to_le_bytes());
         h[8..].copy_from_slice(&sector.to_le_bytes());
         mem.write_slice(&h, GuestAddress(HDR)).unwrap();
         mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-        let mut descs = vec![(HDR, 16, false)];
+        let mut descs = vec![Desc(HDR, 16, false)];
         descs.extend_from_slice(data);
-        descs.push((STATUS, 1, true));
-        let head = self.next_desc;
-        for (i, &(addr, len, writable)) in descs.iter().enumerate() {
-            let index = (head + i as u16) % QSIZE;
-            let last = i + 1 == descs.len();
-            let mut flags = if writable {
-                VRING_DESC_F_WRITE as u16
-            } else {
-                0
-            };
-            if !last {
-                flags |= VRING_DESC_F_NEXT as u16;
-            }
-            let at = self.desc + 16 * u64::from(index);
-            mem.write_obj(addr, GuestAddress(at)).unwrap();
-            mem.write_obj(len, GuestAddress(at + 8)).unwrap();
-            mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
-            mem.write_obj((index + 1) % QSIZE, GuestAddress(at + 14))
-                .unwrap();
-        }
-        self.next_desc = (head + descs.len() as u16) % QSIZE;
-        let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % QSIZE);
-        mem.write_obj(head, GuestAddress(slot)).unwrap();
-        // EVENT_IDX: call me once this request is used (used_event = its ring index).
-        let used_event = self.avail + 4 + 2 * u64::from(QSIZE);
-        mem.write_obj(self.avail_idx, GuestAddress(used_event))
-            .unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
-            .unwrap();
-        head
+        descs.push(Desc(STATUS, 1, true));
+        self.ring.set_used_event(mem, self.ring.avail_idx());
+        self.ring.add_chain(mem, &descs)
     }
 
     /// Kicks the queue and waits for the call; returns the used ring's index.
@@ -394,16 +340,12 @@ impl TestQueue {
 
     /// The used ring's index.
     pub fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
-        mem.read_obj(GuestAddress(self.used + 2)).unwrap()
+        self.ring.used_idx(mem)
     }
 
     /// Used element `i`: (head, length).
     pub fn used_elem(&self, mem: &GuestMemoryMmap, i: u16) -> (u32, u32) {
-        let at = self.used + 4 + 8 * u64::from(i % QSIZE);
-        (
-            mem.read_obj(GuestAddress(at)).unwrap(),
-            mem.read_obj(GuestAddress(at + 4)).unwrap(),
-        )
+        self.ring.used_elem(mem, i)
     }
 
     /// Runs one request to completion; returns its status byte.
@@ -412,7 +354,7 @@ impl TestQueue {
         mem: &GuestMemoryMmap,
         request_type: u32,
         sector: u64,
-        data: &[(u64, u32, bool)],
+        data: &[Desc],
     ) -> u8 {
         let before = self.used_idx(mem);
         let head = self.add_request(mem, request_type, sector, data);

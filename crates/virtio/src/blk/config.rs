@@ -26,15 +26,19 @@ pub const MAX_DISCARD_SEG: u32 = 1;
 pub const MAX_WRITE_ZEROES_SECTORS: u32 = 1 << 19;
 /// Ranges per WRITE_ZEROES request.
 pub const MAX_WRITE_ZEROES_SEG: u32 = 1;
-/// Most queues a device may have.
-pub const MAX_QUEUES: u16 = 64;
+/// Most request queues a disk may have, in evmm, in the vhost-user-blk daemon, and as
+/// evmm's vhost-user-blk frontend takes them from a backend.
+pub const MAX_QUEUES: u16 = 16;
 
 // Field offsets in `struct virtio_blk_config`.
 const OFF_CAPACITY: usize = 0;
 const OFF_SIZE_MAX: usize = 8;
 const OFF_SEG_MAX: usize = 12;
 const OFF_BLK_SIZE: usize = 20;
-const OFF_NUM_QUEUES: usize = 34;
+/// Offset of `writeback` (u8).
+pub const OFF_WRITEBACK: usize = 32;
+/// Offset of `num_queues` (le16).
+pub const OFF_NUM_QUEUES: usize = 34;
 const OFF_MAX_DISCARD_SECTORS: usize = 36;
 const OFF_MAX_DISCARD_SEG: usize = 40;
 const OFF_DISCARD_SECTOR_ALIGNMENT: usize = 44;

@@ -227,6 +227,29 @@ pub struct Request {
     pub status_addr: GuestAddress,
 }
 
+/// Where a chain's status byte is: the last byte of its last descriptor, which must
+/// end the chain, be device-writable, non-empty and in guest memory.
+pub fn status_byte<M: GuestMemory + ?Sized>(
+    descs: &[Descriptor],
+    mem: &M,
+) -> Result<GuestAddress, Fault> {
+    let status_desc = descs.last().ok_or(Fault::EmptyChain)?;
+    if status_desc.has_next() {
+        return Err(Fault::BrokenChain);
+    }
+    if !status_desc.is_write_only() {
+        return Err(Fault::StatusNotWritable);
+    }
+    if status_desc.len() == 0 {
+        return Err(Fault::StatusTooShort);
+    }
+    status_desc
+        .addr()
+        .checked_add(u64::from(status_desc.len()) - 1)
+        .filter(|a| mem.check_range(*a, 1, Permissions::Write))
+        .ok_or(Fault::StatusOutOfMemory)
+}
+
 impl Request {
     /// Total length of the data buffers.
     pub fn data_len(&self) -> u64 {
@@ -246,23 +269,8 @@ impl Request {
         M: GuestMemory + ?Sized,
     {
         let descs: Vec<Descriptor> = chain.collect();
-        let (status_desc, rest) = descs
-            .split_last()
-            .ok_or(ParseError::NoStatus(Fault::EmptyChain))?;
-        if status_desc.has_next() {
-            return Err(ParseError::NoStatus(Fault::BrokenChain));
-        }
-        if !status_desc.is_write_only() {
-            return Err(ParseError::NoStatus(Fault::StatusNotWritable));
-        }
-        if status_desc.len() == 0 {
-            return Err(ParseError::NoStatus(Fault::StatusTooShort));
-        }
-        let status_addr = status_desc
-            .addr()
-            .checked_add(u64::from(status_desc.len()) - 1)
-            .filter(|a| mem.check_range(*a, 1, Permissions::Write))
-            .ok_or(ParseError::NoStatus(Fault::StatusOutOfMemory))?;
+        let status_addr = status_byte(&descs, mem).map_err(ParseError::NoStatus)?;
+        let rest = &descs[..descs.len() - 1];
         let reject = |fault| ParseError::Rejected { status_addr, fault };
 
         let (header, data_descs) = rest.split_first().ok_or(reject(Fault::HeaderMissing))?;

@@ -1,54 +1,45 @@
 //! The virtio-blk worker: one thread per device, blocked in epoll on the queues' kick
-//! eventfds and a kill eventfd.
+//! eventfds (the eventfds KVM signals as the queues' ioeventfds) and a kill eventfd.
+//! This is where a disk's worker waits on its kicks.
 
-use super::backend::BlockBackend;
-use super::drain::{drain_queue, DrainContext};
-use super::request::RequestLimits;
-use super::FaultLog;
-use crate::epoll::{EpollHelper, EpollToken};
-use crate::interrupt::{InterruptKind, InterruptSignal};
-use crate::metrics::QueueMetrics;
 use std::io;
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
-use virtio_queue::{Queue, QueueT};
+
+use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-/// What woke the worker.
+use super::backend::BlockBackend;
+use super::chain::{serve_queue, ServeContext};
+use super::metrics::BlockQueueMetrics;
+use super::request::RequestLimits;
+use crate::device::ReadyQueue;
+use crate::epoll::{EpollHelper, FixedToken, SlotToken};
+use crate::fault::FaultLog;
+use crate::interrupt::{InterruptKind, InterruptSignal};
+use crate::queue::take_kicks;
+
+/// The worker's one named event source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Token {
-    /// Stop.
+pub(crate) enum Stop {
+    /// The kill eventfd.
     Kill,
-    /// The kick eventfd of the queue in this slot of [`BlockWorker::queues`].
-    Queue(usize),
 }
 
-impl EpollToken for Token {
-    fn to_raw(self) -> u64 {
-        match self {
-            Token::Kill => 0,
-            Token::Queue(slot) => slot as u64 + 1,
-        }
-    }
-
-    fn from_raw(raw: u64) -> Option<Self> {
-        match raw {
-            0 => Some(Token::Kill),
-            n => usize::try_from(n - 1).ok().map(Token::Queue),
-        }
-    }
+impl FixedToken for Stop {
+    const ALL: &'static [Self] = &[Stop::Kill];
 }
+
+/// What woke the worker: the kill eventfd, or the kick of the queue in this slot of
+/// [`BlockWorker::queues`].
+pub(crate) type Token = SlotToken<Stop>;
 
 /// One queue the worker serves.
 pub(crate) struct WorkerQueue {
-    /// The virtio queue index (indexes the metrics).
-    pub index: usize,
-    /// The queue.
-    pub queue: Queue,
-    /// Its kick eventfd.
-    pub kick: EventFd,
+    /// The queue and its kick.
+    pub ready: ReadyQueue,
     /// A guest fault made the queue unusable until reset.
     pub broken: bool,
 }
@@ -60,7 +51,7 @@ pub(crate) struct BlockWorker {
     pub backend: BlockBackend,
     pub limits: RequestLimits,
     pub interrupt: Arc<dyn InterruptSignal>,
-    pub metrics: Arc<[QueueMetrics]>,
+    pub metrics: Arc<[BlockQueueMetrics]>,
     pub faults: Arc<FaultLog>,
     /// How long to poll for the next kick before blocking.
     pub poll: Duration,
@@ -71,29 +62,27 @@ impl BlockWorker {
     pub fn epoll(&self) -> io::Result<EpollHelper<Token>> {
         let epoll = EpollHelper::new(self.queues.len() + 1)?;
         for (slot, q) in self.queues.iter().enumerate() {
-            epoll.add(q.kick.as_raw_fd(), Token::Queue(slot))?;
+            epoll.add(q.ready.kick.as_raw_fd(), Token::Indexed(slot))?;
         }
         Ok(epoll)
     }
 
     /// The thread body: serves kicks until `kill` is written; hands the backend back.
     pub fn run(mut self, mut epoll: EpollHelper<Token>, kill: EventFd) -> BlockBackend {
-        if let Err(e) = epoll.add(kill.as_raw_fd(), Token::Kill) {
+        if let Err(e) = epoll.add(kill.as_raw_fd(), Token::Fixed(Stop::Kill)) {
             log::error!("virtio-blk worker cannot watch its kill eventfd: {e}");
             return self.backend;
         }
+        let mut ready = Vec::with_capacity(self.queues.len() + 1);
         loop {
-            let tokens = match epoll.wait_polling(self.poll) {
-                Ok(t) => t,
-                Err(e) => {
-                    log::error!("virtio-blk worker: epoll_wait failed: {e}");
-                    return self.backend;
-                }
-            };
-            for token in tokens {
+            if let Err(e) = epoll.wait_polling(self.poll, &mut ready) {
+                log::error!("virtio-blk worker: epoll_wait failed: {e}");
+                return self.backend;
+            }
+            for &token in &ready {
                 match token {
-                    Token::Kill => return self.backend,
-                    Token::Queue(slot) => self.handle_kick(slot),
+                    Token::Fixed(Stop::Kill) => return self.backend,
+                    Token::Indexed(slot) => self.handle_kick(slot),
                 }
             }
         }
@@ -104,25 +93,25 @@ impl BlockWorker {
         let Some(wq) = self.queues.get(slot) else {
             return;
         };
-        match wq.kick.read() {
-            Ok(n) => {
-                if let Some(m) = self.metrics.get(wq.index) {
+        let index = wq.ready.index;
+        match take_kicks(&wq.ready.kick) {
+            Ok(Some(n)) => {
+                if let Some(m) = self.metrics.get(index) {
                     m.kicks.add(n);
                     m.wakeups.inc();
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Ok(None) => return,
             Err(e) => {
-                log::error!("virtio-blk queue {}: cannot read kick: {e}", wq.index);
+                log::error!("virtio-blk queue {index}: cannot read kick: {e}");
                 return;
             }
         }
         self.process_queue(slot);
     }
 
-    /// Drains the queue in `slot` with EVENT_IDX suppression ([`drain_queue`]), then
-    /// interrupts the guest if the driver asked for it. Returns the number of used
-    /// entries added.
+    /// Serves the queue in `slot` ([`serve_queue`]), then interrupts the guest if the
+    /// driver asked for it. Returns the number of used entries added.
     pub fn process_queue(&mut self, slot: usize) -> usize {
         let Self {
             mem,
@@ -137,35 +126,32 @@ impl BlockWorker {
         let Some(wq) = queues.get_mut(slot) else {
             return 0;
         };
-        if wq.broken || !wq.queue.ready() {
+        let index = wq.ready.index;
+        if wq.broken || !wq.ready.queue.ready() {
             return 0;
         }
-        let default_metrics = QueueMetrics::default();
-        let m = metrics.get(wq.index).unwrap_or(&default_metrics);
-        let drained = drain_queue(
-            &mut wq.queue,
+        let Some(m) = metrics.get(index) else {
+            return 0;
+        };
+        let drained = serve_queue(
+            &mut wq.ready.queue,
             &*mem,
-            DrainContext {
-                index: wq.index,
+            ServeContext {
+                index,
                 backend,
                 limits,
                 metrics: m,
                 faults,
             },
         );
-        // Counted before the guest is signalled, so that whoever the interrupt wakes
-        // sees the counters of what it was woken for.
-        drained.count_notification(m);
+        drained.count_notification(&m.interrupts, &m.interrupts_suppressed);
         if drained.notify {
             if let Err(e) = interrupt.trigger(InterruptKind::Vring) {
-                log::error!(
-                    "virtio-blk queue {}: cannot signal the guest: {e}",
-                    wq.index
-                );
+                log::error!("virtio-blk queue {index}: cannot signal the guest: {e}");
             }
         }
         if let Some(f) = drained.fault {
-            faults.report(wq.index, &f);
+            faults.report(index, &f);
             wq.broken = true;
             interrupt.set_needs_reset();
         }

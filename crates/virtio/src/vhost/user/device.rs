@@ -1,27 +1,23 @@
-//! vhost-user-blk: a virtio-blk device on evmm's virtio-mmio transport whose requests
-//! another process (the backend, e.g. `qemu-storage-daemon --export
-//! type=vhost-user-blk`) serves, spoken to with the `vhost` crate's frontend.
+//! A virtio device on evmm's transport whose requests a vhost-user backend (another
+//! process, e.g. `qemu-storage-daemon --export type=vhost-user-blk`) serves. Written
+//! once for every kind of device; what differs per kind is a [`UserDeviceKind`].
 //!
 //! # Message sequence
 //!
-//! * At start-up, before the guest runs ([`VhostUserBlk::connect`]): connect,
-//!   SET_OWNER, GET_FEATURES, GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES (MQ and
-//!   CONFIG required, REPLY_ACK when offered), GET_QUEUE_NUM, GET_CONFIG. The guest
-//!   is offered the backend's features without VHOST_USER_F_PROTOCOL_FEATURES,
-//!   filtered by what the transport implements
-//!   ([`evmm_virtio::mmio::transport_supported`]) and without SECURE_ERASE and ZONED,
-//!   whose configuration fields lie beyond the 60 bytes evmm reads. Its
-//!   configuration reads are answered from the GET_CONFIG copy (`num_queues` set
-//!   to the queue count in use); a driver write of `writeback` is forwarded with
-//!   SET_CONFIG, other configuration writes are ignored.
-//! * On DRIVER_OK ([`VirtioDevice::activate`]): SET_FEATURES (the driver's features
-//!   plus PROTOCOL_FEATURES), SET_MEM_TABLE (the memfd, offset, guest address, size
-//!   and evmm's address of each guest RAM region), then for each ready queue
-//!   SET_VRING_NUM, SET_VRING_ADDR (evmm's addresses of the rings), SET_VRING_BASE 0,
-//!   SET_VRING_KICK with the queue's kick eventfd (the one KVM signals as the
-//!   queue's ioeventfd, or the transport with `--notify exit`), SET_VRING_CALL with
-//!   the device's irqfd, SET_VRING_ENABLE 1. From then on the backend reads kicks and
-//!   writes the irqfd itself: no evmm thread is on the data path.
+//! * At start-up, before the guest runs ([`VhostUserDevice::connect`]): connect, and
+//!   the handshake of [`Connection::handshake`] with what the kind needs. The guest is
+//!   offered the backend's features without VHOST_USER_F_PROTOCOL_FEATURES, filtered
+//!   by what the transport implements ([`crate::transport::mmio::transport_supported`])
+//!   and by the kind. Configuration reads are answered from the kind's configuration
+//!   space; a driver write the kind forwards goes to the backend with SET_CONFIG,
+//!   other writes are ignored.
+//! * On DRIVER_OK ([`VirtioDevice::activate`]): [`frontend::start`]: SET_FEATURES (the
+//!   driver's features plus PROTOCOL_FEATURES), SET_MEM_TABLE, then for each ready
+//!   queue SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE 0, SET_VRING_KICK with the
+//!   queue's kick eventfd (the one KVM signals as the queue's ioeventfd, or the
+//!   transport with `--notify exit`), SET_VRING_CALL with the device's irqfd,
+//!   SET_VRING_ENABLE 1. From then on the backend reads kicks and writes the irqfd
+//!   itself: no evmm thread is on the data path.
 //! * On reset (the driver writes 0 to Status, or evmm stops): GET_VRING_BASE for each
 //!   started queue, which stops the backend's rings, so the driver can set the device
 //!   up again.
@@ -36,52 +32,71 @@
 //!
 //! # A backend that dies
 //!
-//! A monitor thread ([`monitor`]) waits for the socket to hang up (and shuts it down
-//! when the backend leaves a request unanswered for [`frontend::REQUEST_TIMEOUT`]).
-//! evmm then logs the loss at `error` (device, socket, reason) and, if the device is
-//! live, takes its queues over ([`takeover`]): evmm still holds the kick eventfds and
-//! the irqfd, so it answers every pending and future request with
-//! VIRTIO_BLK_S_IOERR. The VM keeps running; a reset stops the takeover, a later
-//! activation takes the queues over at once (no message is sent to a lost backend)
-//! and evmm shuts down normally. A lost backend is not reconnected.
-
-pub mod frontend;
-pub mod monitor;
-pub mod takeover;
+//! A monitor thread ([`super::monitor`]) waits for the socket to hang up (and shuts it
+//! down when the backend leaves a request unanswered for
+//! [`super::connection::REQUEST_TIMEOUT`]). evmm then logs the loss at `error`
+//! (device, socket, reason) and, if the device is live, takes its queues over
+//! ([`super::takeover`]): evmm still holds the kick eventfds and the irqfd, so it
+//! answers every pending and future request with the kind's error. The VM keeps
+//! running; a reset stops the takeover, a later activation takes the queues over at
+//! once (no message is sent to a lost backend) and evmm shuts down normally. A lost
+//! backend is not reconnected.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use evmm_virtio::blk::config::{CONFIG_SIZE, QUEUE_SIZE};
-use evmm_virtio::blk::VIRTIO_ID_BLOCK;
-use evmm_virtio::device::{ActivateContext, ActivateError};
-use evmm_virtio::metrics::Counter;
-use evmm_virtio::mmio::transport_supported;
-use evmm_virtio::worker::WorkerHandle;
-use evmm_virtio::{InterruptSignal, VirtioDevice};
 use serde::Serialize;
-use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_SECURE_ERASE, VIRTIO_BLK_F_ZONED,
-};
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::GuestMemoryMmap;
 
-pub use crate::config::vhost_user::VhostUserBlkConfig;
-use crate::memory::GuestMemoryMmap;
-use frontend::{Connection, FrontendError, RingSetup, Watchdog, CONFIG_NUM_QUEUES};
-use takeover::{Takeover, TakeoverQueue, TakeoverSnapshot, TakeoverStats};
+use super::connection::{BackendInfo, Connection, HandshakeNeeds, PROTOCOL_FEATURES};
+use super::monitor;
+use super::takeover::{Takeover, TakeoverSnapshot, TakeoverStats};
+use crate::device::{ActivateContext, ActivateError, ReadyQueue, VirtioDevice};
+use crate::interrupt::InterruptSignal;
+use crate::metrics::Counter;
+use crate::transport::mmio::transport_supported;
+use crate::vhost::frontend::{self, FrontendError, RingSetup};
+use crate::worker::WorkerHandle;
 
-/// Offset of `writeback` (u8) in `struct virtio_blk_config`.
-const CONFIG_WRITEBACK: u64 = 32;
-/// Feature bits never offered: their configuration fields are beyond what evmm reads.
-const UNSUPPORTED_FEATURES: u64 = (1 << VIRTIO_BLK_F_SECURE_ERASE) | (1 << VIRTIO_BLK_F_ZONED);
+/// What differs between vhost-user devices: configuration space, features, queue
+/// count, and what the takeover answers when the backend is gone.
+pub trait UserDeviceKind: Send + Sync + 'static {
+    /// The device's name in messages ("vhost-user-blk").
+    fn name(&self) -> &'static str;
+    /// The virtio device ID.
+    fn device_type(&self) -> u32;
+    /// The size of every queue.
+    fn queue_size(&self) -> u16;
+    /// What the device needs from the handshake.
+    fn handshake_needs(&self) -> HandshakeNeeds;
+    /// The features offered to the guest, of `backend` (already filtered to what the
+    /// transport implements).
+    fn guest_features(&self, backend: u64) -> u64;
+    /// The number of queues: `requested`, or what the backend reports; at most the
+    /// device's limit.
+    fn queue_count(&self, info: &BackendInfo, requested: Option<u16>)
+        -> Result<u16, FrontendError>;
+    /// The configuration space the guest reads.
+    fn config_space(&self, info: &BackendInfo, queues: u16) -> Vec<u8>;
+    /// Whether a driver write of `len` bytes at `offset` of the configuration space
+    /// is the driver's to make and goes to the backend (SET_CONFIG); `features` are
+    /// those offered to the guest.
+    fn forwards_config_write(&self, offset: u64, len: usize, features: u64) -> bool;
+    /// The takeover's answer to a request once the backend is lost: writes the failure
+    /// into the chain `descs` and returns the length for the used ring, or says why
+    /// the chain has no place for it.
+    fn fail_request(&self, descs: &[Descriptor], mem: &GuestMemoryMmap) -> Result<u32, String>;
+}
 
-/// Errors of setting a vhost-user-blk device up.
+/// Errors of setting a vhost-user device up.
 #[derive(Debug, thiserror::Error)]
 pub enum VhostUserError {
     /// The backend cannot be reached or refused the handshake.
-    #[error("--vhost-user-blk socket={}: {source}", socket.display())]
+    #[error("--{kind} socket={}: {source}", socket.display())]
     Backend {
+        /// The device's name.
+        kind: &'static str,
         /// The socket.
         socket: PathBuf,
         /// Why.
@@ -89,8 +104,10 @@ pub enum VhostUserError {
         source: FrontendError,
     },
     /// The monitor thread cannot be started.
-    #[error("--vhost-user-blk socket={}: cannot start the monitor thread: {source}", socket.display())]
+    #[error("--{kind} socket={}: cannot start the monitor thread: {source}", socket.display())]
     Monitor {
+        /// The device's name.
+        kind: &'static str,
         /// The socket.
         socket: PathBuf,
         /// Why.
@@ -107,14 +124,14 @@ pub enum BackendState {
     Connecting,
     /// Serving the device.
     Connected,
-    /// Gone: the device's requests are answered with I/O errors.
+    /// Gone: the device's requests are answered with errors.
     Lost,
 }
 
 /// What a takeover needs, kept from activation until it starts.
 struct TakeoverParts {
     mem: GuestMemoryMmap,
-    queues: Vec<TakeoverQueue>,
+    queues: Vec<ReadyQueue>,
     interrupt: Arc<dyn InterruptSignal>,
 }
 
@@ -134,16 +151,16 @@ struct Inner {
 }
 
 /// What the device, its monitor thread and the metrics share.
-struct Shared {
+struct Shared<K: UserDeviceKind> {
     name: String,
+    kind: Arc<K>,
     socket: PathBuf,
-    watchdog: Arc<Watchdog>,
     stats: Arc<TakeoverStats>,
     activations: Counter,
     inner: Mutex<Inner>,
 }
 
-impl Shared {
+impl<K: UserDeviceKind> Shared<K> {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -181,6 +198,7 @@ impl Shared {
         let interrupt = parts.interrupt.clone();
         let t = Takeover::new(
             &self.name,
+            self.kind.clone(),
             parts.mem,
             parts.queues,
             parts.interrupt,
@@ -198,7 +216,7 @@ impl Shared {
 
 /// The device's counters, for `--metrics`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct VhostUserBlkMetrics {
+pub struct VhostUserMetrics {
     /// The backend's socket.
     pub socket: String,
     /// Where the backend stands.
@@ -213,30 +231,37 @@ pub struct VhostUserBlkMetrics {
     pub takeover: TakeoverSnapshot,
 }
 
-/// A vhost-user-blk device.
-pub struct VhostUserBlk {
-    shared: Arc<Shared>,
+/// A vhost-user device of kind `K`.
+pub struct VhostUserDevice<K: UserDeviceKind> {
+    shared: Arc<Shared<K>>,
     queue_sizes: Vec<u16>,
     avail_features: u64,
-    config_space: [u8; CONFIG_SIZE],
+    config_space: Vec<u8>,
     monitor: Option<WorkerHandle<()>>,
 }
 
-impl VhostUserBlk {
-    /// Connects to the backend of `config` and does the start-up handshake. `name`
-    /// identifies the device in the log. Nothing is left running on error.
-    pub fn connect(config: &VhostUserBlkConfig, name: &str) -> Result<Self, VhostUserError> {
-        let socket = config.socket.clone();
+impl<K: UserDeviceKind> VhostUserDevice<K> {
+    /// Connects to the backend on `socket` and does the start-up handshake, with
+    /// `queues` request queues (`None`: what the backend reports). `name` identifies
+    /// the device in the log. Nothing is left running on error.
+    pub fn connect(
+        kind: K,
+        socket: &Path,
+        queues: Option<u16>,
+        name: &str,
+    ) -> Result<Self, VhostUserError> {
+        let kind_name = kind.name();
         let backend_err = |source| VhostUserError::Backend {
-            socket: socket.clone(),
+            kind: kind_name,
+            socket: socket.to_path_buf(),
             source,
         };
-        let (conn, monitor_socket) = Connection::open(&socket).map_err(backend_err)?;
-        let watchdog = Arc::new(Watchdog::default());
+        let (conn, monitor_socket) = Connection::open(socket).map_err(backend_err)?;
+        let watchdog = conn.watchdog().clone();
         let shared = Arc::new(Shared {
             name: name.to_string(),
-            socket: socket.clone(),
-            watchdog: watchdog.clone(),
+            kind: Arc::new(kind),
+            socket: socket.to_path_buf(),
             stats: Arc::new(TakeoverStats::default()),
             activations: Counter::default(),
             inner: Mutex::new(Inner {
@@ -247,20 +272,22 @@ impl VhostUserBlk {
             }),
         });
         let weak = Arc::downgrade(&shared);
-        let monitor = monitor::spawn(monitor_socket, watchdog.clone(), move |why| {
+        let monitor = monitor::spawn(monitor_socket, watchdog, move |why| {
             if let Some(shared) = weak.upgrade() {
                 let mut inner = shared.lock();
                 shared.backend_lost(&mut inner, &why);
             }
         })
         .map_err(|source| VhostUserError::Monitor {
-            socket: socket.clone(),
+            kind: kind_name,
+            socket: socket.to_path_buf(),
             source,
         })?;
+        let kind = shared.kind.clone();
         let setup = {
             let mut inner = shared.lock();
-            let info = inner.conn.handshake(&watchdog);
-            info.and_then(|info| info.queue_count(config.queues).map(|q| (info, q)))
+            let info = inner.conn.handshake(kind.handshake_needs());
+            info.and_then(|info| kind.queue_count(&info, queues).map(|q| (info, q)))
         };
         let (info, queues) = match setup {
             Ok(v) => v,
@@ -269,41 +296,35 @@ impl VhostUserBlk {
                 return Err(backend_err(e));
             }
         };
-        let mut config_space = info.config;
-        if info.features & (1 << VIRTIO_BLK_F_MQ) != 0 {
-            config_space[CONFIG_NUM_QUEUES..CONFIG_NUM_QUEUES + 2]
-                .copy_from_slice(&queues.to_le_bytes());
-        }
-        let avail_features = transport_supported(info.features) & !UNSUPPORTED_FEATURES;
+        let config_space = kind.config_space(&info, queues);
+        let avail_features = kind.guest_features(transport_supported(info.features));
         {
             let mut inner = shared.lock();
             if inner.state == BackendState::Lost {
                 drop(inner);
                 monitor.stop();
                 return Err(backend_err(FrontendError::Connect {
-                    path: socket.clone(),
+                    path: socket.to_path_buf(),
                     source: std::io::Error::from(std::io::ErrorKind::ConnectionReset),
                     hint: " (the backend went away during the handshake)",
                 }));
             }
             inner.state = BackendState::Connected;
         }
-        let dev = VhostUserBlk {
-            shared,
-            queue_sizes: vec![QUEUE_SIZE; usize::from(queues)],
-            avail_features,
-            config_space,
-            monitor: Some(monitor),
-        };
         log::info!(
-            "{name}: vhost-user backend on {}: {} sectors, {queues} queue(s), features {:#x} \
+            "{name}: vhost-user backend on {}: {queues} queue(s), features {:#x} \
              (offered {avail_features:#x}), protocol features {:#x}",
             socket.display(),
-            dev.capacity_sectors(),
             info.features,
             info.protocol_features.bits()
         );
-        Ok(dev)
+        Ok(VhostUserDevice {
+            shared,
+            queue_sizes: vec![kind.queue_size(); usize::from(queues)],
+            avail_features,
+            config_space,
+            monitor: Some(monitor),
+        })
     }
 
     /// The device's name in the log.
@@ -316,11 +337,9 @@ impl VhostUserBlk {
         &self.shared.socket
     }
 
-    /// The disk's capacity in 512-byte sectors, as the backend reported it.
-    pub fn capacity_sectors(&self) -> u64 {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&self.config_space[..8]);
-        u64::from_le_bytes(b)
+    /// The configuration space the guest reads.
+    pub fn config_space(&self) -> &[u8] {
+        &self.config_space
     }
 
     /// Number of request queues.
@@ -340,9 +359,9 @@ impl VhostUserBlk {
     }
 
     /// The counters, typed.
-    pub fn metrics_snapshot(&self) -> VhostUserBlkMetrics {
+    pub fn metrics_snapshot(&self) -> VhostUserMetrics {
         let inner = self.shared.lock();
-        VhostUserBlkMetrics {
+        VhostUserMetrics {
             socket: self.shared.socket.display().to_string(),
             backend: inner.state,
             queues: self.queue_sizes.len(),
@@ -351,31 +370,11 @@ impl VhostUserBlk {
             takeover: self.shared.stats.snapshot(),
         }
     }
-
-    /// The queues of `ctx` the driver made ready, as the takeover would run them.
-    fn takeover_queues(ctx: &ActivateContext) -> Result<Vec<TakeoverQueue>, ActivateError> {
-        let event_idx = ctx.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-        let mut out = Vec::new();
-        for (index, (queue, kick)) in ctx.queues.iter().zip(&ctx.kicks).enumerate() {
-            if !queue.ready() {
-                continue;
-            }
-            let mut copy = Queue::try_from(queue.state())
-                .map_err(|e| ActivateError::BadSetup(format!("queue {index}: {e}")))?;
-            copy.set_event_idx(event_idx);
-            out.push(TakeoverQueue {
-                index,
-                queue: copy,
-                kick: kick.try_clone().map_err(ActivateError::Worker)?,
-            });
-        }
-        Ok(out)
-    }
 }
 
-impl VirtioDevice for VhostUserBlk {
+impl<K: UserDeviceKind> VirtioDevice for VhostUserDevice<K> {
     fn device_type(&self) -> u32 {
-        VIRTIO_ID_BLOCK
+        self.shared.kind.device_type()
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -387,75 +386,76 @@ impl VirtioDevice for VhostUserBlk {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        evmm_virtio::read_config_bytes(&self.config_space, offset, data);
+        crate::read_config_bytes(&self.config_space, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        // Only `writeback` is the driver's to write (with VIRTIO_BLK_F_CONFIG_WCE);
-        // anything else would make some backends give up on the connection.
-        let wce = self.avail_features & (1 << VIRTIO_BLK_F_CONFIG_WCE) != 0;
-        let (CONFIG_WRITEBACK, [writeback], true) = (offset, data, wce) else {
+        if !self
+            .shared
+            .kind
+            .forwards_config_write(offset, data.len(), self.avail_features)
+        {
+            // Anything else would make some backends give up on the connection.
             log::warn!(
                 "{}: config write of {} byte(s) at {offset:#x} ignored",
                 self.shared.name,
                 data.len()
             );
             return;
+        }
+        let (Ok(start), Ok(offset32)) = (usize::try_from(offset), u32::try_from(offset)) else {
+            return;
         };
-        if let Some(b) = self.config_space.get_mut(CONFIG_WRITEBACK as usize) {
-            *b = *writeback;
+        if let Some(dst) = self
+            .config_space
+            .get_mut(start..)
+            .and_then(|c| c.get_mut(..data.len()))
+        {
+            dst.copy_from_slice(data);
         }
         let mut inner = self.shared.lock();
         if inner.state != BackendState::Connected {
             return;
         }
-        if let Err(e) = inner
-            .conn
-            .set_config(&self.shared.watchdog, CONFIG_WRITEBACK as u32, data)
-        {
+        if let Err(e) = inner.conn.set_config(offset32, data) {
             self.shared.backend_lost(&mut inner, &e.to_string());
         }
     }
 
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let n = self.queue_sizes.len();
-        if ctx.queues.len() != n || ctx.kicks.len() != n {
-            return Err(ActivateError::BadSetup(format!(
-                "{} queues and {} kick eventfds for a device with {n} queues",
-                ctx.queues.len(),
-                ctx.kicks.len()
-            )));
-        }
+    fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
         let Some(call) = ctx.interrupt.call_eventfd() else {
             return Err(ActivateError::BadSetup(
                 "the transport has no irqfd to hand to the backend".into(),
             ));
         };
-        let queues = Self::takeover_queues(&ctx)?;
-        if queues.is_empty() {
-            return Err(ActivateError::BadSetup("no queue is ready".into()));
-        }
+        let call = call.try_clone().map_err(ActivateError::Worker)?;
+        let ready = ctx.take_ready_queues(self.queue_sizes.len())?;
+        let takeover_queues = ready
+            .iter()
+            .map(ReadyQueue::try_clone)
+            .collect::<Result<Vec<_>, _>>()?;
         let shared = self.shared.clone();
         let mut inner = shared.lock();
         if inner.active.is_some() {
             return Err(ActivateError::BadSetup("device is already active".into()));
         }
-        let rings: Vec<RingSetup<'_>> = ctx
-            .queues
+        let rings: Vec<RingSetup<'_>> = ready
             .iter()
-            .zip(&ctx.kicks)
-            .enumerate()
-            .filter(|(_, (q, _))| q.ready())
-            .map(|(index, (queue, kick))| RingSetup { index, queue, kick })
+            .map(|r| RingSetup {
+                index: r.index,
+                queue: &r.queue,
+                kick: &r.kick,
+            })
             .collect();
+        let features = ctx.acked_features | PROTOCOL_FEATURES;
         let started = match inner.state {
-            BackendState::Connected => {
-                Some(
-                    inner
-                        .conn
-                        .start(&shared.watchdog, &ctx.mem, ctx.acked_features, &rings, call),
-                )
-            }
+            BackendState::Connected => Some(frontend::start(
+                &mut inner.conn,
+                &ctx.mem,
+                features,
+                &rings,
+                &call,
+            )),
             _ => None,
         };
         if let Some(Err(e)) = &started {
@@ -468,7 +468,7 @@ impl VirtioDevice for VhostUserBlk {
             backend_rings: rings.iter().map(|r| r.index).collect(),
             takeover: Some(TakeoverParts {
                 mem: ctx.mem.clone(),
-                queues,
+                queues: takeover_queues,
                 interrupt: ctx.interrupt.clone(),
             }),
         });
@@ -504,8 +504,7 @@ impl VirtioDevice for VhostUserBlk {
         if inner.state != BackendState::Connected || active.backend_rings.is_empty() {
             return;
         }
-        let stopped = inner.conn.stop(&shared.watchdog, &active.backend_rings);
-        match stopped {
+        match frontend::stop(&mut inner.conn, &active.backend_rings) {
             Ok(bases) => log::debug!(
                 "{}: backend rings {:?} stopped at {bases:?}",
                 shared.name,
@@ -524,7 +523,7 @@ impl VirtioDevice for VhostUserBlk {
     }
 }
 
-impl Drop for VhostUserBlk {
+impl<K: UserDeviceKind> Drop for VhostUserDevice<K> {
     fn drop(&mut self) {
         // Stop the rings while the monitor still guards the requests; the socket
         // closes when the last reference to it goes.

@@ -3,6 +3,7 @@
 //! `vmm/tests/vhost_user_blk.rs` (qemu-storage-daemon).
 
 use super::*;
+use crate::vhost::blk::VhostUserBlkConfig;
 use std::os::unix::net::UnixListener;
 use std::time::{Duration, Instant};
 
@@ -17,7 +18,7 @@ fn config(socket: &Path) -> VhostUserBlkConfig {
 fn a_missing_socket_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vu.sock");
-    let err = VhostUserBlk::connect(&config(&path), "vu0").err().unwrap();
+    let err = config(&path).connect("vu0").err().unwrap();
     let msg = err.to_string();
     let p = path.display();
     assert!(
@@ -40,7 +41,7 @@ fn a_peer_that_hangs_up_fails_the_handshake_promptly() {
         drop(s);
     });
     let start = Instant::now();
-    let err = VhostUserBlk::connect(&config(&path), "vu0").err().unwrap();
+    let err = config(&path).connect("vu0").err().unwrap();
     assert!(
         start.elapsed() < Duration::from_secs(4),
         "{:?}",
@@ -64,11 +65,14 @@ fn a_peer_that_never_answers_times_out() {
         drop(s);
     });
     let start = Instant::now();
-    let err = VhostUserBlk::connect(&config(&path), "vu0").err().unwrap();
+    let err = config(&path).connect("vu0").err().unwrap();
     let took = start.elapsed();
-    assert!(took >= frontend::REQUEST_TIMEOUT, "{took:?}");
     assert!(
-        took < frontend::REQUEST_TIMEOUT + Duration::from_secs(5),
+        took >= super::super::connection::REQUEST_TIMEOUT,
+        "{took:?}"
+    );
+    assert!(
+        took < super::super::connection::REQUEST_TIMEOUT + Duration::from_secs(5),
         "{took:?}"
     );
     assert_eq!(
@@ -255,7 +259,7 @@ mod fake {
     }
 }
 
-use evmm_virtio::mmio::*;
+use crate::transport::mmio::*;
 use fake::*;
 use std::io::Write as _;
 use std::os::unix::io::AsRawFd;
@@ -357,7 +361,7 @@ fn wait_for<F: Fn() -> bool>(what: &str, f: F) {
 #[test]
 fn handshake_features_and_config() {
     let backend = Backend::start(script());
-    let dev = VhostUserBlk::connect(&config(&backend.socket), "vu0").unwrap();
+    let dev = config(&backend.socket).connect("vu0").unwrap();
     assert_eq!(
         codes(&backend.take()),
         [
@@ -386,13 +390,11 @@ fn handshake_features_and_config() {
 
     // queues=2: config num_queues says 2.
     let backend = Backend::start(script());
-    let dev = VhostUserBlk::connect(
-        &VhostUserBlkConfig {
-            socket: backend.socket.clone(),
-            queues: Some(2),
-        },
-        "vu0",
-    )
+    let dev = VhostUserBlkConfig {
+        socket: backend.socket.clone(),
+        queues: Some(2),
+    }
+    .connect("vu0")
     .unwrap();
     let mut nq = [0u8; 2];
     dev.read_config(34, &mut nq);
@@ -414,9 +416,7 @@ fn a_backend_without_the_config_protocol_feature_is_refused() {
     let mut s = script();
     s.protocol_features = PROTO_MQ;
     let backend = Backend::start(s);
-    let err = VhostUserBlk::connect(&config(&backend.socket), "vu0")
-        .err()
-        .unwrap();
+    let err = config(&backend.socket).connect("vu0").err().unwrap();
     assert!(
         err.to_string()
             .ends_with("the backend does not offer the CONFIG protocol feature, which evmm needs"),
@@ -425,9 +425,7 @@ fn a_backend_without_the_config_protocol_feature_is_refused() {
     let mut s = script();
     s.features &= !F_PROTOCOL;
     let backend = Backend::start(s);
-    let err = VhostUserBlk::connect(&config(&backend.socket), "vu0")
-        .err()
-        .unwrap();
+    let err = config(&backend.socket).connect("vu0").err().unwrap();
     assert!(
         err.to_string().contains("VHOST_USER_F_PROTOCOL_FEATURES"),
         "{err}"
@@ -437,10 +435,9 @@ fn a_backend_without_the_config_protocol_feature_is_refused() {
 #[test]
 fn activation_hands_over_memory_rings_and_the_very_eventfds() {
     let backend = Backend::start(script());
-    let dev = VhostUserBlk::connect(&config(&backend.socket), "vu0").unwrap();
+    let dev = config(&backend.socket).connect("vu0").unwrap();
     backend.take();
-    let ram = crate::memory::GuestRam::new(16 << 20).unwrap();
-    let mem = ram.memory().clone();
+    let mem = crate::test_utils::memfd_memory(16 << 20);
     let host = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
     let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
     let irq = irqfd.try_clone().unwrap();
@@ -554,10 +551,9 @@ fn activation_hands_over_memory_rings_and_the_very_eventfds() {
 #[test]
 fn a_backend_that_hangs_up_while_live_is_taken_over() {
     let backend = Backend::start(script());
-    let dev = VhostUserBlk::connect(&config(&backend.socket), "vu0").unwrap();
+    let dev = config(&backend.socket).connect("vu0").unwrap();
     assert_eq!(backend.take().len(), 6, "the handshake");
-    let ram = crate::memory::GuestRam::new(16 << 20).unwrap();
-    let mem = ram.memory().clone();
+    let mem = crate::test_utils::memfd_memory(16 << 20);
     let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
     let irq = irqfd.try_clone().unwrap();
     let mut t = MmioTransport::new(Box::new(dev), mem.clone(), irqfd).unwrap();
@@ -603,10 +599,10 @@ fn a_backend_that_hangs_up_while_live_is_taken_over() {
 #[test]
 fn memory_that_cannot_be_shared_fails_activation_not_the_backend() {
     let backend = Backend::start(script());
-    let dev = VhostUserBlk::connect(&config(&backend.socket), "vu0").unwrap();
+    let dev = config(&backend.socket).connect("vu0").unwrap();
     backend.take();
     // Anonymous memory: no file descriptor for SET_MEM_TABLE.
-    let mem = crate::memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
     let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
     let mut t = MmioTransport::new(Box::new(dev), mem, irqfd).unwrap();
     init(&mut t, F_VERSION_1, &[0]);

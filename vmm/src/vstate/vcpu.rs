@@ -9,12 +9,12 @@ use kvm_bindings::{kvm_run, CpuId};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::arch::cpuid::{patch_cpuid, VcpuTopology};
+use crate::arch::{msr, regs};
 use crate::boot::KernelEntry;
-use crate::bus::Bus;
-use crate::cpuid::{patch_cpuid, VcpuTopology};
-use crate::exit::{ExitReason, VmExit};
-use crate::memory::GuestMemoryMmap;
-use crate::{msr, regs};
+use crate::devices::bus::Bus;
+use crate::vstate::exit::{ExitReason, VmExit};
+use crate::vstate::memory::GuestMemoryMmap;
 
 /// Errors while creating or configuring a vCPU.
 #[derive(Debug, thiserror::Error)]

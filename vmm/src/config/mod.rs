@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use evmm_virtio::blk::BlockConfig;
 
-use crate::layout::MAX_VIRTIO_MMIO_DEVICES;
+use crate::arch::layout::MAX_VIRTIO_MMIO_DEVICES;
 use vhost_user::VhostUserBlkConfig;
 
 /// Default kernel command line.

@@ -12,23 +12,24 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::acpi::{self, DsdtDevice};
+use crate::arch::acpi::{self, DsdtDevice};
+use crate::arch::layout::{
+    ACPI_SLEEP_CONTROL_PORT, COM1_GSI, COM1_PORT, I8042_PORT, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR,
+};
+use crate::arch::{bios, mptable};
 use crate::boot::{self, BootSpec, KernelEntry};
-use crate::bus::{Bus, BusError};
 use crate::config::VmConfig;
 use crate::device_manager::{self, DeviceError, PendingDevice, VirtioDevices};
 use crate::devices::acpi_pm::AcpiSleep;
+use crate::devices::bus::{Bus, BusError};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{IrqTrigger, SerialDevice};
-use crate::exit::{ExitReason, ExitTrigger, VmExit};
-use crate::layout::{
-    ACPI_SLEEP_CONTROL_PORT, COM1_GSI, COM1_PORT, I8042_PORT, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR,
-};
-use crate::memory::{e820_map, GuestRam, MemoryError};
+use crate::event_loop;
 use crate::signals::StopSignals;
 use crate::terminal::RawModeGuard;
-use crate::vcpu::{self, Vcpu, VcpuError, VcpuSetup};
-use crate::{bios, event_loop, mptable};
+use crate::vstate::exit::{ExitReason, ExitTrigger, VmExit};
+use crate::vstate::memory::{e820_map, GuestRam, MemoryError};
+use crate::vstate::vcpu::{self, Vcpu, VcpuError, VcpuSetup};
 
 /// The KVM device evmm opens unless told otherwise.
 pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
@@ -269,9 +270,9 @@ impl Vm {
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("get the supported CPUID"))?;
-        let host_msrs = crate::msr::HostMsrs::query(&kvm, &supported_cpuid)
+        let host_msrs = crate::arch::msr::HostMsrs::query(&kvm, &supported_cpuid)
             .map_err(kvm_err("list the MSRs KVM supports"))?;
-        let msrs = crate::msr::boot_msr_entries(&host_msrs);
+        let msrs = crate::arch::msr::boot_msr_entries(&host_msrs);
         let setup = VcpuSetup {
             supported_cpuid: &supported_cpuid,
             count: config.vcpus,

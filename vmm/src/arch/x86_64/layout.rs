@@ -9,7 +9,7 @@
 //! 0x0002_0000  kernel command line
 //! 0x0009_fc00  EBDA (reserved)
 //! 0x000e_0000  ACPI tables (RSDP first)  0x000f_0000 MP table
-//! 0x000f_fff0  reset vector stub (see crate::bios)
+//! 0x000f_fff0  reset vector stub (see crate::arch::bios)
 //! 0x0010_0000  kernel (bzImage protected-mode part / vmlinux segments)
 //! ...          RAM up to min(memory, 3 GiB); initramfs at its top
 //! 0xc000_0000  32-bit MMIO hole: virtio-mmio window, IOAPIC, LAPIC, TSS

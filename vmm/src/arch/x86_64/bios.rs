@@ -8,8 +8,8 @@
 
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::layout::I8042_PORT;
-use crate::memory::GuestMemoryMmap;
+use crate::arch::layout::I8042_PORT;
+use crate::vstate::memory::GuestMemoryMmap;
 
 /// Physical address of the x86 reset vector below 1 MiB (f000:fff0).
 pub const RESET_VECTOR: u64 = 0xffff0;
@@ -27,7 +27,7 @@ pub fn write_reset_vector(mem: &GuestMemoryMmap) -> Result<(), vm_memory::GuestM
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::GuestRam;
+    use crate::vstate::memory::GuestRam;
 
     #[test]
     fn stub_fits_and_targets_the_i8042() {

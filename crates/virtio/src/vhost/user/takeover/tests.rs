@@ -1,54 +1,24 @@
 //! The takeover on mock rings: what a dead backend left pending and what the guest
-//! sends afterwards is answered with IOERR.
+//! sends afterwards is answered with IOERR (the block device's answer).
 
 use super::*;
-use std::os::unix::io::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64};
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use crate::test_utils::{
+    add_chain, avail_event, guest_memory, make_queue, raw_desc, set_avail_flags, set_used_event,
+    used_elem, used_idx, wait_readable, Desc, RecordingInterrupt, QSIZE, USED_ADDR as USED,
+};
+use crate::vhost::blk::BlkKind;
+use virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR;
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
-const QSIZE: u16 = 16;
-/// The used ring, away from the mock's (which overlaps its available ring).
-const USED: u64 = 0x1_0000;
 const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 /// What a status byte holds before anyone answered.
 const UNTOUCHED: u8 = 0xaa;
 
-struct Irq {
-    vring: AtomicU64,
-    needs_reset: AtomicBool,
-    fd: EventFd,
-}
-
-impl Irq {
-    fn new() -> Arc<Self> {
-        Arc::new(Irq {
-            vring: AtomicU64::new(0),
-            needs_reset: AtomicBool::new(false),
-            fd: EventFd::new(EFD_NONBLOCK).unwrap(),
-        })
-    }
-    fn vring(&self) -> u64 {
-        self.vring.load(Ordering::SeqCst)
-    }
-}
-
-impl InterruptSignal for Irq {
-    fn trigger(&self, kind: InterruptKind) -> io::Result<()> {
-        if kind == InterruptKind::Vring {
-            self.vring.fetch_add(1, Ordering::SeqCst);
-        }
-        self.fd.write(1)
-    }
-    fn set_needs_reset(&self) {
-        self.needs_reset.store(true, Ordering::SeqCst);
-    }
-}
-
 fn mem() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()
+    guest_memory()
 }
 
 /// A request chain at descriptor `first`: header, 512 bytes of data, status at
@@ -60,26 +30,15 @@ fn add_request(
     status: u64,
 ) {
     mem.write_obj(UNTOUCHED, GuestAddress(status)).unwrap();
-    let descs = [
-        (0x10_0000, 16, 0),
-        (0x20_0000, 512, VRING_DESC_F_WRITE),
-        (status, 1, VRING_DESC_F_WRITE),
-    ];
-    let raw: Vec<RawDescriptor> = descs
-        .iter()
-        .enumerate()
-        .map(|(i, &(addr, len, flags))| {
-            let last = i + 1 == descs.len();
-            let flags = if last {
-                flags
-            } else {
-                flags | VRING_DESC_F_NEXT
-            };
-            let next = if last { 0 } else { first + i as u16 + 1 };
-            RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
-        })
-        .collect();
-    vq.add_desc_chains(&raw, first).unwrap();
+    add_chain(
+        vq,
+        first,
+        &[
+            Desc(0x10_0000, 16, false),
+            Desc(0x20_0000, 512, true),
+            Desc(status, 1, true),
+        ],
+    );
 }
 
 fn status_addr(n: u64) -> u64 {
@@ -88,18 +47,6 @@ fn status_addr(n: u64) -> u64 {
 
 fn status(mem: &GuestMemoryMmap, n: u64) -> u8 {
     mem.read_obj(GuestAddress(status_addr(n))).unwrap()
-}
-
-fn used_idx(mem: &GuestMemoryMmap) -> u16 {
-    mem.read_obj(GuestAddress(USED + 2)).unwrap()
-}
-
-fn used_elem(mem: &GuestMemoryMmap, i: u16) -> (u32, u32) {
-    let base = USED + 4 + 8 * u64::from(i % QSIZE);
-    (
-        mem.read_obj(GuestAddress(base)).unwrap(),
-        mem.read_obj(GuestAddress(base + 4)).unwrap(),
-    )
 }
 
 /// What a backend leaves when it completed `n` requests and died: used entries and
@@ -116,11 +63,10 @@ fn backend_completed(mem: &GuestMemoryMmap, heads: &[u32]) {
         .unwrap();
 }
 
-fn queue(vq: &MockSplitQueue<GuestMemoryMmap>, event_idx: bool) -> TakeoverQueue {
-    let mut q: Queue = vq.create_queue().unwrap();
-    q.set_used_ring_address(Some(USED as u32), Some(0));
+fn queue(vq: &MockSplitQueue<GuestMemoryMmap>, event_idx: bool) -> ReadyQueue {
+    let mut q = make_queue(vq);
     q.set_event_idx(event_idx);
-    TakeoverQueue {
+    ReadyQueue {
         index: 0,
         queue: q,
         kick: EventFd::new(EFD_NONBLOCK).unwrap(),
@@ -130,11 +76,22 @@ fn queue(vq: &MockSplitQueue<GuestMemoryMmap>, event_idx: bool) -> TakeoverQueue
 /// A takeover of `queue` on `mem`, with a fresh interrupt and fresh counters.
 fn takeover(
     mem: &GuestMemoryMmap,
-    queue: TakeoverQueue,
-) -> (Takeover, Arc<Irq>, Arc<TakeoverStats>) {
-    let irq = Irq::new();
+    queue: ReadyQueue,
+) -> (
+    Takeover<BlkKind>,
+    Arc<RecordingInterrupt>,
+    Arc<TakeoverStats>,
+) {
+    let irq = Arc::new(RecordingInterrupt::new());
     let stats = Arc::new(TakeoverStats::default());
-    let t = Takeover::new("test", mem.clone(), vec![queue], irq.clone(), stats.clone());
+    let t = Takeover::new(
+        "test",
+        Arc::new(BlkKind),
+        mem.clone(),
+        vec![queue],
+        irq.clone(),
+        stats.clone(),
+    );
     (t, irq, stats)
 }
 
@@ -163,7 +120,7 @@ fn pending_requests_are_answered_with_ioerr_where_the_backend_stopped() {
     }
     // One interrupt for the used entries, one unconditional at the start.
     assert_eq!(irq.vring(), 2);
-    assert!(!irq.needs_reset.load(Ordering::SeqCst));
+    assert!(!irq.needs_reset());
     let s = stats.snapshot();
     assert_eq!(s.requests_failed, 3);
     assert_eq!(s.kicks, 1);
@@ -204,10 +161,7 @@ fn the_thread_answers_kicked_requests_and_stops() {
     assert_eq!(s.requests_failed, 1);
     assert_eq!(s.kicks, 1);
     // EVENT_IDX: the device re-armed avail_event at its next_avail.
-    let avail_event: u16 = mem
-        .read_obj(GuestAddress(USED + 4 + 8 * u64::from(QSIZE)))
-        .unwrap();
-    assert_eq!(avail_event, 1);
+    assert_eq!(avail_event(&mem), 1);
 }
 
 #[test]
@@ -216,8 +170,7 @@ fn event_idx_and_no_interrupt_suppress_interrupts() {
     let mem = mem();
     let vq = MockSplitQueue::create(&mem, GuestAddress(0), QSIZE);
     add_request(&vq, &mem, 0, status_addr(0));
-    let used_event = vq.avail_addr().0 + 4 + 2 * u64::from(QSIZE);
-    mem.write_obj(10u16, GuestAddress(used_event)).unwrap();
+    set_used_event(&vq, &mem, 10);
     let (mut t, irq, stats) = takeover(&mem, queue(&vq, true));
     assert_eq!(t.drain(0), 1);
     assert_eq!(irq.vring(), 0);
@@ -227,14 +180,13 @@ fn event_idx_and_no_interrupt_suppress_interrupts() {
     let mem = super::tests::mem();
     let vq = MockSplitQueue::create(&mem, GuestAddress(0), QSIZE);
     add_request(&vq, &mem, 0, status_addr(0));
-    mem.write_obj(VRING_AVAIL_F_NO_INTERRUPT as u16, vq.avail_addr())
-        .unwrap();
+    set_avail_flags(&vq, &mem, VRING_AVAIL_F_NO_INTERRUPT as u16);
     let (mut t, irq, _) = takeover(&mem, queue(&vq, false));
     assert_eq!(t.drain(0), 1);
     assert_eq!(irq.vring(), 0);
     assert_eq!(status(&mem, 0), IOERR);
     // Without the flag: an interrupt.
-    mem.write_obj(0u16, vq.avail_addr()).unwrap();
+    set_avail_flags(&vq, &mem, 0);
     add_request(&vq, &mem, 3, status_addr(1));
     assert_eq!(t.drain(0), 1);
     assert_eq!(irq.vring(), 1);
@@ -245,17 +197,12 @@ fn a_chain_without_a_status_byte_stops_the_queue_with_needs_reset() {
     let mem = mem();
     let vq = MockSplitQueue::create(&mem, GuestAddress(0), QSIZE);
     // A single device-readable descriptor: nowhere to answer.
-    vq.add_desc_chains(
-        &[RawDescriptor::from(SplitDescriptor::new(
-            0x10_0000, 16, 0, 0,
-        ))],
-        0,
-    )
-    .unwrap();
+    vq.add_desc_chains(&[raw_desc(0x10_0000, 16, 0, 0)], 0)
+        .unwrap();
     add_request(&vq, &mem, 1, status_addr(1));
     let (mut t, irq, stats) = takeover(&mem, queue(&vq, false));
     assert_eq!(t.drain(0), 0);
-    assert!(irq.needs_reset.load(Ordering::SeqCst));
+    assert!(irq.needs_reset());
     assert_eq!(stats.snapshot().malformed_chains, 1);
     assert_eq!(used_idx(&mem), 0);
     // The queue is stopped: nothing more is answered until a reset.
@@ -270,18 +217,7 @@ fn a_used_ring_outside_memory_stops_the_queue() {
     let mut q = queue(&vq, false);
     q.queue.set_used_ring_address(Some(0xffff_0000), Some(0));
     let (mut t, irq, stats) = takeover(&mem, q);
-    assert!(irq.needs_reset.load(Ordering::SeqCst));
+    assert!(irq.needs_reset());
     assert_eq!(t.drain(0), 0);
     assert_eq!(stats.snapshot().malformed_chains, 1);
-}
-
-fn wait_readable(fd: &EventFd) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: `pfd` is a valid pollfd for the duration of the call and nfds is 1.
-    let r = unsafe { libc::poll(&mut pfd, 1, 10_000) };
-    r == 1
 }

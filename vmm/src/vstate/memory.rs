@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
 
-use crate::layout::{
+use crate::arch::layout::{
     ACPI_START, BIOS_END, EBDA_START, FIRST_ADDR_PAST_32BITS, HIMEM_START, MMIO_HOLE_START,
 };
 

@@ -6,12 +6,12 @@ use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_regs, kvm_segment, kvm_sregs};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::boot::KernelEntry;
-use crate::layout::{
+use crate::arch::layout::{
     BOOT_STACK_POINTER, GDT_START, IDT_START, PDE_START, PDPTE_START, PML4_START, PVH_INFO_START,
     ZERO_PAGE_START,
 };
-use crate::memory::GuestMemoryMmap;
+use crate::boot::KernelEntry;
+use crate::vstate::memory::GuestMemoryMmap;
 
 use evmm_kvm_probe::long_mode::{
     CR0_CD, CR0_ET, CR0_NW, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME,
@@ -249,7 +249,7 @@ pub fn setup_lint(vcpu: &VcpuFd) -> Result<(), RegsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::GuestRam;
+    use crate::vstate::memory::GuestRam;
 
     #[test]
     fn gdt_round_trip() {

@@ -4,9 +4,9 @@
 
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::acpi::ioapic_id;
-use crate::layout::{IOAPIC_ADDR, LAPIC_ADDR, MPTABLE_START};
-use crate::memory::GuestMemoryMmap;
+use crate::arch::acpi::ioapic_id;
+use crate::arch::layout::{IOAPIC_ADDR, LAPIC_ADDR, MPTABLE_START};
+use crate::vstate::memory::GuestMemoryMmap;
 
 const SPEC_REV: u8 = 4;
 const APIC_VERSION: u8 = 0x14;

@@ -18,11 +18,11 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::layout::{
+use crate::arch::layout::{
     ACPI_END, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, ACPI_START, COM1_GSI, COM1_PORT,
     I8042_PORT, IOAPIC_ADDR, LAPIC_ADDR,
 };
-use crate::memory::GuestMemoryMmap;
+use crate::vstate::memory::GuestMemoryMmap;
 
 /// OEM id written into every table.
 pub const OEM_ID: [u8; 6] = *b"EVMM  ";
@@ -290,7 +290,7 @@ pub fn write_acpi_tables(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::GuestRam;
+    use crate::vstate::memory::GuestRam;
 
     fn sum(bytes: &[u8]) -> u8 {
         bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b))

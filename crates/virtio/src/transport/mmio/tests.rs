@@ -590,9 +590,9 @@ fn block_device_through_the_transport() {
         &vq,
         0,
         &[
-            D(0x10_0000, 16, false),
-            D(0x20_0000, 1024, true),
-            D(0x30_0000, 1, true),
+            Desc(0x10_0000, 16, false),
+            Desc(0x20_0000, 1024, true),
+            Desc(0x30_0000, 1, true),
         ],
     );
     // `--notify exit`: the vCPU thread's QueueNotify write kicks the worker.

@@ -13,17 +13,33 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
 
-use evmm_virtio::worker::WorkerHandle;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::frontend::{Watchdog, REQUEST_TIMEOUT};
+use super::connection::{Watchdog, REQUEST_TIMEOUT};
+use crate::epoll::{EpollHelper, EpollToken, Events};
+use crate::worker::WorkerHandle;
 
 /// How often the watchdog is checked.
 const TICK: Duration = Duration::from_millis(200);
 
-const SOCKET: u64 = 0;
-const KILL: u64 = 1;
+/// What woke the monitor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Token {
+    Socket,
+    Kill,
+}
+
+impl EpollToken for Token {
+    fn to_raw(self) -> u64 {
+        self as u64
+    }
+
+    fn from_raw(raw: u64) -> Option<Self> {
+        [Token::Socket, Token::Kill]
+            .get(usize::try_from(raw).ok()?)
+            .copied()
+    }
+}
 
 /// Starts the monitor of `socket` (a clone of the frontend's connection).
 /// `on_hang_up` gets the reason when the backend is gone.
@@ -35,52 +51,42 @@ pub fn spawn<F>(
 where
     F: FnOnce(String) + Send + 'static,
 {
-    let epoll = Epoll::new()?;
-    epoll.ctl(
-        ControlOperation::Add,
+    let epoll = EpollHelper::new(2)?;
+    epoll.add_events(
         socket.as_raw_fd(),
-        EpollEvent::new(
-            EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR,
-            SOCKET,
-        ),
+        Events::READ_HANG_UP | Events::HANG_UP | Events::ERROR,
+        Token::Socket,
     )?;
-    // Started while the VM is built, before the main loop blocks the stop signals.
-    crate::signals::with_stop_signals_blocked(|| {
-        WorkerHandle::spawn("evmm-vu-monitor", move |kill| {
-            body(socket, watchdog, on_hang_up, epoll, kill)
-        })
+    WorkerHandle::spawn("evmm-vu-monitor", move |kill| {
+        body(socket, watchdog, on_hang_up, epoll, kill)
     })
 }
 
 /// The thread body: waits for hang-up, the kill eventfd or the next watchdog tick.
-fn body<F>(socket: UnixStream, watchdog: Arc<Watchdog>, on_hang_up: F, epoll: Epoll, kill: EventFd)
-where
+fn body<F>(
+    socket: UnixStream,
+    watchdog: Arc<Watchdog>,
+    on_hang_up: F,
+    mut epoll: EpollHelper<Token>,
+    kill: EventFd,
+) where
     F: FnOnce(String),
 {
-    if let Err(e) = epoll.ctl(
-        ControlOperation::Add,
-        kill.as_raw_fd(),
-        EpollEvent::new(EventSet::IN, KILL),
-    ) {
+    if let Err(e) = epoll.add(kill.as_raw_fd(), Token::Kill) {
         log::error!("vhost-user monitor cannot watch its kill eventfd: {e}");
         return;
     }
     let mut reason = None;
-    let mut events = [EpollEvent::default(); 2];
+    let mut ready = Vec::with_capacity(2);
     loop {
-        let n = match epoll.wait(TICK.as_millis() as i32, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                log::error!("vhost-user monitor: epoll_wait failed: {e}");
-                return;
-            }
-        };
-        let tokens: Vec<u64> = events.iter().take(n).map(EpollEvent::data).collect();
-        if tokens.contains(&KILL) {
+        if let Err(e) = epoll.wait(Some(TICK), &mut ready) {
+            log::error!("vhost-user monitor: epoll_wait failed: {e}");
             return;
         }
-        if tokens.contains(&SOCKET) {
+        if ready.contains(&Token::Kill) {
+            return;
+        }
+        if ready.contains(&Token::Socket) {
             on_hang_up(reason.unwrap_or_else(|| "the backend hung up".to_string()));
             return;
         }

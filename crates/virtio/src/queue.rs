@@ -1,0 +1,211 @@
+//! Serving one virtqueue, for every device: the EVENT_IDX loop (disable
+//! notifications, drain, enable, re-check) around a per-chain answer, the decision
+//! whether the driver wants a used-buffer interrupt, and reading a kick eventfd.
+//!
+//! It knows a [`Queue`] and guest memory only. The in-VMM block worker, the
+//! vhost-user-blk daemon and evmm's vhost-user takeover run it with their own answer
+//! and deliver the interrupt their own way (the irqfd, or the frontend's call eventfd).
+
+use std::io;
+use std::sync::atomic::{fence, Ordering};
+
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::metrics::Counter;
+
+/// A fault that leaves a queue unusable until the driver resets the device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueFault<F> {
+    /// A chain the device cannot answer (no place for a status, say).
+    Chain(F),
+    /// A broken available or used ring.
+    Ring(String),
+}
+
+/// What one drain did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Drained<F> {
+    /// Used entries added.
+    pub added: usize,
+    /// Whether the driver wants a used-buffer interrupt for them (false when nothing
+    /// was added, or EVENT_IDX / VRING_AVAIL_F_NO_INTERRUPT suppress it).
+    pub notify: bool,
+    /// A fault that stopped the drain. Not yet logged: the caller reports it and stops
+    /// serving the queue.
+    pub fault: Option<QueueFault<F>>,
+}
+
+impl<F> Drained<F> {
+    /// Counts the interrupt decision (when entries were added): `interrupts` or
+    /// `suppressed`. Count before signalling, so that whoever the interrupt wakes sees
+    /// the counters of what it was woken for.
+    pub fn count_notification(&self, interrupts: &Counter, suppressed: &Counter) {
+        if self.added == 0 {
+            return;
+        }
+        if self.notify {
+            interrupts.inc();
+        } else {
+            suppressed.inc();
+        }
+    }
+}
+
+/// Serves every available chain of `queue` with `answer`, which returns the length to
+/// put in the used ring, or the fault that stops the queue (the chain is then not
+/// added to the used ring). With EVENT_IDX: disable notifications, drain, enable, and
+/// drain again if the driver added chains meanwhile.
+pub fn drain_queue<'m, M, F>(
+    queue: &mut Queue,
+    mem: &'m M,
+    mut answer: impl FnMut(DescriptorChain<&'m M>) -> Result<u32, F>,
+) -> Drained<F>
+where
+    M: GuestMemory,
+{
+    let mut added = 0usize;
+    let mut fault = None;
+    'drain: loop {
+        if let Err(e) = queue.disable_notification(mem) {
+            fault = Some(QueueFault::Ring(format!(
+                "cannot disable notifications: {e}"
+            )));
+            break;
+        }
+        loop {
+            let chain = match queue.iter(mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => {
+                    fault = Some(QueueFault::Ring(format!("bad available ring: {e}")));
+                    break 'drain;
+                }
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let used_len = match answer(chain) {
+                Ok(len) => len,
+                Err(f) => {
+                    fault = Some(QueueFault::Chain(f));
+                    break 'drain;
+                }
+            };
+            if let Err(e) = queue.add_used(mem, head, used_len) {
+                fault = Some(QueueFault::Ring(format!("cannot add a used entry: {e}")));
+                break 'drain;
+            }
+            added += 1;
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) => continue,
+            Ok(false) => break,
+            Err(e) => {
+                fault = Some(QueueFault::Ring(format!(
+                    "cannot enable notifications: {e}"
+                )));
+                break;
+            }
+        }
+    }
+    Drained {
+        added,
+        notify: added > 0 && driver_wants_interrupt(queue, mem),
+        fault,
+    }
+}
+
+/// Whether the driver wants a used-buffer interrupt for what was just added: EVENT_IDX's
+/// used_event when negotiated, else the available ring's VRING_AVAIL_F_NO_INTERRUPT
+/// (which virtio-queue does not look at), read after the used ring was written as the
+/// spec orders it.
+pub fn driver_wants_interrupt<M: GuestMemory>(queue: &mut Queue, mem: &M) -> bool {
+    if queue.event_idx_enabled() {
+        return queue.needs_notification(mem).unwrap_or(true);
+    }
+    fence(Ordering::SeqCst);
+    mem.read_obj::<u16>(GuestAddress(queue.avail_ring()))
+        .map(|flags| flags & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0)
+        .unwrap_or(true)
+}
+
+/// Reads a kick eventfd: the number of kicks since the last read (several kicks
+/// coalesce), or `None` when there was none.
+pub fn take_kicks(kick: &EventFd) -> io::Result<Option<u64>> {
+    match kick.read() {
+        Ok(n) => Ok(Some(n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_utils::*;
+    use virtio_queue::mock::MockSplitQueue;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    #[test]
+    fn every_chain_is_answered_and_the_driver_asked() {
+        let mem = guest_memory();
+        let vq = MockSplitQueue::new(&mem, QSIZE);
+        add_chain(&vq, 0, &[Desc(0x10_0000, 16, true)]);
+        add_chain(&vq, 1, &[Desc(0x10_1000, 16, true)]);
+        let mut q = make_queue(&vq);
+        let d: Drained<()> = drain_queue(&mut q, &mem, |c| Ok(c.head_index().into()));
+        assert_eq!((d.added, d.notify, d.fault), (2, true, None));
+        assert_eq!(used_elem(&mem, 1), (1, 1));
+    }
+
+    #[test]
+    fn a_fault_stops_the_drain_without_a_used_entry() {
+        let mem = guest_memory();
+        let vq = MockSplitQueue::new(&mem, QSIZE);
+        add_chain(&vq, 0, &[Desc(0x10_0000, 16, true)]);
+        add_chain(&vq, 1, &[Desc(0x10_1000, 16, true)]);
+        let mut q = make_queue(&vq);
+        let d = drain_queue(&mut q, &mem, |c| {
+            if c.head_index() == 1 {
+                Err("bad")
+            } else {
+                Ok(1)
+            }
+        });
+        assert_eq!((d.added, d.fault), (1, Some(QueueFault::Chain("bad"))));
+        assert_eq!(used_idx(&mem), 1);
+    }
+
+    #[test]
+    fn no_interrupt_flag_and_event_idx_are_honoured() {
+        let mem = guest_memory();
+        let vq = MockSplitQueue::new(&mem, QSIZE);
+        add_chain(&vq, 0, &[Desc(0x10_0000, 16, true)]);
+        let mut q = make_queue(&vq);
+        set_avail_flags(&vq, &mem, VRING_AVAIL_F_NO_INTERRUPT as u16);
+        let d: Drained<()> = drain_queue(&mut q, &mem, |_| Ok(1));
+        assert_eq!((d.added, d.notify), (1, false));
+
+        let vq = MockSplitQueue::new(&mem, QSIZE);
+        let mut q = make_queue(&vq);
+        q.set_event_idx(true);
+        add_chain(&vq, 0, &[Desc(0x10_0000, 16, true)]);
+        add_chain(&vq, 1, &[Desc(0x10_1000, 16, true)]);
+        // The driver wants an interrupt only once the second entry is used.
+        set_used_event(&vq, &mem, 5);
+        let d: Drained<()> = drain_queue(&mut q, &mem, |_| Ok(1));
+        assert_eq!((d.added, d.notify), (2, false));
+        // avail_event tells the driver where the device will look next.
+        assert_eq!(avail_event(&mem), 2);
+    }
+
+    #[test]
+    fn kicks_coalesce_and_none_is_none() {
+        let k = EventFd::new(EFD_NONBLOCK).unwrap();
+        assert_eq!(take_kicks(&k).unwrap(), None);
+        k.write(1).unwrap();
+        k.write(2).unwrap();
+        assert_eq!(take_kicks(&k).unwrap(), Some(3));
+    }
+}
