@@ -1,4 +1,4 @@
-//! The capability probe on this host: it measures, reports a verdict, and the route the
+//! KVM level: the capability probe on this host: it measures, reports a verdict, and the route the
 //! Linux-booting tests take follows from it.
 
 use evmm_kvm_probe::{probe, Ring0};

@@ -6,7 +6,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use evmm_virtio::epoll::{EpollHelper, EpollToken};
+use evmm_virtio::epoll::{EpollHelper, FixedToken};
 
 use crate::devices::serial::SerialDevice;
 use crate::signals::StopSignals;
@@ -24,16 +24,8 @@ enum Token {
     Stdin,
 }
 
-impl EpollToken for Token {
-    fn to_raw(self) -> u64 {
-        self as u64
-    }
-
-    fn from_raw(raw: u64) -> Option<Self> {
-        [Token::Exit, Token::Signal, Token::Stdin]
-            .get(usize::try_from(raw).ok()?)
-            .copied()
-    }
+impl FixedToken for Token {
+    const ALL: &'static [Self] = &[Token::Exit, Token::Signal, Token::Stdin];
 }
 
 /// Runs until a stop is requested: forwards stdin to the UART (when

@@ -146,6 +146,22 @@ pub fn tss_descriptor_low(base: u64, limit: u64) -> u64 {
         | (((base >> 24) & 0xff) << 56)
 }
 
+/// Loads `code` into CS, `data` into DS, ES, FS, GS and SS, and `tss` into TR.
+pub fn set_flat_segments(
+    sregs: &mut kvm_sregs,
+    code: kvm_segment,
+    data: kvm_segment,
+    tss: kvm_segment,
+) {
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = tss;
+}
+
 /// Special registers for 64-bit long mode at `cpl` (0 or 3) with flat segments,
 /// starting from the vCPU's reset state `base`.
 pub fn long_mode_sregs(base: &kvm_sregs, cpl: u8, layout: &FlatLayout) -> kvm_sregs {
@@ -192,13 +208,7 @@ pub fn long_mode_sregs(base: &kvm_sregs, cpl: u8, layout: &FlatLayout) -> kvm_sr
         padding: 0,
     };
     let mut sregs = *base;
-    sregs.cs = code;
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
-    sregs.tr = tss;
+    set_flat_segments(&mut sregs, code, data, tss);
     sregs.gdt.base = layout.gdt;
     sregs.gdt.limit = GDT_LIMIT;
     let (idt_base, idt_limit) = layout.idt.unwrap_or((0, 0));

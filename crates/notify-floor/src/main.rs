@@ -17,13 +17,13 @@
 //!      irqfd (GSI [`IRQ_GSI`], IOAPIC pin programmed edge-triggered to vector
 //!      [`IRQ_VECTOR`]); the ring-0 handler's first instruction is `rdtsc`.
 //!
-//! It prints the same machine-readable lines as the probe guest
-//! (`crates/probe-guest`), so the benchmark parses both alike:
+//! It prints the same machine-readable lines as the notify guest
+//! (`crates/notify-guest`), so the benchmark parses both alike:
 //!
 //! ```text
-//! PROBE-INFO source=floor tsc_khz=2600000 gsi=5 vector=0x40
-//! PROBE-RESULT kind=floor mode=poll n=1000 irqs=0 min=.. p50=.. p90=.. p99=.. p999=.. max=.. mean=.. cycles=c1,c2,...
-//! PROBE-DONE requests=1000
+//! NOTIFY-INFO source=floor tsc_khz=2600000 gsi=5 vector=0x40
+//! NOTIFY-RESULT kind=floor mode=poll n=1000 irqs=0 min=.. p50=.. p90=.. p99=.. p999=.. max=.. mean=.. cycles=c1,c2,...
+//! NOTIFY-DONE requests=1000
 //! ```
 //!
 //! In `irq` mode two series are printed: `mode=irq` (kick → interrupt
@@ -241,7 +241,7 @@ enum Mode {
 }
 
 /// The raw KVM notify-path floor: ioeventfd kick, answer through guest
-/// memory (poll) or an irqfd (irq). Prints PROBE-RESULT lines in the probe
+/// memory (poll) or an irqfd (irq). Prints NOTIFY-RESULT lines in the notify
 /// guest's format.
 #[derive(Parser, Debug)]
 #[command(name = "evmm-notify-floor", version)]
@@ -591,13 +591,13 @@ fn run_until_done(vcpu: &mut VcpuFd) -> Result<(), Error> {
     }
 }
 
-/// Summary statistics of one series, as printed on a PROBE-RESULT line.
+/// Summary statistics of one series, as printed on a NOTIFY-RESULT line.
 fn summary(samples: &[u64]) -> String {
     let mut s = samples.to_vec();
     s.sort_unstable();
     let n = s.len();
     // Nearest-rank percentile: the smallest sample with at least p% of the
-    // samples at or below it (same definition as the probe guest).
+    // samples at or below it (same definition as the notify guest).
     let pct = |p10: usize| s[((p10 * n).div_ceil(1000)).clamp(1, n) - 1];
     let mean = s.iter().map(|&v| u128::from(v)).sum::<u128>() / n as u128;
     format!(
@@ -615,7 +615,7 @@ fn summary(samples: &[u64]) -> String {
 fn run(args: &Args) -> Result<(), Error> {
     let mut floor = build(args.requests)?;
     println!(
-        "PROBE-INFO source=floor tsc_khz={} gsi={IRQ_GSI} vector={IRQ_VECTOR:#x} kick={KICK_ADDR:#x}",
+        "NOTIFY-INFO source=floor tsc_khz={} gsi={IRQ_GSI} vector={IRQ_VECTOR:#x} kick={KICK_ADDR:#x}",
         floor.tsc_khz
     );
     let modes = match args.mode {
@@ -626,7 +626,7 @@ fn run(args: &Args) -> Result<(), Error> {
         let (series, irqs) = run_mode(&mut floor, mode, args.requests)?;
         for (name, samples) in series {
             let mut line = format!(
-                "PROBE-RESULT kind=floor mode={name} n={} irqs={irqs} {}",
+                "NOTIFY-RESULT kind=floor mode={name} n={} irqs={irqs} {}",
                 samples.len(),
                 summary(&samples)
             );
@@ -638,7 +638,7 @@ fn run(args: &Args) -> Result<(), Error> {
             println!("{line}");
         }
     }
-    println!("PROBE-DONE requests={}", args.requests);
+    println!("NOTIFY-DONE requests={}", args.requests);
     Ok(())
 }
 

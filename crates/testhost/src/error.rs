@@ -13,6 +13,9 @@ pub enum Error {
     /// `guest-images/build` failed.
     #[error("guest-images/build failed ({0}); its messages are above")]
     ImageBuild(ExitStatus),
+    /// `crates/notify-guest/build.sh` failed.
+    #[error("building the notify guest failed ({0}); its messages are above")]
+    GuestBuild(ExitStatus),
     /// A program could not be started.
     #[error("cannot start {0}: {1}")]
     Spawn(String, #[source] std::io::Error),

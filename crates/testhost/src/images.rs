@@ -68,3 +68,17 @@ impl GuestImages {
         Self::existing()
     }
 }
+
+/// Builds the notify guest (`crates/notify-guest/build.sh`, a bare-metal PVH ELF) and
+/// returns its path.
+pub fn notify_guest() -> Result<PathBuf> {
+    let script = repo_root().join("crates/notify-guest/build.sh");
+    let out = Command::new(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| Error::Spawn(script.display().to_string(), e))?;
+    if !out.status.success() {
+        return Err(Error::GuestBuild(out.status));
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}

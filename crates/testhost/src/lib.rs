@@ -9,7 +9,7 @@ pub mod evmm;
 pub mod guest;
 pub mod images;
 pub mod nested;
-pub mod probe_output;
+pub mod notify_output;
 pub mod process;
 pub mod qemu;
 pub mod qemu_cpu;

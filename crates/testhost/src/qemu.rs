@@ -101,14 +101,14 @@ impl QemuGuest {
     }
 }
 
-/// QEMU `-M microvm` running the notify-latency probe guest (a PVH ELF) on a
+/// QEMU `-M microvm` running the notify guest (a PVH ELF) on a
 /// virtio-blk disk whose GET_ID answer is `id`. QEMU 7.2's virtio-mmio is legacy unless
 /// told otherwise, and a PVH kernel gets no `virtio_mmio.device=` from it: a single
 /// device sits in microvm's last transport, 0xfeb02e00, on GSI 47. `cpu` is the `-cpu`
 /// model (see [`crate::qemu_cpu::kvm_cpu_model`]).
-pub fn probe_microvm_argv(
+pub fn notify_guest_microvm_argv(
     cpu: &str,
-    probe: &str,
+    guest: &str,
     disk: &str,
     id: &str,
     requests: u32,
@@ -127,9 +127,9 @@ pub fn probe_microvm_argv(
         "-m".into(),
         memory_mib.to_string(),
         "-kernel".into(),
-        probe.to_string(),
+        guest.to_string(),
         "-append".into(),
-        format!("virtio_mmio.device=512@0xfeb02e00:47 probe.requests={requests}"),
+        format!("virtio_mmio.device=512@0xfeb02e00:47 notify.requests={requests}"),
         "-drive".into(),
         format!("id=d,file={disk},format=raw,if=none"),
         "-device".into(),

@@ -53,6 +53,62 @@ impl Route {
     }
 }
 
+/// For a program that boots Linux guests (a benchmark): where this host's /dev/kvm
+/// cannot boot them, runs this very program with the same arguments in the nested
+/// host, printing its output as it comes, and returns its exit status; where it can
+/// (inside the nested host too), returns `None` and the caller goes on here. Prints
+/// the route on stderr either way.
+pub fn rerun_where_guests_boot(limit: Duration) -> Result<Option<i32>> {
+    let route = Route::detect()?;
+    eprintln!("{route}");
+    if let Route::Direct { .. } = route {
+        return Ok(None);
+    }
+    let mut argv: Vec<String> = std::env::args().collect();
+    // The release binaries are on PATH in L1.
+    if let Some(name) = argv
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+    {
+        argv[0] = name;
+    }
+    let out = NestedHost::new()?
+        .timeout(limit)
+        .on_line(|line| println!("{line}"))
+        .run(&argv)?;
+    eprintln!(
+        "nested host: L1 up in {:.1} s; {} exited {} after {:.1} s",
+        out.l1_boot.as_secs_f64(),
+        argv[0],
+        out.status,
+        out.command_time.as_secs_f64()
+    );
+    Ok(Some(out.status))
+}
+
+/// The `main` of a benchmark program: with `nested_limit`, first
+/// [`rerun_where_guests_boot`] (and exit with the nested run's status if it went
+/// there); then `run` here. A failure is one `error:` line and exit status 1.
+pub fn bench_main(
+    nested_limit: Option<Duration>,
+    run: impl FnOnce() -> std::result::Result<(), Box<dyn std::error::Error>>,
+) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let result = match nested_limit.map(rerun_where_guests_boot).transpose() {
+        Ok(Some(Some(status))) => return ExitCode::from(u8::try_from(status).unwrap_or(1)),
+        Ok(_) => run(),
+        Err(e) => Err(e.into()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 impl fmt::Display for Route {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -159,6 +159,25 @@ impl Backend {
         }
     }
 
+    /// Sends `signal` (SIGSTOP, SIGCONT, ...) to the running backend.
+    pub fn signal(&self, signal: libc::c_int) {
+        if let Some(child) = &self.child {
+            // SAFETY: kill(2) on our own child's pid, which it still is: the child is
+            // reaped only by `terminate`, `kill` or drop.
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, signal);
+            }
+        }
+    }
+
+    /// Kills the backend at once (SIGKILL) and reaps it, as a crash would end it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Sends SIGTERM and waits up to `limit` for the exit; `None` if the backend was
     /// still running then (it is killed).
     pub fn terminate(&mut self, limit: Duration) -> Option<ExitStatus> {

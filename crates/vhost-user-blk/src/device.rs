@@ -121,13 +121,7 @@ impl BlockDevice {
 
     /// The counters, typed.
     pub fn metrics_snapshot(&self) -> BlockMetricsSnapshot {
-        BlockMetricsSnapshot {
-            queues: self
-                .metrics
-                .iter()
-                .map(BlockQueueMetrics::snapshot)
-                .collect(),
-        }
+        BlockMetricsSnapshot::of(&self.metrics)
     }
 }
 

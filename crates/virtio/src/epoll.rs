@@ -128,7 +128,8 @@ pub enum SlotToken<F> {
     Indexed(usize),
 }
 
-/// Named sources of a [`SlotToken`]: at most 256, encoded as their index.
+/// A fixed set of named sources (at most 256), encoded as their index in
+/// [`FixedToken::ALL`]; alone, or as the named part of a [`SlotToken`].
 pub trait FixedToken: Copy + Sized + 'static {
     /// Every value, in a fixed order.
     const ALL: &'static [Self];
@@ -136,10 +137,21 @@ pub trait FixedToken: Copy + Sized + 'static {
 
 const INDEXED_BASE: u64 = 256;
 
+/// A fixed set of sources is a token by itself.
+impl<F: FixedToken + PartialEq> EpollToken for F {
+    fn to_raw(self) -> u64 {
+        F::ALL.iter().position(|x| *x == self).unwrap_or(0) as u64
+    }
+
+    fn from_raw(raw: u64) -> Option<Self> {
+        F::ALL.get(usize::try_from(raw).ok()?).copied()
+    }
+}
+
 impl<F: FixedToken + PartialEq> EpollToken for SlotToken<F> {
     fn to_raw(self) -> u64 {
         match self {
-            SlotToken::Fixed(f) => F::ALL.iter().position(|x| *x == f).unwrap_or(0) as u64,
+            SlotToken::Fixed(f) => f.to_raw(),
             SlotToken::Indexed(i) => INDEXED_BASE + i as u64,
         }
     }
@@ -150,10 +162,7 @@ impl<F: FixedToken + PartialEq> EpollToken for SlotToken<F> {
                 .ok()
                 .map(SlotToken::Indexed)
         } else {
-            F::ALL
-                .get(usize::try_from(raw).ok()?)
-                .copied()
-                .map(SlotToken::Fixed)
+            F::from_raw(raw).map(SlotToken::Fixed)
         }
     }
 }

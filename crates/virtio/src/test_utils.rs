@@ -206,14 +206,25 @@ impl DriverRing {
     /// A ring of `size` with its three parts at `desc`, `desc + 0x1000` and
     /// `desc + 0x2000` (room for up to 256 entries).
     pub fn at(desc: u64, size: u16) -> Self {
+        Self::new(desc, desc + 0x1000, desc + 0x2000, size)
+    }
+
+    /// A ring of `size` with its parts where given.
+    pub fn new(desc: u64, avail: u64, used: u64, size: u16) -> Self {
         Self {
             desc,
-            avail: desc + 0x1000,
-            used: desc + 0x2000,
+            avail,
+            used,
             size,
             next_desc: 0,
             avail_idx: 0,
         }
+    }
+
+    /// The ring of a virtio-queue `MockSplitQueue` (its descriptor table and available
+    /// ring) with the used ring at [`USED_ADDR`].
+    pub fn of_mock<M: GuestMemory>(vq: &MockSplitQueue<M>) -> Self {
+        Self::new(vq.desc_table_addr().0, vq.avail_addr().0, USED_ADDR, QSIZE)
     }
 
     /// Zeroes the ring in `mem` and starts over.
@@ -285,5 +296,76 @@ impl DriverRing {
             mem.read_obj(GuestAddress(at)).unwrap(),
             mem.read_obj(GuestAddress(at + 4)).unwrap(),
         )
+    }
+}
+
+/// A driver's side of the virtio-mmio register file, as tests play it.
+pub mod mmio_driver {
+    use super::DriverRing;
+    use crate::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
+    use crate::transport::mmio::*;
+
+    /// ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK: a live device.
+    pub const LIVE: u32 = ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK;
+
+    /// A 32-bit register read (0xff bytes stay where the transport wrote nothing).
+    pub fn r32(t: &mut MmioTransport, off: u64) -> u32 {
+        let mut d = [0xffu8; 4];
+        t.read(off, &mut d);
+        u32::from_le_bytes(d)
+    }
+
+    /// A 32-bit register write.
+    pub fn w32(t: &mut MmioTransport, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    /// The 64 feature bits the device offers.
+    pub fn offered_features(t: &mut MmioTransport) -> u64 {
+        w32(t, DEVICE_FEATURES_SEL, 0);
+        let lo = r32(t, DEVICE_FEATURES);
+        w32(t, DEVICE_FEATURES_SEL, 1);
+        let hi = r32(t, DEVICE_FEATURES);
+        (u64::from(hi) << 32) | u64::from(lo)
+    }
+
+    /// Writes the driver's features (both words).
+    pub fn ack_features(t: &mut MmioTransport, f: u64) {
+        w32(t, DRIVER_FEATURES_SEL, 0);
+        w32(t, DRIVER_FEATURES, f as u32);
+        w32(t, DRIVER_FEATURES_SEL, 1);
+        w32(t, DRIVER_FEATURES, (f >> 32) as u32);
+    }
+
+    /// ACKNOWLEDGE, DRIVER, the features, FEATURES_OK.
+    pub fn negotiate(t: &mut MmioTransport, features: u64) {
+        w32(t, STATUS, ACKNOWLEDGE);
+        w32(t, STATUS, ACKNOWLEDGE | DRIVER);
+        ack_features(t, features);
+        w32(t, STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+    }
+
+    /// Sets queue `index` up on `ring` and makes it ready.
+    pub fn setup_queue(t: &mut MmioTransport, index: u32, ring: &DriverRing) {
+        w32(t, QUEUE_SEL, index);
+        w32(t, QUEUE_NUM, u32::from(ring.size));
+        for (low, addr) in [
+            (QUEUE_DESC_LOW, ring.desc),
+            (QUEUE_DRIVER_LOW, ring.avail),
+            (QUEUE_DEVICE_LOW, ring.used),
+        ] {
+            w32(t, low, addr as u32);
+            w32(t, low + 4, (addr >> 32) as u32);
+        }
+        w32(t, QUEUE_READY, 1);
+    }
+
+    /// Negotiates `features`, sets queue `i` up on `rings[i]`, sets DRIVER_OK.
+    pub fn init(t: &mut MmioTransport, features: u64, rings: &[(u32, &DriverRing)]) {
+        negotiate(t, features);
+        for (index, ring) in rings {
+            setup_queue(t, *index, ring);
+        }
+        w32(t, STATUS, LIVE);
     }
 }

@@ -135,8 +135,8 @@ mod tests {
         let out = SharedBuf::default();
         let mut dev = SerialDevice::new(IrqTrigger::new(evt), Box::new(out.clone()));
         // `rep outsb` to the data register: one exit with all of its bytes.
-        dev.write(0, b"PROBE-DONE\n");
-        assert_eq!(&*out.0.lock().unwrap(), b"PROBE-DONE\n");
+        dev.write(0, b"NOTIFY-DONE\n");
+        assert_eq!(&*out.0.lock().unwrap(), b"NOTIFY-DONE\n");
     }
 
     #[test]

@@ -40,3 +40,12 @@ pub struct BlockMetricsSnapshot {
     /// One entry per queue, in queue-index order.
     pub queues: Vec<BlockQueueSnapshot>,
 }
+
+impl BlockMetricsSnapshot {
+    /// Reads the counters of every queue.
+    pub fn of(queues: &[BlockQueueMetrics]) -> Self {
+        Self {
+            queues: queues.iter().map(BlockQueueMetrics::snapshot).collect(),
+        }
+    }
+}

@@ -14,7 +14,7 @@ use crate::boot::KernelEntry;
 use crate::vstate::memory::GuestMemoryMmap;
 
 use evmm_kvm_probe::long_mode::{
-    CR0_CD, CR0_ET, CR0_NW, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME,
+    set_flat_segments, CR0_CD, CR0_ET, CR0_NW, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME,
 };
 
 /// Local APIC register offsets and delivery modes.
@@ -150,15 +150,12 @@ pub fn setup_sregs(
     sregs.idt.base = IDT_START;
     sregs.idt.limit = 7;
 
-    let code = segment_from_gdt(gdt[1], 1);
-    let data = segment_from_gdt(gdt[2], 2);
-    sregs.cs = code;
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
-    sregs.tr = segment_from_gdt(gdt[3], 3);
+    set_flat_segments(
+        &mut sregs,
+        segment_from_gdt(gdt[1], 1),
+        segment_from_gdt(gdt[2], 2),
+        segment_from_gdt(gdt[3], 3),
+    );
 
     sregs.cr0 = (sregs.cr0 & !(CR0_CD | CR0_NW)) | CR0_PE | CR0_ET;
     if long_mode {

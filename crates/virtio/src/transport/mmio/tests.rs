@@ -5,6 +5,7 @@ use super::*;
 use crate::blk::{Block, BlockConfig};
 use crate::device::ActivateError;
 use crate::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, FAILED, FEATURES_OK};
+use crate::test_utils::mmio_driver::*;
 use crate::test_utils::*;
 use std::io::Write;
 use std::sync::Mutex;
@@ -101,52 +102,20 @@ fn transport() -> (MmioTransport, Arc<Mutex<Record>>) {
     transport_with(false)
 }
 
-fn r32(t: &mut MmioTransport, off: u64) -> u32 {
-    let mut d = [0xffu8; 4];
-    t.read(off, &mut d);
-    u32::from_le_bytes(d)
-}
-
-fn w32(t: &mut MmioTransport, off: u64, v: u32) {
-    t.write(off, &v.to_le_bytes());
-}
-
-fn ack_features(t: &mut MmioTransport, f: u64) {
-    w32(t, DRIVER_FEATURES_SEL, 0);
-    w32(t, DRIVER_FEATURES, f as u32);
-    w32(t, DRIVER_FEATURES_SEL, 1);
-    w32(t, DRIVER_FEATURES, (f >> 32) as u32);
-}
-
-/// Sets up queue `i` at the layout of a MockSplitQueue at `base`.
-fn setup_queue(t: &mut MmioTransport, i: u32, base: u64, used: u64) {
+/// Sets up queue `i` at the layout of a MockSplitQueue at `base`, used ring at `used`.
+fn setup_mock_queue(t: &mut MmioTransport, i: u32, base: u64, used: u64) {
     let mem = guest_memory();
     let vq = MockSplitQueue::create(&mem, GuestAddress(base), QSIZE);
-    w32(t, QUEUE_SEL, i);
-    w32(t, QUEUE_NUM, u32::from(QSIZE));
-    w32(t, QUEUE_DESC_LOW, vq.desc_table_addr().0 as u32);
-    w32(t, QUEUE_DESC_HIGH, 0);
-    w32(t, QUEUE_DRIVER_LOW, vq.avail_addr().0 as u32);
-    w32(t, QUEUE_DRIVER_HIGH, 0);
-    w32(t, QUEUE_DEVICE_LOW, used as u32);
-    w32(t, QUEUE_DEVICE_HIGH, 0);
-    w32(t, QUEUE_READY, 1);
+    let mut ring = DriverRing::of_mock(&vq);
+    ring.used = used;
+    setup_queue(t, i, &ring);
 }
 
 fn init(t: &mut MmioTransport, features: u64) {
-    w32(t, STATUS, ACKNOWLEDGE);
-    w32(t, STATUS, ACKNOWLEDGE | DRIVER);
-    ack_features(t, features);
-    w32(t, STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
-    setup_queue(t, 0, 0, USED_ADDR);
-    w32(
-        t,
-        STATUS,
-        ACKNOWLEDGE | DRIVER | FEATURES_OK | status::DRIVER_OK,
-    );
+    negotiate(t, features);
+    setup_mock_queue(t, 0, 0, USED_ADDR);
+    w32(t, STATUS, LIVE);
 }
-
-const LIVE: u32 = ACKNOWLEDGE | DRIVER | FEATURES_OK | status::DRIVER_OK;
 
 #[test]
 fn identification_registers() {
@@ -209,7 +178,7 @@ fn illegal_status_transitions_are_ignored() {
     assert!(rec.lock().unwrap().activations.is_empty());
     // The state is not corrupted: initialization still completes.
     w32(&mut t, STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
-    setup_queue(&mut t, 0, 0, USED_ADDR);
+    setup_mock_queue(&mut t, 0, 0, USED_ADDR);
     w32(&mut t, STATUS, LIVE);
     assert!(t.is_activated());
 }
@@ -259,7 +228,7 @@ fn driver_features_after_features_ok_are_ignored() {
     w32(&mut t, STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
     ack_features(&mut t, OFFERED);
     assert_eq!(t.acked_features(), VERSION_1);
-    setup_queue(&mut t, 0, 0, USED_ADDR);
+    setup_mock_queue(&mut t, 0, 0, USED_ADDR);
     w32(&mut t, STATUS, LIVE);
     let r = rec.lock().unwrap();
     assert_eq!(r.activations[0].0, VERSION_1);
@@ -306,7 +275,7 @@ fn invalid_queue_addresses_fail_activation_with_needs_reset() {
     ack_features(&mut t, OFFERED);
     w32(&mut t, STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
     // Used ring beyond guest memory.
-    setup_queue(&mut t, 0, 0, MEM_SIZE as u64 + 0x1000);
+    setup_mock_queue(&mut t, 0, 0, MEM_SIZE as u64 + 0x1000);
     w32(&mut t, STATUS, LIVE);
     assert!(!t.is_activated());
     assert!(rec.lock().unwrap().activations.is_empty());
@@ -578,7 +547,7 @@ fn block_device_through_the_transport() {
     ack_features(&mut t, (u64::from(hi) << 32) | u64::from(lo));
     w32(&mut t, STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
     assert_eq!(r32(&mut t, STATUS), ACKNOWLEDGE | DRIVER | FEATURES_OK);
-    setup_queue(&mut t, 0, 0, USED_ADDR);
+    setup_mock_queue(&mut t, 0, 0, USED_ADDR);
     w32(&mut t, STATUS, LIVE);
     assert!(t.is_activated());
 
@@ -620,7 +589,7 @@ fn block_device_through_the_transport() {
     w32(&mut t, STATUS, ACKNOWLEDGE | DRIVER);
     ack_features(&mut t, VERSION_1);
     w32(&mut t, STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
-    setup_queue(&mut t, 0, 0x40_0000, 0x50_0000);
+    setup_mock_queue(&mut t, 0, 0x40_0000, 0x50_0000);
     w32(&mut t, STATUS, LIVE);
     assert!(t.is_activated());
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::connection::{Watchdog, REQUEST_TIMEOUT};
-use crate::epoll::{EpollHelper, EpollToken, Events};
+use crate::epoll::{EpollHelper, Events, FixedToken};
 use crate::worker::WorkerHandle;
 
 /// How often the watchdog is checked.
@@ -29,16 +29,8 @@ enum Token {
     Kill,
 }
 
-impl EpollToken for Token {
-    fn to_raw(self) -> u64 {
-        self as u64
-    }
-
-    fn from_raw(raw: u64) -> Option<Self> {
-        [Token::Socket, Token::Kill]
-            .get(usize::try_from(raw).ok()?)
-            .copied()
-    }
+impl FixedToken for Token {
+    const ALL: &'static [Self] = &[Token::Socket, Token::Kill];
 }
 
 /// Starts the monitor of `socket` (a clone of the frontend's connection).

@@ -1,6 +1,6 @@
 //! Start-up failures of the vhost-user-blk device, against sockets that are not
 //! backends. The conversation with a real backend is tested in
-//! `vmm/tests/vhost_user_blk.rs` (qemu-storage-daemon).
+//! `crates/virtio/tests/process_vhost_user_frontend.rs` (qemu-storage-daemon).
 
 use super::*;
 use crate::vhost::blk::VhostUserBlkConfig;
@@ -259,6 +259,8 @@ mod fake {
     }
 }
 
+use crate::test_utils::mmio_driver::{r32, w32, LIVE};
+use crate::test_utils::{mmio_driver, DriverRing};
 use crate::transport::mmio::*;
 use fake::*;
 use std::io::Write as _;
@@ -304,40 +306,15 @@ fn script() -> Script {
     }
 }
 
-const ACKNOWLEDGE: u32 = 1;
-const DRIVER: u32 = 2;
-const DRIVER_OK: u32 = 4;
-const FEATURES_OK: u32 = 8;
-
-fn r32(t: &mut MmioTransport, off: u64) -> u32 {
-    let mut d = [0u8; 4];
-    t.read(off, &mut d);
-    u32::from_le_bytes(d)
-}
-
-fn w32(t: &mut MmioTransport, off: u64, v: u32) {
-    t.write(off, &v.to_le_bytes());
-}
-
-/// Driver initialisation with queues 0 and 1 ready at 0x1000 * (1 + 3i) ...
+/// Driver initialisation with the queues in `ready` set up, queue q's rings at
+/// 0x10_0000 * (q + 1).
 fn init(t: &mut MmioTransport, features: u64, ready: &[u32]) {
-    w32(t, STATUS, ACKNOWLEDGE);
-    w32(t, STATUS, ACKNOWLEDGE | DRIVER);
-    w32(t, DRIVER_FEATURES_SEL, 0);
-    w32(t, DRIVER_FEATURES, features as u32);
-    w32(t, DRIVER_FEATURES_SEL, 1);
-    w32(t, DRIVER_FEATURES, (features >> 32) as u32);
-    w32(t, STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
-    for &q in ready {
-        let base = 0x10_0000 * u64::from(q + 1);
-        w32(t, QUEUE_SEL, q);
-        w32(t, QUEUE_NUM, 16);
-        w32(t, QUEUE_DESC_LOW, base as u32);
-        w32(t, QUEUE_DRIVER_LOW, (base + 0x1000) as u32);
-        w32(t, QUEUE_DEVICE_LOW, (base + 0x2000) as u32);
-        w32(t, QUEUE_READY, 1);
-    }
-    w32(t, STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+    let rings: Vec<(u32, DriverRing)> = ready
+        .iter()
+        .map(|&q| (q, DriverRing::at(0x10_0000 * u64::from(q + 1), 16)))
+        .collect();
+    let rings: Vec<(u32, &DriverRing)> = rings.iter().map(|(q, r)| (*q, r)).collect();
+    mmio_driver::init(t, features, &rings);
 }
 
 fn readable(fd: &impl AsRawFd) -> bool {
@@ -583,10 +560,7 @@ fn a_backend_that_hangs_up_while_live_is_taken_over() {
     assert_eq!(m["device"]["taken_over"], true);
     assert_eq!(m["device"]["takeover"]["requests_failed"], 1);
     // The device stays live; the driver sees no NEEDS_RESET.
-    assert_eq!(
-        r32(&mut t, STATUS),
-        ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK
-    );
+    assert_eq!(r32(&mut t, STATUS), LIVE);
     // A reset sends nothing to the lost backend and returns at once.
     let start = Instant::now();
     w32(&mut t, STATUS, 0);

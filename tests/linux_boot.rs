@@ -1,4 +1,5 @@
-//! evmm boots Debian's stock kernel with the guest initramfs to its init, with the vCPUs
+//! Linux level (Debian's stock guest; in the nested host where /dev/kvm cannot boot
+//! it): evmm boots Debian's stock kernel with the guest initramfs to its init, with the vCPUs
 //! and memory it was given, and ends when the guest powers off or reboots. Runs on the
 //! route the capability probe picks (printed).
 

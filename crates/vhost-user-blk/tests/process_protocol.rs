@@ -1,4 +1,4 @@
-//! The daemon binary driven by the `vhost` crate's own vhost-user frontend: the
+//! Process level (the daemon as a process, no guest): the daemon binary driven by the `vhost` crate's own vhost-user frontend: the
 //! handshake and configuration space, real I/O through virtqueues in shared memfd
 //! memory, protocol violations, reconnection and SIGTERM.
 

@@ -1,8 +1,10 @@
-//! End-to-end tests of the evmm binary with tiny hand-made ELF "kernels"
-//! that write to the serial port and then power off, reset or triple-fault.
-//! They need a usable /dev/kvm and are skipped (with a message) without one.
+//! KVM level: the evmm binary on this host's /dev/kvm with tiny hand-made ELF
+//! "kernels" that write to the serial port and then power off, reset, triple-fault or
+//! halt, also with a vhost-user-blk backend (qemu-storage-daemon) that the guest never
+//! touches. They need a usable /dev/kvm and fail without one, saying so.
 
-use std::io::Read;
+use evmm_testhost::{Backend, BackendKind};
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -297,4 +299,128 @@ fn terminal_is_raw_while_running_and_restored_after_sigterm() {
     assert_eq!(status.code(), Some(0));
     assert_ne!(lflag(&slave) & libc::ICANON, 0, "terminal not restored");
     drop(master);
+}
+
+// ---- with a vhost-user-blk backend the tiny guest never touches ----
+
+/// How long a vhost-user event may take to show.
+const WAIT_VHOST_USER: Duration = Duration::from_secs(10);
+
+/// `parts` concatenated, as an ELF kernel in `dir`.
+fn tiny_kernel(dir: &tempfile::TempDir, parts: &[Vec<u8>]) -> std::path::PathBuf {
+    write_kernel(dir, "kernel", &elf(&parts.concat(), false))
+}
+
+/// qemu-storage-daemon serving a 4 MiB file in `dir` as vhost-user-blk.
+fn qemu_storage_daemon(dir: &tempfile::TempDir) -> Backend {
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, vec![0u8; 4 << 20]).unwrap();
+    Backend::start(
+        BackendKind::QemuStorageDaemon,
+        &image,
+        &dir.path().join("vu.sock"),
+        1,
+    )
+    .unwrap_or_else(|e| panic!("{e} (Debian package qemu-system-x86)"))
+}
+
+#[test]
+fn evmm_connects_runs_and_reports_the_device() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = qemu_storage_daemon(&dir);
+    let kernel = tiny_kernel(
+        &dir,
+        &[code::print("ok\n"), code::poweroff(), code::HALT.to_vec()],
+    );
+    let metrics = dir.path().join("m.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_evmm"))
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--memory", "64", "--log-level", "info", "--vhost-user-blk"])
+        .arg(format!("socket={}", daemon.socket().display()))
+        .arg("--metrics")
+        .arg(&metrics)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
+    assert!(stderr.contains("vhost-user-blk@0xc0000000"), "{stderr}");
+    assert!(!stderr.contains("ERROR"), "{stderr}");
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&metrics).unwrap()).unwrap();
+    let d = &m["devices"][0];
+    assert_eq!(d["kind"], "vhost-user-blk");
+    assert_eq!(d["path"], daemon.socket().display().to_string());
+    assert_eq!(d["gsi"], 5);
+    assert_eq!(d["transport"]["device_type"], 2);
+    assert_eq!(d["transport"]["device"]["backend"], "connected");
+    assert_eq!(d["transport"]["device"]["queues"], 1);
+    assert_eq!(d["transport"]["device"]["activations"], 0);
+}
+
+#[test]
+fn evmm_reports_a_dead_backend_and_keeps_running() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = qemu_storage_daemon(&dir);
+    let kernel = tiny_kernel(&dir, &[code::print("up\n"), code::HALT.to_vec()]);
+    let metrics = dir.path().join("m.json");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_evmm"))
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--memory", "64", "--vhost-user-blk"])
+        .arg(format!("socket={}", daemon.socket().display()))
+        .arg("--metrics")
+        .arg(&metrics)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut up = [0u8; 3];
+    child.stdout.take().unwrap().read_exact(&mut up).unwrap();
+    assert_eq!(&up, b"up\n");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stderr).lines() {
+            let line = line.unwrap();
+            if line.contains("lost") {
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    daemon.kill();
+    let reported = rx.recv_timeout(WAIT_VHOST_USER).is_ok();
+    // Still running: the guest is halted, evmm is waiting.
+    assert!(child.try_wait().unwrap().is_none(), "evmm exited");
+    // SAFETY: kill(2) on the child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(start.elapsed() < WAIT_VHOST_USER, "evmm did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = reader.join().unwrap();
+    assert!(reported, "no report of the lost backend: {stderr}");
+    assert_eq!(status.code(), Some(0), "stderr: {stderr}");
+    let line = stderr.lines().find(|l| l.contains("lost")).unwrap();
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(line.contains("vhost-user-blk@0xc0000000"), "{line}");
+    assert!(
+        line.contains(&daemon.socket().display().to_string()),
+        "{line}"
+    );
+    assert!(line.contains("hung up"), "{line}");
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&metrics).unwrap()).unwrap();
+    assert_eq!(m["devices"][0]["transport"]["device"]["backend"], "lost");
 }

@@ -1,4 +1,4 @@
-//! The guest images boot independently of evmm: Debian's QEMU, with KVM, boots the stock
+//! Linux level, QEMU as the VMM: the guest images boot independently of evmm: Debian's QEMU, with KVM, boots the stock
 //! kernel with the guest initramfs to its start marker and returns the guest test's result.
 
 use evmm_testhost::guest::all_marker_fields;

@@ -6,21 +6,21 @@
 //! - `pvh_start32`: the PVH entry (32-bit protected mode, paging off,
 //!   `ebx` = `hvm_start_info`): loads the GDT, enables PAE + long mode with the
 //!   static page tables below, loads the TSS and IDT and drops to ring 3
-//!   (`iretq`) at `user_entry`, which calls [`crate::probe_main`].
-//! - `probe_irq_entry` (vector [`crate::IRQ_VECTOR`]): `rdtsc` as its first
+//!   (`iretq`) at `user_entry`, which calls [`crate::guest_main`].
+//! - `guest_irq_entry` (vector [`crate::IRQ_VECTOR`]): `rdtsc` as its first
 //!   instruction, stores the TSC and bumps a counter, EOIs the LAPIC. It saves
 //!   no registers: the ring-3 code only lets interrupts in (through the LAPIC
 //!   TPR) inside a wait loop that keeps nothing in `rax`/`rdx`.
-//! - `probe_syscall_entry` (the #UD vector, entered by `ud2` from ring 3
+//! - `guest_syscall_entry` (the #UD vector, entered by `ud2` from ring 3
 //!   with a magic `rax`): ring 3 cannot do port I/O on PVM (guest ring 3 runs
 //!   with IOPL 0 whatever RFLAGS says), so serial output and power-off go
 //!   through ring 0. (`int 0x80` through a DPL-3 gate is no option either:
 //!   PVM turns a guest ring-3 `int 0x80` into #UD.)
-//! - `probe_fault_stubs`: one 16-byte stub per vector that pushes its number
-//!   and calls [`crate::probe_fault`].
+//! - `guest_fault_stubs`: one 16-byte stub per vector that pushes its number
+//!   and calls [`crate::guest_fault`].
 //!
 //! Page tables: 4 GiB identity map with 2 MiB pages, all user-accessible (the
-//! probe's ring-3 code touches the virtio-mmio window, the IOAPIC and the
+//! the guest's ring-3 code touches the virtio-mmio window, the IOAPIC and the
 //! LAPIC directly); the top GiB (MMIO) is mapped uncached.
 
 core::arch::global_asm!(
@@ -42,12 +42,12 @@ core::arch::global_asm!(
 pvh_start32:
     cli
     cld
-    movl %ebx, probe_start_info
-    lgdt probe_gdt_ptr
+    movl %ebx, guest_start_info
+    lgdt guest_gdt_ptr
     /* CR4: PAE | OSFXSR | OSXMMEXCPT */
     movl $0x620, %eax
     movl %eax, %cr4
-    movl $probe_pml4, %eax
+    movl $guest_pml4, %eax
     movl %eax, %cr3
     /* EFER.LME */
     movl $0xc0000080, %ecx
@@ -67,9 +67,9 @@ pvh_start32:
     movw %ax, %ss
     movw %ax, %fs
     movw %ax, %gs
-    movq $probe_kstack_top, %rsp
-    /* 64-bit TSS descriptor (available, present) for probe_tss < 4 GiB */
-    movq $probe_tss, %rax
+    movq $guest_kstack_top, %rsp
+    /* 64-bit TSS descriptor (available, present) for guest_tss < 4 GiB */
+    movq $guest_tss, %rax
     movq %rax, %rdx
     andq $0xffffff, %rdx
     shlq $16, %rdx
@@ -79,37 +79,37 @@ pvh_start32:
     orq %rcx, %rdx
     movabsq $0x0000890000000067, %rcx
     orq %rcx, %rdx
-    movq %rdx, probe_gdt + 0x28
+    movq %rdx, guest_gdt + 0x28
     movw $0x28, %ax
     ltr %ax
-    lidt probe_idt_ptr
+    lidt guest_idt_ptr
     /* to ring 3: SS, RSP, RFLAGS (IF set; the LAPIC is still disabled), CS, RIP */
     pushq $0x23
-    pushq $probe_ustack_top
+    pushq $guest_ustack_top
     pushq $0x202
     pushq $0x1b
     pushq $user_entry
     iretq
 
 user_entry:
-    call probe_main
+    call guest_main
 2:
     jmp 2b
 
     .balign 16
-    .global probe_irq_entry
-probe_irq_entry:
+    .global guest_irq_entry
+guest_irq_entry:
     rdtsc
-    movl %eax, PROBE_IRQ_TSC
-    movl %edx, PROBE_IRQ_TSC + 4
-    incq PROBE_IRQ_COUNT
+    movl %eax, GUEST_IRQ_TSC
+    movl %edx, GUEST_IRQ_TSC + 4
+    incq GUEST_IRQ_COUNT
     movl $0xfee000b0, %eax
     movl $0, (%rax)
     iretq
 
     .balign 16
-    .global probe_spurious_entry
-probe_spurious_entry:
+    .global guest_spurious_entry
+guest_spurious_entry:
     iretq
 
     /* #UD (vector 6) doubles as the service gate: `ud2` from ring 3 with
@@ -117,14 +117,14 @@ probe_spurious_entry:
      * rdx, rsi, r8); rax = 0x50520002: power off (never returns). Any other
      * #UD is a fault. */
     .balign 16
-    .global probe_syscall_entry
-probe_syscall_entry:
+    .global guest_syscall_entry
+guest_syscall_entry:
     cmpq $0x50520001, %rax
     je 3f
     cmpq $0x50520002, %rax
     je 6f
     pushq $6
-    jmp probe_fault_common
+    jmp guest_fault_common
 3:
     /* resume after the 2-byte ud2 */
     addq $2, (%rsp)
@@ -162,7 +162,7 @@ probe_syscall_entry:
     movb $0xfe, %al
     outb %al, $0x64
     /* triple fault: no IDT, then a #GP (non-canonical address) */
-    lidt probe_null_idt_ptr
+    lidt guest_null_idt_ptr
     movabsq $0x8000000000000000, %rax
     movq (%rax), %rax
 8:
@@ -171,38 +171,38 @@ probe_syscall_entry:
 
     /* One 16-byte stub per vector: push the vector, go to the common path. */
     .balign 16
-    .global probe_fault_stubs
-probe_fault_stubs:
+    .global guest_fault_stubs
+guest_fault_stubs:
     .set vec, 0
     .rept 256
     .balign 16
     pushq $vec
-    jmp probe_fault_common
+    jmp guest_fault_common
     .set vec, vec + 1
     .endr
 
-probe_fault_common:
+guest_fault_common:
     movq (%rsp), %rdi
     leaq 8(%rsp), %rsi
     andq $-16, %rsp
-    call probe_fault
+    call guest_fault
 9:
     jmp 9b
     .popsection
 
-    .pushsection .data.probe_tables, "aw"
+    .pushsection .data.guest_tables, "aw"
     .balign 4096
-    .global probe_pml4
-probe_pml4:
-    .quad probe_pdpt + 7
+    .global guest_pml4
+guest_pml4:
+    .quad guest_pdpt + 7
     .fill 511, 8, 0
-probe_pdpt:
-    .quad probe_pd + 7
-    .quad probe_pd + 0x1000 + 7
-    .quad probe_pd + 0x2000 + 7
-    .quad probe_pd + 0x3000 + 7
+guest_pdpt:
+    .quad guest_pd + 7
+    .quad guest_pd + 0x1000 + 7
+    .quad guest_pd + 0x2000 + 7
+    .quad guest_pd + 0x3000 + 7
     .fill 508, 8, 0
-probe_pd:
+guest_pd:
     .set page, 0
     .rept 2048
     .if page >= 1536
@@ -216,8 +216,8 @@ probe_pd:
     .endr
 
     .balign 16
-    .global probe_gdt
-probe_gdt:
+    .global guest_gdt
+guest_gdt:
     .quad 0
     .quad 0x00af9b000000ffff
     .quad 0x00cf93000000ffff
@@ -225,51 +225,51 @@ probe_gdt:
     .quad 0x00cff3000000ffff
     .quad 0
     .quad 0
-probe_gdt_end:
+guest_gdt_end:
     .balign 16
-probe_gdt_ptr:
-    .word probe_gdt_end - probe_gdt - 1
-    .quad probe_gdt
+guest_gdt_ptr:
+    .word guest_gdt_end - guest_gdt - 1
+    .quad guest_gdt
     .balign 16
-probe_idt_ptr:
+guest_idt_ptr:
     .word 256 * 16 - 1
-    .quad probe_idt
+    .quad guest_idt
     .balign 16
-probe_null_idt_ptr:
+guest_null_idt_ptr:
     .word 0
     .quad 0
 
     .balign 16
-probe_tss:
+guest_tss:
     .long 0
-    .quad probe_kstack_top
+    .quad guest_kstack_top
     .fill 11, 8, 0
     .word 0
     .word 0x68
 
     .balign 8
-    .global probe_start_info
-probe_start_info:
+    .global guest_start_info
+guest_start_info:
     .quad 0
-    .global PROBE_IRQ_COUNT
-PROBE_IRQ_COUNT:
+    .global GUEST_IRQ_COUNT
+GUEST_IRQ_COUNT:
     .quad 0
-    .global PROBE_IRQ_TSC
-PROBE_IRQ_TSC:
+    .global GUEST_IRQ_TSC
+GUEST_IRQ_TSC:
     .quad 0
     .popsection
 
-    .pushsection .bss.probe_stacks, "aw", @nobits
+    .pushsection .bss.guest_stacks, "aw", @nobits
     .balign 4096
-    .global probe_idt
-probe_idt:
+    .global guest_idt
+guest_idt:
     .skip 4096
-probe_kstack:
+guest_kstack:
     .skip 16384
-probe_kstack_top:
-probe_ustack:
+guest_kstack_top:
+guest_ustack:
     .skip 65536
-probe_ustack_top:
+guest_ustack_top:
     .popsection
 "#,
     options(att_syntax)
@@ -277,16 +277,16 @@ probe_ustack_top:
 
 extern "C" {
     /// Physical address of `hvm_start_info` (from `ebx` at the PVH entry).
-    pub static probe_start_info: u64;
+    pub static guest_start_info: u64;
     /// Interrupts taken on [`crate::IRQ_VECTOR`].
-    pub static PROBE_IRQ_COUNT: u64;
+    pub static GUEST_IRQ_COUNT: u64;
     /// TSC at the last interrupt handler entry.
-    pub static PROBE_IRQ_TSC: u64;
+    pub static GUEST_IRQ_TSC: u64;
     /// The 256-entry IDT (filled by ring 3 before the LAPIC is enabled).
-    pub static mut probe_idt: [u64; 512];
+    pub static mut guest_idt: [u64; 512];
     /// Handlers.
-    pub static probe_irq_entry: u8;
-    pub static probe_spurious_entry: u8;
-    pub static probe_syscall_entry: u8;
-    pub static probe_fault_stubs: u8;
+    pub static guest_irq_entry: u8;
+    pub static guest_spurious_entry: u8;
+    pub static guest_syscall_entry: u8;
+    pub static guest_fault_stubs: u8;
 }

@@ -1,4 +1,4 @@
-//! The evmm binary rejects bad input with one `error: ...` line and a
+//! Process level (the evmm binary, no guest): the evmm binary rejects bad input with one `error: ...` line and a
 //! non-zero status, before touching KVM where possible.
 
 use std::process::{Command, Output};

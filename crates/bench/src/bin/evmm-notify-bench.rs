@@ -1,20 +1,25 @@
-//! `evmm-notify-bench --probe probe.elf [--requests N] [--out DIR]`: the notify-latency
-//! benchmark. Runs the probe guest under evmm (ioeventfd + irqfd; and again with the
+//! `evmm-notify-bench [--guest notify-guest.elf] [--requests N] [--out DIR]`: the
+//! notify-latency benchmark. Runs the notify guest (crates/notify-guest, built here
+//! unless `--guest` names one) under evmm (ioeventfd + irqfd; and again with the
 //! disk worker polling 30 µs for the next kick before it sleeps), evmm `--notify exit`,
 //! evmm as a vhost-user frontend to `evmm-vhost-user-blk` and to `qemu-storage-daemon`
 //! (the kick and call eventfds handed to the backend process) and QEMU `-M microvm`, all
-//! on the same disk file, and the raw KVM floor program, one after the other in one run; prints a markdown table (p50, p90, p99, p99.9, mean and
+//! on the same disk file, and the raw KVM floor program, one after the other in one
+//! run; prints a markdown table (p50, p90, p99, p99.9, mean and
 //! the ratio to the floor, in µs; series: poll = kick → used ring seen by polling, kick =
 //! the QueueNotify write alone, irq = kick → interrupt handler, irq_wake = kick → the
 //! guest's loop sees the interrupt) and evmm's counters per request, and writes
 //! `notify-latency.json` and a latency histogram `notify-latency.svg` into DIR.
-//! benches/notify-latency builds everything and calls it.
+//! The guest measures in its ring 3, which runs natively even where ring 0 is
+//! emulated, so this runs on this host's /dev/kvm. benches/notify-latency runs it.
 
 use clap::Parser;
-use evmm_testhost::probe_output::{ProbeRun, Stats};
+use evmm_testhost::images::notify_guest;
+use evmm_testhost::notify_output::{NotifyRun, Stats};
 use evmm_testhost::process::run_with_limit;
-use evmm_testhost::qemu::probe_microvm_argv;
+use evmm_testhost::qemu::notify_guest_microvm_argv;
 use evmm_testhost::qemu_cpu::kvm_cpu_model;
+use evmm_testhost::route::bench_main;
 use evmm_testhost::{Backend, BackendKind};
 use plotters::prelude::*;
 use serde::Serialize;
@@ -24,9 +29,9 @@ use std::process::ExitCode;
 /// Notify-latency benchmark: every notify path side by side.
 #[derive(Parser)]
 struct Cli {
-    /// The probe guest (crates/probe-guest/build.sh builds it).
+    /// The notify guest; default: built from crates/notify-guest.
     #[arg(long)]
-    probe: PathBuf,
+    guest: Option<PathBuf>,
     /// Requests per series.
     #[arg(long, default_value_t = 10_000)]
     requests: u32,
@@ -36,7 +41,7 @@ struct Cli {
 }
 
 /// A path through which the guest's kick travels.
-struct Path_ {
+struct NotifyPath {
     name: String,
     argv: Vec<String>,
     metrics: Option<PathBuf>,
@@ -75,7 +80,7 @@ struct Report {
     counters: Vec<Counters>,
 }
 
-const PROBE_ID: &str = "probe-id";
+const GUEST_ID: &str = "notify-id";
 const DISK_MIB: u64 = 64;
 /// Longest one path's run may take.
 const RUN_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
@@ -84,24 +89,16 @@ const POLL_US: u32 = 30;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(&cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    bench_main(None, || run(&cli))
 }
 
 fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&cli.out)?;
-    if !cli.probe.is_file() {
-        return Err(format!(
-            "no probe guest at {} (build it with crates/probe-guest/build.sh)",
-            cli.probe.display()
-        )
-        .into());
-    }
+    let guest = match &cli.guest {
+        Some(g) if !g.is_file() => return Err(format!("no notify guest at {}", g.display()).into()),
+        Some(g) => g.clone(),
+        None => notify_guest()?,
+    };
     // The disk file lives on tmpfs, so reads measure the notify path, not a disk.
     let shm = Path::new("/dev/shm");
     let disk = if shm.is_dir() {
@@ -115,7 +112,7 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     let socket = cli.out.join("vhost-user-blk.sock");
     let qemu_cpu = kvm_cpu_model()?;
     eprintln!("QEMU's CPU model: {qemu_cpu}");
-    let paths = paths(cli, &disk, &socket, &qemu_cpu.model);
+    let paths = paths(cli, &guest, &disk, &socket, &qemu_cpu.model);
 
     let mut runs = Vec::new();
     for (i, p) in paths.iter().enumerate() {
@@ -148,7 +145,7 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
             )
             .into());
         }
-        let run = ProbeRun::parse(&console);
+        let run = NotifyRun::parse(&console);
         if run.done != Some(u64::from(cli.requests)) || !run.errors.is_empty() {
             return Err(format!(
                 "{} did not complete: {:?}; console in {}",
@@ -227,10 +224,10 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-fn paths(cli: &Cli, disk: &Path, socket: &Path, qemu_cpu: &str) -> Vec<Path_> {
-    let probe = cli.probe.display().to_string();
+fn paths(cli: &Cli, guest: &Path, disk: &Path, socket: &Path, qemu_cpu: &str) -> Vec<NotifyPath> {
+    let guest = guest.display().to_string();
     let disk = disk.display().to_string();
-    let requests = format!("probe.requests={}", cli.requests);
+    let requests = format!("notify.requests={}", cli.requests);
     let evmm = |notify: &str, poll_us: u32| {
         let metrics = cli
             .out
@@ -238,11 +235,11 @@ fn paths(cli: &Cli, disk: &Path, socket: &Path, qemu_cpu: &str) -> Vec<Path_> {
         let argv = [
             "evmm",
             "--kernel",
-            &probe,
+            &guest,
             "--memory",
             "256",
             "--disk",
-            &format!("path={disk},id={PROBE_ID},poll_us={poll_us}"),
+            &format!("path={disk},id={GUEST_ID},poll_us={poll_us}"),
             "--notify",
             notify,
             "--cmdline",
@@ -258,11 +255,11 @@ fn paths(cli: &Cli, disk: &Path, socket: &Path, qemu_cpu: &str) -> Vec<Path_> {
     let (a, am) = evmm("ioeventfd", 0);
     let (p, pm) = evmm("ioeventfd", POLL_US);
     let (b, bm) = evmm("exit", 0);
-    // The backends' GET_ID answers are their own; the probe reports what it got.
+    // The backends' GET_ID answers are their own; the guest reports what it got.
     let frontend: Vec<String> = [
         "evmm",
         "--kernel",
-        &probe,
+        &guest,
         "--memory",
         "256",
         "--vhost-user-blk",
@@ -273,50 +270,50 @@ fn paths(cli: &Cli, disk: &Path, socket: &Path, qemu_cpu: &str) -> Vec<Path_> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let qemu = probe_microvm_argv(qemu_cpu, &probe, &disk, PROBE_ID, cli.requests, 256);
+    let qemu = notify_guest_microvm_argv(qemu_cpu, &guest, &disk, GUEST_ID, cli.requests, 256);
     let floor = vec![
         "evmm-notify-floor".to_string(),
         "--requests".into(),
         cli.requests.to_string(),
     ];
     vec![
-        Path_ {
+        NotifyPath {
             name: "evmm ioeventfd + irqfd".into(),
             argv: a,
             metrics: am,
             backend: None,
         },
-        Path_ {
+        NotifyPath {
             name: "evmm ioeventfd + irqfd, poll_us=30".into(),
             argv: p,
             metrics: pm,
             backend: None,
         },
-        Path_ {
+        NotifyPath {
             name: "evmm --notify exit".into(),
             argv: b,
             metrics: bm,
             backend: None,
         },
-        Path_ {
+        NotifyPath {
             name: "evmm + evmm-vhost-user-blk".into(),
             argv: frontend.clone(),
             metrics: None,
             backend: Some(BackendKind::Evmm),
         },
-        Path_ {
+        NotifyPath {
             name: "evmm + qemu-storage-daemon".into(),
             argv: frontend,
             metrics: None,
             backend: Some(BackendKind::QemuStorageDaemon),
         },
-        Path_ {
+        NotifyPath {
             name: format!("QEMU microvm (-cpu {qemu_cpu})"),
             argv: qemu,
             metrics: None,
             backend: None,
         },
-        Path_ {
+        NotifyPath {
             name: "raw KVM floor".into(),
             argv: floor,
             metrics: None,
@@ -387,8 +384,8 @@ fn print_tables(r: &Report) {
 /// Histograms of the kick → interrupt-handler latency of GET_ID (the floor's irq series).
 fn plot(
     svg: &Path,
-    paths: &[Path_],
-    runs: &[ProbeRun],
+    paths: &[NotifyPath],
+    runs: &[NotifyRun],
     tsc_mhz: f64,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let series: Vec<(&str, Vec<f64>)> = paths

@@ -1,31 +1,23 @@
-//! The notify-latency probe guest (crates/probe-guest) completes its requests under
+//! KVM level (a bare-metal guest on this host's /dev/kvm): the notify guest (crates/notify-guest) completes its requests under
 //! evmm (both notify paths), under evmm as a vhost-user frontend to
 //! evmm-vhost-user-blk, and under QEMU microvm, every GET_ID answer is the disk's id,
-//! and the counters add up. The probe measures in guest ring 3, so it runs on
+//! and the counters add up. The guest measures in its ring 3, so it runs on
 //! this host's /dev/kvm directly, PVM or not.
 
-use evmm_testhost::images::{repo_root, target_dir};
-use evmm_testhost::probe_output::ProbeRun;
+use evmm_testhost::images::target_dir;
+use evmm_testhost::notify_output::NotifyRun;
 use evmm_testhost::process::run_with_limit;
-use evmm_testhost::qemu::probe_microvm_argv;
+use evmm_testhost::qemu::notify_guest_microvm_argv;
 use evmm_testhost::qemu_cpu::{kvm_cpu_model, FALLBACK};
 use evmm_testhost::{Backend, BackendKind};
 use std::path::PathBuf;
 use std::process::Command;
 
 const N: u64 = 300;
-const ID: &str = "probe-test-id";
+const ID: &str = "notify-test-id";
 
-fn probe_elf() -> PathBuf {
-    let out = Command::new(repo_root().join("crates/probe-guest/build.sh"))
-        .output()
-        .expect("run crates/probe-guest/build.sh");
-    assert!(
-        out.status.success(),
-        "building the probe guest failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+fn guest_elf() -> PathBuf {
+    evmm_testhost::images::notify_guest().unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn disk(dir: &tempfile::TempDir) -> String {
@@ -37,15 +29,15 @@ fn disk(dir: &tempfile::TempDir) -> String {
     path.display().to_string()
 }
 
-/// Checks a probe run: every series has N samples and no errors (a wrong GET_ID
+/// Checks a notify-guest run: every series has N samples and no errors (a wrong GET_ID
 /// answer counts as an error in the guest), and the id is the disk's.
-fn check(run: &ProbeRun, console: &str) {
+fn check(run: &NotifyRun, console: &str) {
     assert_eq!(
         run.done,
         Some(N),
-        "the probe did not finish; console:\n{console}"
+        "the guest did not finish; console:\n{console}"
     );
-    assert!(run.errors.is_empty(), "probe errors: {:?}", run.errors);
+    assert!(run.errors.is_empty(), "guest errors: {:?}", run.errors);
     assert_eq!(run.id.as_deref(), Some(ID), "GET_ID answered {:?}", run.id);
     for kind in ["get_id", "read"] {
         for mode in ["poll", "kick", "irq", "irq_wake"] {
@@ -59,20 +51,20 @@ fn check(run: &ProbeRun, console: &str) {
 }
 
 fn evmm(notify: &str) {
-    let probe = probe_elf();
+    let guest = guest_elf();
     let dir = tempfile::tempdir().unwrap();
     let metrics = dir.path().join("metrics.json");
     let out = Command::new(target_dir().join("release/evmm"))
         .args([
             "--kernel",
-            probe.to_str().unwrap(),
+            guest.to_str().unwrap(),
             "--memory",
             "128",
             "--notify",
             notify,
         ])
         .args(["--disk", &format!("path={},id={ID}", disk(&dir))])
-        .args(["--cmdline", &format!("probe.requests={N}")])
+        .args(["--cmdline", &format!("notify.requests={N}")])
         .arg("--metrics")
         .arg(&metrics)
         .output()
@@ -83,7 +75,7 @@ fn evmm(notify: &str) {
         "evmm failed: {}\n{console}",
         String::from_utf8_lossy(&out.stderr)
     );
-    check(&ProbeRun::parse(&console), &console);
+    check(&NotifyRun::parse(&console), &console);
 
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
@@ -103,18 +95,18 @@ fn evmm(notify: &str) {
 }
 
 #[test]
-fn probe_completes_under_evmm_with_ioeventfd() {
+fn guest_completes_under_evmm_with_ioeventfd() {
     evmm("ioeventfd");
 }
 
 #[test]
-fn probe_completes_under_evmm_with_notify_exit() {
+fn guest_completes_under_evmm_with_notify_exit() {
     evmm("exit");
 }
 
 #[test]
-fn probe_completes_through_evmm_vhost_user_blk() {
-    let probe = probe_elf();
+fn guest_completes_through_evmm_vhost_user_blk() {
+    let guest = guest_elf();
     let dir = tempfile::tempdir().unwrap();
     let disk = disk(&dir);
     let socket = dir.path().join("blk.sock");
@@ -141,13 +133,13 @@ fn probe_completes_through_evmm_vhost_user_blk() {
     let argv = [
         evmm.as_str(),
         "--kernel",
-        probe.to_str().unwrap(),
+        guest.to_str().unwrap(),
         "--memory",
         "128",
         "--vhost-user-blk",
         &format!("socket={}", socket.display()),
         "--cmdline",
-        &format!("probe.requests={N}"),
+        &format!("notify.requests={N}"),
         "--metrics",
         metrics.to_str().unwrap(),
     ];
@@ -160,7 +152,7 @@ fn probe_completes_through_evmm_vhost_user_blk() {
         out.status
     );
     // The GET_ID answers come from the daemon's --id.
-    check(&ProbeRun::parse(console), console);
+    check(&NotifyRun::parse(console), console);
 
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
@@ -194,11 +186,12 @@ fn probe_completes_through_evmm_vhost_user_blk() {
     assert_eq!(counter("malformed="), 0, "{log}");
 }
 
-/// The probe under QEMU microvm with CPU model `cpu`.
+/// The guest under QEMU microvm with CPU model `cpu`.
 fn qemu_microvm(cpu: &str) {
-    let probe = probe_elf();
+    let guest = guest_elf();
     let dir = tempfile::tempdir().unwrap();
-    let argv = probe_microvm_argv(cpu, probe.to_str().unwrap(), &disk(&dir), ID, N as u32, 128);
+    let argv =
+        notify_guest_microvm_argv(cpu, guest.to_str().unwrap(), &disk(&dir), ID, N as u32, 128);
     let out = Command::new(&argv[0])
         .args(&argv[1..])
         .output()
@@ -209,11 +202,11 @@ fn qemu_microvm(cpu: &str) {
         "QEMU failed: {}\n{console}",
         String::from_utf8_lossy(&out.stderr)
     );
-    check(&ProbeRun::parse(&console), &console);
+    check(&NotifyRun::parse(&console), &console);
 }
 
 #[test]
-fn probe_completes_under_qemu_microvm() {
+fn guest_completes_under_qemu_microvm() {
     let cpu = kvm_cpu_model().unwrap_or_else(|e| panic!("{e}"));
     eprintln!("QEMU's CPU model: {cpu}");
     qemu_microvm(&cpu.model);
@@ -221,6 +214,6 @@ fn probe_completes_under_qemu_microvm() {
 
 /// The CPU model used where the host's KVM refuses `-cpu host`, run on every host.
 #[test]
-fn probe_completes_under_qemu_microvm_with_the_fallback_cpu_model() {
+fn guest_completes_under_qemu_microvm_with_the_fallback_cpu_model() {
     qemu_microvm(FALLBACK);
 }

@@ -1,24 +1,23 @@
-//! evmm's vhost-user-blk frontend against a real backend, qemu-storage-daemon
-//! (`/usr/bin/qemu-storage-daemon`, Debian's `qemu-system-x86` package), without
-//! booting Linux.
+//! Process level: evmm's vhost-user-blk frontend against a real backend process,
+//! qemu-storage-daemon (Debian's `qemu-system-x86` package), without a guest or KVM.
 //!
-//! The library tests build the device with guest memory from evmm's memory module,
-//! put it behind the virtio-mmio transport and play the driver through the
-//! registers: one request at a time is written into guest memory, the kick eventfd
-//! is written (as KVM's ioeventfd does) or QueueNotify (as `--notify exit` does),
-//! the backend answers through the irqfd. Then the daemon is killed (or stopped) and
-//! the takeover must answer with IOERR. The binary tests run evmm with a tiny guest.
+//! The tests build the device on memfd guest memory, put it behind the virtio-mmio
+//! transport and play the driver through the registers: one request at a time is
+//! written into guest memory, the kick eventfd is written (as KVM's ioeventfd does) or
+//! QueueNotify (as `--notify exit` does), the backend answers through the irqfd. Then
+//! the daemon is killed (or stopped) and the takeover must answer with IOERR.
 //!
 //! These tests need qemu-storage-daemon and fail (never skip) without it.
 
-use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use evmm::vstate::memory::{GuestMemoryMmap, GuestRam};
+use evmm_testhost::{Backend, BackendKind};
+use evmm_virtio::status::{ACKNOWLEDGE, DRIVER, FEATURES_OK};
+use evmm_virtio::test_utils::mmio_driver::*;
+use evmm_virtio::test_utils::{memfd_memory, Desc, DriverRing};
 use evmm_virtio::transport::mmio::*;
 use evmm_virtio::vhost::user::BackendState;
 use evmm_virtio::vhost::{VhostUserBlk, VhostUserBlkConfig};
@@ -27,25 +26,19 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use vm_memory::GuestMemoryMmap;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-const QEMU_STORAGE_DAEMON: &str = "/usr/bin/qemu-storage-daemon";
 const DISK_BYTES: u64 = 4 << 20;
 const WAIT: Duration = Duration::from_secs(10);
 const QSIZE: u16 = 16;
 
-const ACKNOWLEDGE: u32 = 1;
-const DRIVER: u32 = 2;
-const DRIVER_OK: u32 = 4;
-const FEATURES_OK: u32 = 8;
-const LIVE: u32 = ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK;
 const EVENT_IDX: u64 = 1 << 29;
 
 /// A qemu-storage-daemon exporting a fresh image as vhost-user-blk.
 struct Daemon {
-    child: Child,
+    backend: Backend,
     socket: PathBuf,
     image: PathBuf,
     _dir: tempfile::TempDir,
@@ -53,42 +46,15 @@ struct Daemon {
 
 impl Daemon {
     fn start(num_queues: u16) -> Daemon {
-        assert!(
-            Path::new(QEMU_STORAGE_DAEMON).exists(),
-            "these tests need {QEMU_STORAGE_DAEMON} (Debian package qemu-system-x86)"
-        );
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("disk.img");
         let pattern: Vec<u8> = (0..DISK_BYTES).map(|i| (i % 251) as u8).collect();
         std::fs::write(&image, pattern).unwrap();
         let socket = dir.path().join("vu.sock");
-        let child = Command::new(QEMU_STORAGE_DAEMON)
-            .arg("--blockdev")
-            .arg(format!(
-                "driver=file,node-name=f,filename={}",
-                image.display()
-            ))
-            .arg("--export")
-            .arg(format!(
-                "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},\
-                 writable=on,num-queues={num_queues}",
-                socket.display()
-            ))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start qemu-storage-daemon");
-        let start = Instant::now();
-        while !socket.exists() {
-            assert!(
-                start.elapsed() < WAIT,
-                "qemu-storage-daemon did not create its socket"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let backend = Backend::start(BackendKind::QemuStorageDaemon, &image, &socket, num_queues)
+            .unwrap_or_else(|e| panic!("{e} (Debian package qemu-system-x86)"));
         Daemon {
-            child,
+            backend,
             socket,
             image,
             _dir: dir,
@@ -103,13 +69,11 @@ impl Daemon {
     }
 
     fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our child's pid.
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+        self.backend.signal(sig);
     }
 
     fn kill(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
+        self.backend.kill();
     }
 
     fn read_image(&self, offset: u64, len: usize) -> Vec<u8> {
@@ -119,13 +83,6 @@ impl Daemon {
             .read_exact_at(&mut buf, offset)
             .unwrap();
         buf
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -140,24 +97,9 @@ fn wait_readable(fd: &EventFd, timeout: Duration) -> bool {
     r == 1
 }
 
-fn r32(t: &mut MmioTransport, off: u64) -> u32 {
-    let mut d = [0u8; 4];
-    t.read(off, &mut d);
-    u32::from_le_bytes(d)
-}
-
-fn w32(t: &mut MmioTransport, off: u64, v: u32) {
-    t.write(off, &v.to_le_bytes());
-}
-
-/// One split virtqueue as the test's driver lays it out, one request at a time
-/// (descriptors 0, 1, 2).
+/// One split virtqueue as the test's driver lays it out, with its request buffers.
 struct Ring {
-    desc: u64,
-    avail: u64,
-    used: u64,
-    /// Requests submitted (= the available idx).
-    submitted: u16,
+    ring: DriverRing,
     /// Where this ring's buffers are.
     buf: u64,
 }
@@ -165,10 +107,7 @@ struct Ring {
 impl Ring {
     fn at(base: u64) -> Ring {
         Ring {
-            desc: base,
-            avail: base + 0x1000,
-            used: base + 0x2000,
-            submitted: 0,
+            ring: DriverRing::at(base, QSIZE),
             buf: base + 0x10_0000,
         }
     }
@@ -184,7 +123,7 @@ impl Ring {
     }
 
     fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
-        mem.read_obj(GuestAddress(self.used + 2)).unwrap()
+        self.ring.used_idx(mem)
     }
 
     /// Writes a request (IN or OUT of `len` bytes at `sector`) and makes it
@@ -195,33 +134,14 @@ impl Ring {
         h[8..].copy_from_slice(&sector.to_le_bytes());
         mem.write_slice(&h, GuestAddress(self.hdr())).unwrap();
         mem.write_obj(0xaau8, GuestAddress(self.status())).unwrap();
-        let data_flags = if kind == VIRTIO_BLK_T_IN {
-            VRING_DESC_F_WRITE
-        } else {
-            0
-        };
         let descs = [
-            (self.hdr(), 16u32, VRING_DESC_F_NEXT, 1u16),
-            (self.data(), len, data_flags | VRING_DESC_F_NEXT, 2),
-            (self.status(), 1, VRING_DESC_F_WRITE, 0),
+            Desc(self.hdr(), 16, false),
+            Desc(self.data(), len, kind == VIRTIO_BLK_T_IN),
+            Desc(self.status(), 1, true),
         ];
-        for (i, (addr, len, flags, next)) in descs.into_iter().enumerate() {
-            let d = self.desc + 16 * i as u64;
-            mem.write_obj(addr, GuestAddress(d)).unwrap();
-            mem.write_obj(len, GuestAddress(d + 8)).unwrap();
-            mem.write_obj(flags as u16, GuestAddress(d + 12)).unwrap();
-            mem.write_obj(next, GuestAddress(d + 14)).unwrap();
-        }
         // used_event: interrupt me when the used idx passes what is used now.
-        let used_event = self.avail + 4 + 2 * u64::from(QSIZE);
-        mem.write_obj(self.submitted, GuestAddress(used_event))
-            .unwrap();
-        let slot = self.avail + 4 + 2 * u64::from(self.submitted % QSIZE);
-        mem.write_obj(0u16, GuestAddress(slot)).unwrap();
-        self.submitted = self.submitted.wrapping_add(1);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        mem.write_obj(self.submitted, GuestAddress(self.avail + 2))
-            .unwrap();
+        self.ring.set_used_event(mem, self.ring.avail_idx());
+        self.ring.add_chain(mem, &descs);
     }
 
     fn status_byte(&self, mem: &GuestMemoryMmap) -> u8 {
@@ -234,49 +154,31 @@ struct Setup {
     t: MmioTransport,
     irq: EventFd,
     mem: GuestMemoryMmap,
-    _ram: GuestRam,
 }
 
 fn setup(dev: VhostUserBlk) -> Setup {
-    let ram = GuestRam::new(64 << 20).unwrap();
-    let mem = ram.memory().clone();
+    let mem = memfd_memory(64 << 20);
     let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
     let irq = irqfd.try_clone().unwrap();
     let t = MmioTransport::new(Box::new(dev), mem.clone(), irqfd).unwrap();
-    Setup {
-        t,
-        irq,
-        mem,
-        _ram: ram,
-    }
+    Setup { t, irq, mem }
 }
 
 impl Setup {
     /// Full driver initialisation with `rings` (queue i on rings[i]).
     fn init(&mut self, features: u64, rings: &[&Ring]) {
         let t = &mut self.t;
-        w32(t, STATUS, ACKNOWLEDGE);
-        w32(t, STATUS, ACKNOWLEDGE | DRIVER);
-        w32(t, DRIVER_FEATURES_SEL, 0);
-        w32(t, DRIVER_FEATURES, features as u32);
-        w32(t, DRIVER_FEATURES_SEL, 1);
-        w32(t, DRIVER_FEATURES, (features >> 32) as u32);
-        w32(t, STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        negotiate(t, features);
         assert_eq!(r32(t, STATUS), ACKNOWLEDGE | DRIVER | FEATURES_OK);
         for (i, r) in rings.iter().enumerate() {
             // The rings start zeroed, as a driver allocates them.
             let zeros = vec![0u8; 0x3000];
-            self.mem.write_slice(&zeros, GuestAddress(r.desc)).unwrap();
+            self.mem
+                .write_slice(&zeros, GuestAddress(r.ring.desc))
+                .unwrap();
             w32(t, QUEUE_SEL, i as u32);
             assert!(r32(t, QUEUE_NUM_MAX) >= u32::from(QSIZE));
-            w32(t, QUEUE_NUM, u32::from(QSIZE));
-            w32(t, QUEUE_DESC_LOW, r.desc as u32);
-            w32(t, QUEUE_DESC_HIGH, 0);
-            w32(t, QUEUE_DRIVER_LOW, r.avail as u32);
-            w32(t, QUEUE_DRIVER_HIGH, 0);
-            w32(t, QUEUE_DEVICE_LOW, r.used as u32);
-            w32(t, QUEUE_DEVICE_HIGH, 0);
-            w32(t, QUEUE_READY, 1);
+            setup_queue(t, i as u32, &r.ring);
         }
         w32(t, STATUS, LIVE);
         assert!(t.is_activated());
@@ -286,11 +188,7 @@ impl Setup {
     }
 
     fn offered(&mut self) -> u64 {
-        w32(&mut self.t, DEVICE_FEATURES_SEL, 0);
-        let lo = r32(&mut self.t, DEVICE_FEATURES);
-        w32(&mut self.t, DEVICE_FEATURES_SEL, 1);
-        let hi = r32(&mut self.t, DEVICE_FEATURES);
-        (u64::from(hi) << 32) | u64::from(lo)
+        offered_features(&mut self.t)
     }
 
     /// Kicks queue `q` the way KVM's ioeventfd does (or through QueueNotify) and
@@ -302,12 +200,12 @@ impl Setup {
             self.t.queue_kicks()[q as usize].write(1).unwrap();
         }
         let start = Instant::now();
-        while ring.used_idx(&self.mem) != ring.submitted {
+        while ring.used_idx(&self.mem) != ring.ring.avail_idx() {
             assert!(
                 wait_readable(&self.irq, WAIT.saturating_sub(start.elapsed())),
                 "no interrupt within {WAIT:?} (used idx {}, submitted {})",
                 ring.used_idx(&self.mem),
-                ring.submitted
+                ring.ring.avail_idx()
             );
             let _ = self.irq.read();
         }
@@ -533,163 +431,4 @@ fn queues_follow_the_backend_and_are_checked() {
     let mut nq = [0u8; 2];
     dev.read_config(34, &mut nq);
     assert_eq!(u16::from_le_bytes(nq), 1);
-}
-
-// ---- evmm itself, with a tiny guest that never touches the device ----
-
-/// An ELF64 executable loading `code` at 1 MiB.
-fn tiny_kernel(dir: &Path, code: &[u8]) -> PathBuf {
-    const LOAD: u64 = 0x10_0000;
-    let mut f = Vec::new();
-    f.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
-    f.extend_from_slice(&2u16.to_le_bytes());
-    f.extend_from_slice(&0x3eu16.to_le_bytes());
-    f.extend_from_slice(&1u32.to_le_bytes());
-    f.extend_from_slice(&LOAD.to_le_bytes());
-    f.extend_from_slice(&64u64.to_le_bytes());
-    f.extend_from_slice(&0u64.to_le_bytes());
-    f.extend_from_slice(&0u32.to_le_bytes());
-    for v in [64u16, 56, 1, 64, 0, 0] {
-        f.extend_from_slice(&v.to_le_bytes());
-    }
-    f.extend_from_slice(&1u32.to_le_bytes());
-    f.extend_from_slice(&5u32.to_le_bytes());
-    for v in [
-        0x1000u64,
-        LOAD,
-        LOAD,
-        code.len() as u64,
-        code.len() as u64,
-        0x1000,
-    ] {
-        f.extend_from_slice(&v.to_le_bytes());
-    }
-    f.resize(0x1000, 0);
-    f.extend_from_slice(code);
-    let path = dir.join("kernel");
-    std::fs::write(&path, f).unwrap();
-    path
-}
-
-/// `mov dx, 0x3f8; mov al, c; out dx, al` for each byte, then `code_tail`.
-fn print_then(s: &str, tail: &[u8]) -> Vec<u8> {
-    let mut c = vec![0x66, 0xba, 0xf8, 0x03];
-    for b in s.bytes() {
-        c.extend([0xb0, b, 0xee]);
-    }
-    c.extend_from_slice(tail);
-    c
-}
-
-/// ACPI S5 through port 0x600, then halt.
-const POWEROFF: [u8; 10] = [0x66, 0xba, 0x00, 0x06, 0xb0, 0x34, 0xee, 0xf4, 0xeb, 0xfd];
-/// Halt for ever.
-const HALT: [u8; 3] = [0xf4, 0xeb, 0xfd];
-
-fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        panic!("these tests run a tiny guest and need a usable /dev/kvm: {e}");
-    }
-}
-
-#[test]
-fn evmm_connects_runs_and_reports_the_device() {
-    require_kvm();
-    let daemon = Daemon::start(1);
-    let dir = tempfile::tempdir().unwrap();
-    let kernel = tiny_kernel(dir.path(), &print_then("ok\n", &POWEROFF));
-    let metrics = dir.path().join("m.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_evmm"))
-        .arg("--kernel")
-        .arg(&kernel)
-        .args(["--memory", "64", "--log-level", "info", "--vhost-user-blk"])
-        .arg(format!("socket={}", daemon.socket.display()))
-        .arg("--metrics")
-        .arg(&metrics)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
-    assert!(stderr.contains("vhost-user-blk@0xc0000000"), "{stderr}");
-    assert!(!stderr.contains("ERROR"), "{stderr}");
-    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&metrics).unwrap()).unwrap();
-    let d = &m["devices"][0];
-    assert_eq!(d["kind"], "vhost-user-blk");
-    assert_eq!(d["path"], daemon.socket.display().to_string());
-    assert_eq!(d["gsi"], 5);
-    assert_eq!(d["transport"]["device_type"], 2);
-    assert_eq!(d["transport"]["device"]["backend"], "connected");
-    assert_eq!(d["transport"]["device"]["queues"], 1);
-    assert_eq!(d["transport"]["device"]["activations"], 0);
-}
-
-#[test]
-fn evmm_reports_a_dead_backend_and_keeps_running() {
-    require_kvm();
-    let mut daemon = Daemon::start(1);
-    let dir = tempfile::tempdir().unwrap();
-    let kernel = tiny_kernel(dir.path(), &print_then("up\n", &HALT));
-    let metrics = dir.path().join("m.json");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_evmm"))
-        .arg("--kernel")
-        .arg(&kernel)
-        .args(["--memory", "64", "--vhost-user-blk"])
-        .arg(format!("socket={}", daemon.socket.display()))
-        .arg("--metrics")
-        .arg(&metrics)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut up = [0u8; 3];
-    child.stdout.take().unwrap().read_exact(&mut up).unwrap();
-    assert_eq!(&up, b"up\n");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in BufReader::new(stderr).lines() {
-            let line = line.unwrap();
-            if line.contains("lost") {
-                let _ = tx.send(());
-            }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    daemon.kill();
-    let reported = rx.recv_timeout(WAIT).is_ok();
-    // Still running: the guest is halted, evmm is waiting.
-    assert!(child.try_wait().unwrap().is_none(), "evmm exited");
-    // SAFETY: kill(2) on the child's pid.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(start.elapsed() < WAIT, "evmm did not stop");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let stderr = reader.join().unwrap();
-    assert!(reported, "no report of the lost backend: {stderr}");
-    assert_eq!(status.code(), Some(0), "stderr: {stderr}");
-    let line = stderr.lines().find(|l| l.contains("lost")).unwrap();
-    assert!(line.contains("ERROR"), "{line}");
-    assert!(line.contains("vhost-user-blk@0xc0000000"), "{line}");
-    assert!(
-        line.contains(&daemon.socket.display().to_string()),
-        "{line}"
-    );
-    assert!(line.contains("hung up"), "{line}");
-    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&metrics).unwrap()).unwrap();
-    assert_eq!(m["devices"][0]["transport"]["device"]["backend"], "lost");
 }

@@ -65,7 +65,7 @@ pub const SPIN_LIMIT: u64 = 1 << 32;
 const ID_LEN: usize = 20;
 const SECTOR_BUF: usize = 4096;
 
-/// A request type the probe issues.
+/// A request type the guest issues.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum ReqKind {
     /// `VIRTIO_BLK_T_GET_ID` into a 20-byte buffer: no disk I/O.
@@ -211,7 +211,7 @@ impl BlkDevice {
             )
         };
         crate::println!(
-            "PROBE-DEVICE base={base:#x} magic={magic:#x} version={version} device_id={id}"
+            "NOTIFY-DEVICE base={base:#x} magic={magic:#x} version={version} device_id={id}"
         );
         if magic != MAGIC || id != DEVICE_ID_BLOCK {
             return Ok(None);
@@ -421,7 +421,7 @@ impl BlkDevice {
             let wake: u64;
             let spin_left: u64;
             // SAFETY: the kick is a 32-bit write to QueueNotify, the TPR is
-            // the user-mapped LAPIC register, PROBE_IRQ_COUNT is read-only
+            // the user-mapped LAPIC register, GUEST_IRQ_COUNT is read-only
             // here. Interrupts are let in only between the two TPR writes,
             // where rax/rdx hold nothing live (the handler clobbers them).
             unsafe {
@@ -446,7 +446,7 @@ impl BlkDevice {
                     "mov dword ptr [{tpr}], {block:e}",
                     tpr = in(reg) LAPIC_BASE + LAPIC_TPR,
                     notify = in(reg) notify,
-                    cnt = in(reg) addr_of!(crate::boot::PROBE_IRQ_COUNT),
+                    cnt = in(reg) addr_of!(crate::boot::GUEST_IRQ_COUNT),
                     old = in(reg) old,
                     block = in(reg) TPR_BLOCK_ALL,
                     spin = inout(reg) SPIN_LIMIT => spin_left,

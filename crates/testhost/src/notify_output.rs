@@ -1,6 +1,6 @@
-//! Reading the result lines of the notify-latency probe guest and the raw KVM floor
-//! program (`PROBE-INFO`, `PROBE-ID`, `PROBE-RESULT`, `PROBE-DONE`; see
-//! crates/probe-guest/README.md), and their statistics.
+//! Reading the result lines of the notify guest and the raw KVM floor
+//! program (`NOTIFY-INFO`, `NOTIFY-ID`, `NOTIFY-RESULT`, `NOTIFY-DONE`; see
+//! crates/notify-guest/README.md), and their statistics.
 
 use crate::guest::marker_fields;
 use serde::Serialize;
@@ -20,27 +20,27 @@ pub struct Series {
     pub cycles: Vec<u64>,
 }
 
-/// Everything a probe run printed.
+/// Everything a notify-guest (or floor) run printed.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct ProbeRun {
+pub struct NotifyRun {
     /// The id GET_ID returned (guest runs only).
     pub id: Option<String>,
-    /// Requests per series, from `PROBE-DONE` (None when the run did not finish).
+    /// Requests per series, from `NOTIFY-DONE` (None when the run did not finish).
     pub done: Option<u64>,
     /// TSC frequency in kHz when the run printed it (the floor program does).
     pub tsc_khz: Option<u64>,
     /// The series, in the order printed.
     pub series: Vec<Series>,
-    /// `PROBE-ERROR` lines.
+    /// `NOTIFY-ERROR` lines.
     pub errors: Vec<String>,
 }
 
-impl ProbeRun {
+impl NotifyRun {
     /// Parses a console transcript.
     pub fn parse(console: &str) -> Self {
-        let mut run = ProbeRun::default();
+        let mut run = NotifyRun::default();
         for line in console.lines() {
-            if let Some(f) = marker_fields(line, "PROBE-RESULT") {
+            if let Some(f) = marker_fields(line, "NOTIFY-RESULT") {
                 let num = |k: &str| f.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
                 let cycles = f
                     .get("cycles")
@@ -53,15 +53,15 @@ impl ProbeRun {
                     irqs: num("irqs"),
                     cycles,
                 });
-            } else if let Some(f) = marker_fields(line, "PROBE-ID") {
+            } else if let Some(f) = marker_fields(line, "NOTIFY-ID") {
                 run.id = f.get("id").cloned();
-            } else if let Some(f) = marker_fields(line, "PROBE-DONE") {
+            } else if let Some(f) = marker_fields(line, "NOTIFY-DONE") {
                 run.done = f.get("requests").and_then(|v| v.parse().ok());
-            } else if let Some(f) = marker_fields(line, "PROBE-INFO") {
+            } else if let Some(f) = marker_fields(line, "NOTIFY-INFO") {
                 if let Some(khz) = f.get("tsc_khz").and_then(|v| v.parse().ok()) {
                     run.tsc_khz = Some(khz);
                 }
-            } else if let Some(at) = line.find("PROBE-ERROR") {
+            } else if let Some(at) = line.find("NOTIFY-ERROR") {
                 run.errors.push(line[at..].to_string());
             }
         }
@@ -133,16 +133,16 @@ impl Stats {
 mod tests {
     use super::*;
 
-    const OUT: &str = "PROBE-INFO source=floor tsc_khz=2600000 gsi=5\n\
-        PROBE-ID id=probe-id\n\
-        PROBE-RESULT kind=get_id mode=irq n=3 irqs=3 errors=0 min=1 p50=2 cycles=30,10,20\n\
-        PROBE-ERROR kind=read mode=poll request=4 timeout\n\
-        PROBE-DONE requests=3\n";
+    const OUT: &str = "NOTIFY-INFO source=floor tsc_khz=2600000 gsi=5\n\
+        NOTIFY-ID id=notify-id\n\
+        NOTIFY-RESULT kind=get_id mode=irq n=3 irqs=3 errors=0 min=1 p50=2 cycles=30,10,20\n\
+        NOTIFY-ERROR kind=read mode=poll request=4 timeout\n\
+        NOTIFY-DONE requests=3\n";
 
     #[test]
     fn parses_a_run() {
-        let run = ProbeRun::parse(OUT);
-        assert_eq!(run.id.as_deref(), Some("probe-id"));
+        let run = NotifyRun::parse(OUT);
+        assert_eq!(run.id.as_deref(), Some("notify-id"));
         assert_eq!(run.done, Some(3));
         assert_eq!(run.tsc_khz, Some(2_600_000));
         let s = run.series("get_id", "irq").unwrap();

@@ -1,4 +1,4 @@
-//! evmm as a vhost-user-blk frontend, in Debian's stock guest, on real backends:
+//! Linux level: evmm as a vhost-user-blk frontend, in Debian's stock guest, on real backends:
 //! qemu-storage-daemon (QEMU's, written by no one here) and evmm-vhost-user-blk. The
 //! data check: the host's pattern reads back in the guest, then a verified random
 //! workload whose final shadow checksum is the disk file's after the backend stops.

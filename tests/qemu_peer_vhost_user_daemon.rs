@@ -1,6 +1,6 @@
-//! Debian's QEMU 7.2 as the vhost-user frontend (`vhost-user-blk-pci`) on
+//! QEMU peer level: Debian's QEMU 7.2 as the vhost-user frontend (`vhost-user-blk-pci`) on
 //! evmm-vhost-user-blk, with Debian's stock guest kernel: the data-integrity checks
-//! of tests/virtio_blk.rs, with 1 and with 2 queues. The guest writes its pattern with O_DIRECT and
+//! of tests/linux_virtio_blk.rs, with 1 and with 2 queues. The guest writes its pattern with O_DIRECT and
 //! the host file holds it; the host's pattern reads back in the guest; a verified
 //! random workload passes and leaves the file with the checksum of the guest's shadow.
 //! One daemon serves the three guests of a run one after the other (a real frontend

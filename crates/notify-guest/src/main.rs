@@ -1,4 +1,4 @@
-//! The notify-latency probe guest.
+//! The notify-latency notify guest.
 //!
 //! A bare-metal x86-64 guest (no Linux) that boots through the PVH ELF note
 //! (so it runs under evmm and QEMU `-M microvm` alike), finds a virtio-blk
@@ -100,7 +100,7 @@ static mut SORTED: [u32; MAX_REQUESTS] = [0; MAX_REQUESTS];
 
 /// Writes `bytes` to COM1 through the ring-0 service gate.
 fn serial_write(bytes: &[u8]) {
-    // SAFETY: `ud2` with rax = SVC_WRITE runs `probe_syscall_entry`, which
+    // SAFETY: `ud2` with rax = SVC_WRITE runs `guest_syscall_entry`, which
     // only reads `rcx` bytes at `rsi` (valid: a live slice), clobbers the
     // registers declared here and resumes after the `ud2`.
     unsafe {
@@ -206,13 +206,13 @@ pub fn rdtsc() -> u64 {
 /// Interrupts taken so far.
 pub fn irq_count() -> u64 {
     // SAFETY: a naturally aligned u64 written only by the interrupt handler.
-    unsafe { read_volatile(addr_of!(boot::PROBE_IRQ_COUNT)) }
+    unsafe { read_volatile(addr_of!(boot::GUEST_IRQ_COUNT)) }
 }
 
 /// TSC recorded by the last interrupt handler entry.
 pub fn irq_tsc() -> u64 {
     // SAFETY: as above.
-    unsafe { read_volatile(addr_of!(boot::PROBE_IRQ_TSC)) }
+    unsafe { read_volatile(addr_of!(boot::GUEST_IRQ_TSC)) }
 }
 
 /// Lets pending interrupts in for a moment (lower the TPR, spin briefly,
@@ -240,11 +240,11 @@ fn set_gate(vector: u8, handler: u64, dpl: u64) {
         | ((0x8e | (dpl << 5)) << 40)
         | (((handler >> 16) & 0xffff) << 48);
     let hi = handler >> 32;
-    // SAFETY: probe_idt is a 4 KiB, user-writable table; no interrupt can be
+    // SAFETY: guest_idt is a 4 KiB, user-writable table; no interrupt can be
     // taken while ring 3 fills it (the LAPIC is disabled, no exception is
     // pending).
     unsafe {
-        let idt = addr_of_mut!(boot::probe_idt) as *mut u64;
+        let idt = addr_of_mut!(boot::guest_idt) as *mut u64;
         write_volatile(idt.add(2 * vector as usize), lo);
         write_volatile(idt.add(2 * vector as usize + 1), hi);
     }
@@ -252,10 +252,10 @@ fn set_gate(vector: u8, handler: u64, dpl: u64) {
 
 fn setup_idt() {
     let (stubs, irq, spurious, syscall) = (
-        addr_of!(boot::probe_fault_stubs) as u64,
-        addr_of!(boot::probe_irq_entry) as u64,
-        addr_of!(boot::probe_spurious_entry) as u64,
-        addr_of!(boot::probe_syscall_entry) as u64,
+        addr_of!(boot::guest_fault_stubs) as u64,
+        addr_of!(boot::guest_irq_entry) as u64,
+        addr_of!(boot::guest_spurious_entry) as u64,
+        addr_of!(boot::guest_syscall_entry) as u64,
     );
     for v in 0..=255u8 {
         set_gate(v, stubs + 16 * u64::from(v), 0);
@@ -355,11 +355,11 @@ fn parse_cmdline(cmdline: &[u8]) -> Config {
                     n += 1;
                 }
             }
-        } else if let Some(v) = tok.strip_prefix(b"probe.requests=") {
+        } else if let Some(v) = tok.strip_prefix(b"notify.requests=") {
             if let Some(r) = parse_num(v) {
                 cfg.requests = (r as usize).clamp(1, MAX_REQUESTS);
             }
-        } else if let Some(v) = tok.strip_prefix(b"probe.raw=") {
+        } else if let Some(v) = tok.strip_prefix(b"notify.raw=") {
             cfg.raw = v != b"0";
         }
     }
@@ -368,12 +368,12 @@ fn parse_cmdline(cmdline: &[u8]) -> Config {
 
 /// The command line from the PVH start info (empty if there is none).
 fn cmdline() -> &'static [u8] {
-    // SAFETY: probe_start_info holds the physical address the VMM passed in
+    // SAFETY: guest_start_info holds the physical address the VMM passed in
     // ebx; RAM is identity-mapped. The start info and the NUL-terminated
     // command line are in guest RAM and never written after boot. A bad
     // magic means no start info: an empty command line.
     unsafe {
-        let si = read_volatile(addr_of!(boot::probe_start_info)) as usize;
+        let si = read_volatile(addr_of!(boot::guest_start_info)) as usize;
         if si == 0 || read_volatile(si as *const u32) != PVH_MAGIC {
             return &[];
         }
@@ -420,7 +420,7 @@ fn heapsort(v: &mut [u32]) {
     }
 }
 
-/// Prints one `PROBE-RESULT` line.
+/// Prints one `NOTIFY-RESULT` line.
 fn print_series(kind: ReqKind, mode: Mode, samples: &[u32], irqs: u64, errors: u64, raw: bool) {
     // SAFETY: SORTED is only used here, by ring-3 code, one call at a time.
     let sorted = unsafe { &mut (&mut *addr_of_mut!(SORTED))[..samples.len()] };
@@ -433,7 +433,7 @@ fn print_series(kind: ReqKind, mode: Mode, samples: &[u32], irqs: u64, errors: u
     let o = out();
     let _ = write!(
         o,
-        "PROBE-RESULT kind={} mode={} n={} irqs={} errors={} min={} p50={} p90={} p99={} p999={} max={} mean={}",
+        "NOTIFY-RESULT kind={} mode={} n={} irqs={} errors={} min={} p50={} p90={} p99={} p999={} max={} mean={}",
         kind.name(),
         mode.name(),
         n,
@@ -476,10 +476,10 @@ fn write_escaped(o: &mut Out, bytes: &[u8]) {
 
 /// Ring-3 main, called from `user_entry` in [`boot`].
 #[no_mangle]
-pub extern "C" fn probe_main() -> ! {
+pub extern "C" fn guest_main() -> ! {
     setup_idt();
     let cmdline = cmdline();
-    println!("PROBE-BOOT cmdline_len={}", cmdline.len());
+    println!("NOTIFY-BOOT cmdline_len={}", cmdline.len());
     let cfg = parse_cmdline(cmdline);
 
     let mut dev = None;
@@ -491,12 +491,12 @@ pub extern "C" fn probe_main() -> ! {
             }
             Ok(None) => {}
             Err(e) => {
-                println!("PROBE-ERROR device={:#x} {e}", spec.base);
+                println!("NOTIFY-ERROR device={:#x} {e}", spec.base);
             }
         }
     }
     let Some((mut dev, spec)) = dev else {
-        println!("PROBE-ERROR no virtio-blk device (virtio-mmio version 2) in virtio_mmio.device= on the command line");
+        println!("NOTIFY-ERROR no virtio-blk device (virtio-mmio version 2) in virtio_mmio.device= on the command line");
         power_off();
     };
 
@@ -504,11 +504,11 @@ pub extern "C" fn probe_main() -> ! {
     setup_ioapic(spec.gsi);
 
     if let Err(e) = dev.init() {
-        println!("PROBE-ERROR device={:#x} init: {e}", spec.base);
+        println!("NOTIFY-ERROR device={:#x} init: {e}", spec.base);
         power_off();
     }
     println!(
-        "PROBE-INFO source=guest device={:#x} gsi={} vector={:#x} queue_size={} capacity_sectors={} requests={} features=version_1",
+        "NOTIFY-INFO source=guest device={:#x} gsi={} vector={:#x} queue_size={} capacity_sectors={} requests={} features=version_1",
         spec.base,
         spec.gsi,
         IRQ_VECTOR,
@@ -523,7 +523,7 @@ pub extern "C" fn probe_main() -> ! {
     while i < SERIES.len() {
         let (kind, mode) = SERIES[i];
         if kind == ReqKind::Read && dev.capacity() < 8 {
-            println!("PROBE-SKIP kind=read reason=disk_smaller_than_4k");
+            println!("NOTIFY-SKIP kind=read reason=disk_smaller_than_4k");
             i += 2 + 2 * usize::from(mode == Mode::Poll);
             continue;
         }
@@ -546,21 +546,21 @@ pub extern "C" fn probe_main() -> ! {
             }
             if m.timeout {
                 println!(
-                    "PROBE-ERROR kind={} mode={} request={r} timeout (no completion{})",
+                    "NOTIFY-ERROR kind={} mode={} request={r} timeout (no completion{})",
                     kind.name(),
                     mode.name(),
                     if irq_mode { " or no interrupt" } else { "" }
                 );
                 timeouts += 1;
                 if timeouts >= 3 {
-                    println!("PROBE-ERROR giving up after {timeouts} timeouts");
+                    println!("NOTIFY-ERROR giving up after {timeouts} timeouts");
                     power_off();
                 }
             }
             if kind == ReqKind::GetId {
                 if !id_printed {
                     let o = out();
-                    let _ = o.write_str("PROBE-ID id=");
+                    let _ = o.write_str("NOTIFY-ID id=");
                     // The id is NUL-padded to 20 bytes: print up to the first NUL.
                     let id = dev.id_bytes();
                     let len = id.iter().position(|&b| b == 0).unwrap_or(id.len());
@@ -599,7 +599,7 @@ pub extern "C" fn probe_main() -> ! {
         }
         i += series;
     }
-    println!("PROBE-DONE requests={n}");
+    println!("NOTIFY-DONE requests={n}");
     power_off();
 }
 
@@ -623,15 +623,15 @@ fn ring0_puthex(v: u64) {
 }
 
 /// Called (at CPL 0) by the fault stubs for any unexpected vector: prints
-/// `PROBE-FAULT vector=<hex> frame=<6 hex words>` (error code if the vector
+/// `NOTIFY-FAULT vector=<hex> frame=<6 hex words>` (error code if the vector
 /// has one, then RIP, CS, RFLAGS, RSP, SS) and ends the VM.
 ///
 /// # Safety
 /// `frame` must point at an interrupt frame (six readable words); only the
 /// fault stubs call this.
 #[no_mangle]
-pub unsafe extern "C" fn probe_fault(vector: u64, frame: *const u64) -> ! {
-    for &b in b"PROBE-FAULT vector=" {
+pub unsafe extern "C" fn guest_fault(vector: u64, frame: *const u64) -> ! {
+    for &b in b"NOTIFY-FAULT vector=" {
         ring0_putc(b);
     }
     ring0_puthex(vector);
@@ -669,7 +669,7 @@ pub unsafe extern "C" fn probe_fault(vector: u64, frame: *const u64) -> ! {
 fn panic(info: &PanicInfo) -> ! {
     let o = out();
     o.len = 0;
-    let _ = writeln!(o, "PROBE-PANIC {info}");
+    let _ = writeln!(o, "NOTIFY-PANIC {info}");
     o.flush();
     power_off();
 }

@@ -1,4 +1,4 @@
-//! virtio-blk through virtio-mmio, driven by ioeventfd and irqfd, in Debian's stock
+//! Linux level: virtio-blk through virtio-mmio, driven by ioeventfd and irqfd, in Debian's stock
 //! guest: disks seen with their size and read-only flag, data integrity both ways,
 //! read-only disks refusing writes, a verified random workload, and the notify
 //! counters of both notify paths. Runs on the route the capability probe picks.

@@ -1,4 +1,4 @@
-//! The nested test host: boots L1, runs commands there, returns their output and
+//! Test harness: the nested test host: boots L1, runs commands there, returns their output and
 //! status, and stops commands that exceed their time limit.
 
 use evmm_testhost::{Error, NestedHost};

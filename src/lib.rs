@@ -1,1 +1,0 @@
-//! Integration tests and benchmarks of evmm live in `tests/` and `benches/`.
