@@ -1,6 +1,6 @@
 //! `evmm-boot-time [--runs N] [--memory MiB] [--cpus N]`: boots Debian's stock kernel
 //! with the guest initramfs under evmm and under QEMU `-M microvm` (same kernel,
-//! initramfs, memory and command line), alternating, and prints a markdown table of
+//! initramfs, memory and guest test), alternating, and prints a markdown table of
 //! start → init marker and start → exit. It runs itself in the nested test host where this host's /dev/kvm cannot
 //! boot Linux (every row in the same L1).
 
@@ -8,7 +8,7 @@ use clap::Parser;
 use evmm_testhost::boottime::{summary, time_boot, BootTiming};
 use evmm_testhost::qemu_cpu::kvm_cpu_model;
 use evmm_testhost::route::bench_main;
-use evmm_testhost::{GuestImages, QemuGuest};
+use evmm_testhost::{EvmmGuest, GuestImages, QemuGuest};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -26,8 +26,6 @@ struct Cli {
     cpus: u32,
 }
 
-const CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 quiet evmm.test=hello";
-
 /// The whole run's limit where it goes to the nested host.
 const NESTED_LIMIT: Duration = Duration::from_secs(1800);
 
@@ -38,25 +36,13 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     let images = GuestImages::existing()?;
-    let evmm: Vec<String> = vec![
-        "evmm".into(),
-        "--kernel".into(),
-        images.vmlinuz.display().to_string(),
-        "--initramfs".into(),
-        images.initramfs.display().to_string(),
-        "--memory".into(),
-        cli.memory.to_string(),
-        "--cpus".into(),
-        cli.cpus.to_string(),
-        "--cmdline".into(),
-        CMDLINE.into(),
-    ];
+    let mut evmm = EvmmGuest::new("hello");
+    evmm.memory_mib = cli.memory;
+    evmm.cpus = cli.cpus;
+    let evmm = evmm.argv(&images);
     let mut qemu = QemuGuest::microvm("hello");
     qemu.memory_mib = cli.memory;
     qemu.cpus = cli.cpus;
-    qemu.cmdline = CMDLINE
-        .trim_start_matches("console=ttyS0 reboot=t panic=-1 quiet ")
-        .into();
     let qemu = qemu.argv(&images);
     let qemu_name = format!("QEMU -M microvm (-cpu {})", kvm_cpu_model()?.model);
 
