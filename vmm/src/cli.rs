@@ -17,7 +17,8 @@ the VM.
 Disks are virtio-blk devices on virtio-mmio, announced to the guest in the
 ACPI DSDT (LNRO0005) and with virtio_mmio.device= on the kernel command line;
 the first --disk is /dev/vda. --vhost-user-blk devices come after the
-disks; their requests are served by another process (e.g.
+disks, --net devices (virtio-net on a tap, eth0 for the first) after those; the
+--vhost-user-blk devices' requests are served by another process (e.g.
 qemu-storage-daemon --export type=vhost-user-blk) that evmm connects to at
 start-up and hands the guest memory, the queues' kick eventfds and the
 device's irqfd. If that backend dies, evmm logs it and answers the device's
@@ -89,7 +90,19 @@ pub struct Cli {
     #[arg(long, value_name = "VHOST_USER_BLK")]
     pub vhost_user_blk: Vec<String>,
 
-    /// How the guest's queue notifications reach the disk workers:
+    /// A virtio-net device on a Linux tap:
+    /// "tap=<name>|fd=<n>[:<n>...],mac=<52:54:00:xx:xx:xx>,queues=<pairs>,mtu=<bytes>,poll_us=<microseconds>".
+    /// tap is the tap's name (opened, or created with CAP_NET_ADMIN); fd takes taps
+    /// the caller opened (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR), one per queue pair; mac
+    /// [default: 52:54:00 and three bytes of evmm's pid and the device's slot];
+    /// queues is the number of queue pairs, 1 to 8 (more than 1 needs a multi_queue
+    /// tap) [default: 1]; mtu is offered to the guest, 68 to 65521 [default: none,
+    /// Linux takes 1500]; poll_us as for --disk. Repeat the option for more
+    /// devices; they follow the block devices
+    #[arg(long, value_name = "NET")]
+    pub net: Vec<String>,
+
+    /// How the guest's queue notifications reach the device workers:
     /// ioeventfd lets KVM signal the worker without leaving the guest; exit
     /// makes each notification exit to the vCPU thread, which signals it
     #[arg(long, value_enum, value_name = "MODE", default_value_t = NotifyMode::Ioeventfd)]
@@ -117,7 +130,8 @@ impl Cli {
             self.cpus,
         )?;
         let devices = DeviceConfig::new(&self.disk, self.notify, self.metrics.clone())?
-            .with_vhost_user_blk(&self.vhost_user_blk)?;
+            .with_vhost_user_blk(&self.vhost_user_blk)?
+            .with_nets(&self.net)?;
         Ok(config.with_devices(devices))
     }
 }
@@ -335,8 +349,26 @@ mod tests {
         let many = vec!["socket=/s"; crate::arch::layout::MAX_VIRTIO_MMIO_DEVICES as usize + 1];
         assert!(matches!(
             vhost_user_config(&many),
-            Err(ConfigError::TooManyDevices { .. })
+            Err(ConfigError::TooManyDevices(_))
         ));
+    }
+
+    #[test]
+    fn bad_nets_are_config_errors() {
+        for (bad, why) in [
+            ("tap=t,queues=0", "queue pairs, 1 to 8"),
+            ("tap=t,mac=zz:00:00:00:00:00", "unicast MAC"),
+            ("mac=52:54:00:00:00:01", "tap=NAME or as fd=N"),
+        ] {
+            let cli = Cli::try_parse_from(["evmm", "--kernel", "/k", "--net", bad]).unwrap();
+            let msg = cli.to_config().unwrap_err().to_string();
+            assert!(msg.starts_with(&format!("--net {bad}: ")), "{msg}");
+            assert!(msg.contains(why), "{why:?} not in {msg:?}");
+        }
+        let cli =
+            Cli::try_parse_from(["evmm", "--kernel", "/k", "--net", "tap=t0", "--net", "fd=5"])
+                .unwrap();
+        assert_eq!(cli.to_config().unwrap().devices.nets.len(), 2);
     }
 
     #[test]
@@ -356,6 +388,8 @@ mod tests {
             "--metrics",
             "--vhost-user-blk",
             "socket=<unix_socket_path>",
+            "--net",
+            "tap=<name>|fd=<n>",
         ] {
             assert!(help.contains(opt), "{opt} missing from help");
         }

@@ -250,3 +250,89 @@ fn vhost_user_blk_bad_spec() {
     let out = evmm(&["--kernel", "/k", "--vhost-user-blk", "path=/s"], &[]);
     assert_error(&out, 1, "unknown key 'path' (known: socket, queues)");
 }
+
+/// Runs `evmm --kernel K ARGS...` in a network namespace of its own (nothing is
+/// created in this machine's), after `setup` (shell commands) there, with `wrapper`
+/// (e.g. setpriv) in front of evmm.
+fn evmm_in_netns(setup: &str, wrapper: &[&str], args: &[&str]) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let k = tiny_elf(&dir);
+    let script = format!("set -e; {setup}; exec \"$@\"");
+    Command::new("unshare")
+        .args(["--net", "sh", "-c", &script, "sh"])
+        .args(wrapper)
+        .arg(env!("CARGO_BIN_EXE_evmm"))
+        .args(["--kernel", &k])
+        .args(args)
+        .output()
+        .expect("unshare (util-linux) runs evmm in a network namespace of its own")
+}
+
+#[test]
+fn net_bad_spec() {
+    for (spec, why) in [
+        ("tap=t0,mac=52:54:00:12:34", "a unicast MAC"),
+        ("tap=t0,queues=0", "queues=0: queue pairs, 1 to 8"),
+        ("tap=t0,queues=9", "queues=9: queue pairs, 1 to 8"),
+        ("fd=3,tap=t0", "tap=NAME or as fd=N"),
+    ] {
+        let out = evmm(&["--kernel", "/k", "--net", spec], &[]);
+        assert_error(&out, 1, &format!("--net {spec}: "));
+        assert_error(&out, 1, why);
+    }
+}
+
+#[test]
+fn net_fd_that_is_no_tap() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = tiny_elf(&dir);
+    // Descriptor 0 is /dev/null here.
+    let out = Command::new(env!("CARGO_BIN_EXE_evmm"))
+        .args(["--kernel", &k, "--net", "fd=0"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_error(&out, 1, "--net fd=0: fd 0: not a tap");
+}
+
+#[test]
+fn net_no_such_tap_and_no_right_to_create_it() {
+    // Root without CAP_NET_ADMIN: /dev/net/tun opens, creating the tap is refused.
+    let out = evmm_in_netns(
+        "true",
+        &[
+            "setpriv",
+            "--bounding-set=-net_admin",
+            "--inh-caps=-net_admin",
+        ],
+        &["--net", "tap=evmm-none0"],
+    );
+    assert_error(&out, 1, "--net tap=evmm-none0: tap evmm-none0: ");
+    assert_error(&out, 1, "no right to create it");
+    // An unprivileged user cannot even open /dev/net/tun (mode 0600).
+    let out = evmm_in_netns(
+        "true",
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ],
+        &["--net", "tap=evmm-none0"],
+    );
+    assert_error(&out, 1, "--net tap=evmm-none0: cannot open /dev/net/tun: ");
+}
+
+#[test]
+fn net_single_queue_tap_with_several_queues() {
+    let out = evmm_in_netns(
+        "ip tuntap add dev evmm-sq0 mode tap",
+        &[],
+        &["--net", "tap=evmm-sq0,queues=2"],
+    );
+    assert_error(
+        &out,
+        1,
+        "exists as a single-queue tap; queues > 1 needs one created with multi_queue",
+    );
+}

@@ -12,7 +12,7 @@
 //!   [`epoll`] and [`worker`] (every thread's wait and lifetime), [`fault`] (guest
 //!   faults, logged once per kind), [`metrics`];
 //! * [`transport::mmio`]: the virtio-mmio register file and status machine;
-//! * devices: [`blk`];
+//! * devices: [`blk`], [`net`];
 //! * [`vhost`]: the frontend for devices served by a vhost backend.
 
 pub mod blk;
@@ -21,6 +21,7 @@ pub mod epoll;
 pub mod fault;
 pub mod interrupt;
 pub mod metrics;
+pub mod net;
 pub mod queue;
 pub mod status;
 pub mod transport;

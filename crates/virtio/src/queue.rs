@@ -25,6 +25,22 @@ pub enum QueueFault<F> {
     Ring(String),
 }
 
+/// The answer to one chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// Done: put it in the used ring with this length.
+    Used(u32),
+    /// Not now (e.g. the tap cannot take a frame): leave it, and the ones after it, in
+    /// the available ring and stop draining.
+    Later,
+}
+
+impl From<u32> for Served {
+    fn from(len: u32) -> Self {
+        Served::Used(len)
+    }
+}
+
 /// What one drain did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Drained<F> {
@@ -36,6 +52,8 @@ pub struct Drained<F> {
     /// A fault that stopped the drain. Not yet logged: the caller reports it and stops
     /// serving the queue.
     pub fault: Option<QueueFault<F>>,
+    /// A chain was answered [`Served::Later`]: the drain stopped with chains left.
+    pub blocked: bool,
 }
 
 impl<F> Drained<F> {
@@ -54,20 +72,21 @@ impl<F> Drained<F> {
     }
 }
 
-/// Serves every available chain of `queue` with `answer`, which returns the length to
-/// put in the used ring, or the fault that stops the queue (the chain is then not
-/// added to the used ring). With EVENT_IDX: disable notifications, drain, enable, and
-/// drain again if the driver added chains meanwhile.
+/// Serves every available chain of `queue` with `answer`, which returns what to put in
+/// the used ring (or to leave the chain for later), or the fault that stops the queue
+/// (the chain is then not added to the used ring). With EVENT_IDX: disable
+/// notifications, drain, enable, and drain again if the driver added chains meanwhile.
 pub fn drain_queue<'m, M, F>(
     queue: &mut Queue,
     mem: &'m M,
-    mut answer: impl FnMut(DescriptorChain<&'m M>) -> Result<u32, F>,
+    mut answer: impl FnMut(DescriptorChain<&'m M>) -> Result<Served, F>,
 ) -> Drained<F>
 where
     M: GuestMemory,
 {
     let mut added = 0usize;
     let mut fault = None;
+    let mut blocked = false;
     'drain: loop {
         if let Err(e) = queue.disable_notification(mem) {
             fault = Some(QueueFault::Ring(format!(
@@ -86,7 +105,12 @@ where
             let Some(chain) = chain else { break };
             let head = chain.head_index();
             let used_len = match answer(chain) {
-                Ok(len) => len,
+                Ok(Served::Used(len)) => len,
+                Ok(Served::Later) => {
+                    queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                    blocked = true;
+                    break 'drain;
+                }
                 Err(f) => {
                     fault = Some(QueueFault::Chain(f));
                     break 'drain;
@@ -113,7 +137,64 @@ where
         added,
         notify: added > 0 && driver_wants_interrupt(queue, mem),
         fault,
+        blocked,
     }
+}
+
+/// Puts `entries` (head, length) in the used ring and publishes them with one store
+/// of the used index, so that a driver never sees part of them (a frame spread over
+/// several receive buffers is one such group). Notification counting of the queue is
+/// left alone: decide with [`needs_interrupt_since`].
+pub fn publish_used<M: GuestMemory>(
+    queue: &mut Queue,
+    mem: &M,
+    entries: &[(u16, u32)],
+) -> Result<(), String> {
+    let size = queue.size();
+    if size == 0 {
+        return Err("queue size 0".into());
+    }
+    let used = queue.used_ring();
+    let next = queue.next_used();
+    for (i, &(head, len)) in entries.iter().enumerate() {
+        if head >= size {
+            return Err(format!("head {head} beyond the queue size {size}"));
+        }
+        let slot = u64::from(next.wrapping_add(i as u16) % size);
+        let at = used
+            .checked_add(4 + 8 * slot)
+            .ok_or("used ring address overflows")?;
+        mem.write_obj(u32::from(head), GuestAddress(at))
+            .and_then(|()| mem.write_obj(len, GuestAddress(at + 4)))
+            .map_err(|e| format!("cannot add a used entry: {e}"))?;
+    }
+    let new = next.wrapping_add(entries.len() as u16);
+    fence(Ordering::Release);
+    mem.write_obj(new, GuestAddress(used + 2))
+        .map_err(|e| format!("cannot publish the used index: {e}"))?;
+    queue.set_next_used(new);
+    Ok(())
+}
+
+/// Whether the driver wants a used-buffer interrupt for the entries published since the
+/// used index was `old` (EVENT_IDX's used_event, or VRING_AVAIL_F_NO_INTERRUPT).
+pub fn needs_interrupt_since<M: GuestMemory>(queue: &Queue, mem: &M, old: u16) -> bool {
+    let new = queue.next_used();
+    if new == old {
+        return false;
+    }
+    fence(Ordering::SeqCst);
+    if queue.event_idx_enabled() {
+        let at = queue.avail_ring() + 4 + 2 * u64::from(queue.size());
+        let Ok(used_event) = mem.read_obj::<u16>(GuestAddress(at)) else {
+            return true;
+        };
+        // vring_need_event: used_event lies in [old, new).
+        return new.wrapping_sub(used_event).wrapping_sub(1) < new.wrapping_sub(old);
+    }
+    mem.read_obj::<u16>(GuestAddress(queue.avail_ring()))
+        .map(|flags| flags & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0)
+        .unwrap_or(true)
 }
 
 /// Whether the driver wants a used-buffer interrupt for what was just added: EVENT_IDX's
@@ -154,7 +235,7 @@ mod tests {
         add_chain(&vq, 0, &[Desc(0x10_0000, 16, true)]);
         add_chain(&vq, 1, &[Desc(0x10_1000, 16, true)]);
         let mut q = make_queue(&vq);
-        let d: Drained<()> = drain_queue(&mut q, &mem, |c| Ok(c.head_index().into()));
+        let d: Drained<()> = drain_queue(&mut q, &mem, |c| Ok(u32::from(c.head_index()).into()));
         assert_eq!((d.added, d.notify, d.fault), (2, true, None));
         assert_eq!(used_elem(&mem, 1), (1, 1));
     }
@@ -170,7 +251,7 @@ mod tests {
             if c.head_index() == 1 {
                 Err("bad")
             } else {
-                Ok(1)
+                Ok(1.into())
             }
         });
         assert_eq!((d.added, d.fault), (1, Some(QueueFault::Chain("bad"))));
@@ -184,7 +265,7 @@ mod tests {
         add_chain(&vq, 0, &[Desc(0x10_0000, 16, true)]);
         let mut q = make_queue(&vq);
         set_avail_flags(&vq, &mem, VRING_AVAIL_F_NO_INTERRUPT as u16);
-        let d: Drained<()> = drain_queue(&mut q, &mem, |_| Ok(1));
+        let d: Drained<()> = drain_queue(&mut q, &mem, |_| Ok(1.into()));
         assert_eq!((d.added, d.notify), (1, false));
 
         let vq = MockSplitQueue::new(&mem, QSIZE);
@@ -194,10 +275,54 @@ mod tests {
         add_chain(&vq, 1, &[Desc(0x10_1000, 16, true)]);
         // The driver wants an interrupt only once the second entry is used.
         set_used_event(&vq, &mem, 5);
-        let d: Drained<()> = drain_queue(&mut q, &mem, |_| Ok(1));
+        let d: Drained<()> = drain_queue(&mut q, &mem, |_| Ok(1.into()));
         assert_eq!((d.added, d.notify), (2, false));
         // avail_event tells the driver where the device will look next.
         assert_eq!(avail_event(&mem), 2);
+    }
+
+    #[test]
+    fn a_chain_left_for_later_stays_available() {
+        let mem = guest_memory();
+        let vq = MockSplitQueue::new(&mem, QSIZE);
+        add_chain(&vq, 0, &[Desc(0x10_0000, 16, false)]);
+        add_chain(&vq, 1, &[Desc(0x10_1000, 16, false)]);
+        let mut q = make_queue(&vq);
+        let d: Drained<()> = drain_queue(&mut q, &mem, |c| {
+            Ok(if c.head_index() == 0 {
+                Served::Used(0)
+            } else {
+                Served::Later
+            })
+        });
+        assert!(d.blocked);
+        assert_eq!(d.added, 1);
+        let again: Drained<()> = drain_queue(&mut q, &mem, |c| {
+            assert_eq!(c.head_index(), 1);
+            Ok(Served::Used(0))
+        });
+        assert_eq!((again.added, again.blocked), (1, false));
+    }
+
+    #[test]
+    fn a_group_is_published_at_once_and_event_idx_sees_all_of_it() {
+        let mem = guest_memory();
+        let vq = MockSplitQueue::new(&mem, QSIZE);
+        let mut q = make_queue(&vq);
+        q.set_event_idx(true);
+        // The driver wants an interrupt once entry 1 is used.
+        set_used_event(&vq, &mem, 1);
+        let old = q.next_used();
+        publish_used(&mut q, &mem, &[(3, 100), (4, 50), (5, 7)]).unwrap();
+        assert_eq!(used_idx(&mem), 3);
+        assert_eq!(used_elem(&mem, 1), (4, 50));
+        assert!(needs_interrupt_since(&q, &mem, old));
+        // used_event 5 lies beyond what was published: no interrupt.
+        set_used_event(&vq, &mem, 5);
+        let old = q.next_used();
+        publish_used(&mut q, &mem, &[(6, 1)]).unwrap();
+        assert!(!needs_interrupt_since(&q, &mem, old));
+        assert!(publish_used(&mut q, &mem, &[(QSIZE, 1)]).is_err());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! A validated VM configuration.
 
 pub mod disk;
+pub mod net;
 pub mod vhost_user;
 
 use std::path::{Path, PathBuf};
@@ -8,6 +9,7 @@ use std::path::{Path, PathBuf};
 use evmm_virtio::blk::BlockConfig;
 
 use crate::arch::layout::MAX_VIRTIO_MMIO_DEVICES;
+use net::NetSpec;
 use vhost_user::VhostUserBlkConfig;
 
 /// Default kernel command line.
@@ -74,17 +76,21 @@ pub enum ConfigError {
         /// What is wrong with it.
         source: vhost_user::VhostUserOptionError,
     },
-    /// More `--disk` and `--vhost-user-blk` devices together than there are slots.
-    #[error(
-        "{disks} --disk and {vhost_user} --vhost-user-blk devices given; \
-         evmm supports at most {MAX_VIRTIO_MMIO_DEVICES} virtio devices"
-    )]
-    TooManyDevices {
-        /// `--disk` devices.
-        disks: usize,
-        /// `--vhost-user-blk` devices.
-        vhost_user: usize,
+    /// A `--net` value cannot be parsed.
+    #[error("--net {spec}: {source}")]
+    Net {
+        /// The value as given.
+        spec: String,
+        /// What is wrong with it.
+        source: net::NetOptionError,
     },
+    /// More `--disk`, `--vhost-user-blk` and `--net` devices together than there are
+    /// slots.
+    #[error(
+        "{0} virtio devices given (--disk, --vhost-user-blk and --net together); \
+         evmm supports at most {MAX_VIRTIO_MMIO_DEVICES}"
+    )]
+    TooManyDevices(usize),
     /// The directory of the metrics file does not exist.
     #[error("--metrics {0}: its directory does not exist")]
     MetricsDir(PathBuf),
@@ -119,6 +125,8 @@ pub struct DeviceConfig {
     /// vhost-user-blk devices, in `--vhost-user-blk` order; their slots follow the
     /// disks' (with two disks, the first vhost-user-blk device is `vdc`).
     pub vhost_user_blk: Vec<VhostUserBlkConfig>,
+    /// virtio-net devices, in `--net` order, after the block devices.
+    pub nets: Vec<NetSpec>,
     /// How queue notifications are delivered.
     pub notify: NotifyMode,
     /// Where to write the device counters at exit.
@@ -159,6 +167,7 @@ impl DeviceConfig {
         Ok(DeviceConfig {
             disks,
             vhost_user_blk: Vec::new(),
+            nets: Vec::new(),
             notify,
             metrics,
         })
@@ -167,12 +176,7 @@ impl DeviceConfig {
     /// The same devices plus the `--vhost-user-blk` values, parsed. Nothing is
     /// connected yet.
     pub fn with_vhost_user_blk(self, specs: &[String]) -> Result<Self, ConfigError> {
-        if self.disks.len() + specs.len() > MAX_VIRTIO_MMIO_DEVICES as usize {
-            return Err(ConfigError::TooManyDevices {
-                disks: self.disks.len(),
-                vhost_user: specs.len(),
-            });
-        }
+        self.check_room(specs.len())?;
         let vhost_user_blk = specs
             .iter()
             .map(|spec| {
@@ -186,6 +190,34 @@ impl DeviceConfig {
             vhost_user_blk,
             ..self
         })
+    }
+
+    /// The same devices plus the `--net` values, parsed. No tap is opened yet.
+    pub fn with_nets(self, specs: &[String]) -> Result<Self, ConfigError> {
+        self.check_room(specs.len())?;
+        let nets = specs
+            .iter()
+            .map(|spec| {
+                net::parse_net(spec).map_err(|source| ConfigError::Net {
+                    spec: spec.clone(),
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(DeviceConfig { nets, ..self })
+    }
+
+    /// The number of virtio devices.
+    pub fn count(&self) -> usize {
+        self.disks.len() + self.vhost_user_blk.len() + self.nets.len()
+    }
+
+    fn check_room(&self, more: usize) -> Result<(), ConfigError> {
+        let total = self.count() + more;
+        if total > MAX_VIRTIO_MMIO_DEVICES as usize {
+            return Err(ConfigError::TooManyDevices(total));
+        }
+        Ok(())
     }
 }
 
@@ -390,17 +422,17 @@ mod tests {
         let mut too_many = vu.clone();
         too_many.push("socket=/t".into());
         let err = disks.clone().with_vhost_user_blk(&too_many).unwrap_err();
-        assert_eq!(
-            err,
-            ConfigError::TooManyDevices {
-                disks: 2,
-                vhost_user: too_many.len()
-            }
-        );
+        assert_eq!(err, ConfigError::TooManyDevices(too_many.len() + 2));
         assert!(
             err.to_string()
-                .contains(&format!("at most {MAX_VIRTIO_MMIO_DEVICES} virtio devices")),
+                .contains(&format!("evmm supports at most {MAX_VIRTIO_MMIO_DEVICES}")),
             "{err}"
+        );
+        // --net devices count too.
+        let err = d.with_nets(&["tap=t".into()]).unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::TooManyDevices(MAX_VIRTIO_MMIO_DEVICES as usize + 1)
         );
         let err = disks
             .with_vhost_user_blk(&["socket=/s,queues=0".into()])

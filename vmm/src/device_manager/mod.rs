@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 pub mod mmio;
 
 use evmm_virtio::blk::{Block, BlockConfig, BlockError};
+use evmm_virtio::net::{default_mac, Net, NetConfig, NetError, Tap};
 use evmm_virtio::transport::mmio::MmioTransport;
 use evmm_virtio::vhost::user::VhostUserError;
 use evmm_virtio::vhost::{VhostUserBlk, VhostUserBlkConfig};
@@ -19,6 +20,7 @@ use evmm_virtio::VirtioDevice;
 use kvm_ioctls::{Cap, Kvm, VmFd};
 
 use crate::arch::layout::MAX_VIRTIO_MMIO_DEVICES;
+use crate::config::net::{NetSpec, TapSource};
 use crate::config::NotifyMode;
 use crate::devices::bus::{Bus, BusError};
 use crate::metrics::{DeviceRecord, MetricsReport};
@@ -39,6 +41,15 @@ pub enum DeviceError {
     /// A vhost-user backend cannot be reached or refused the handshake.
     #[error(transparent)]
     VhostUser(#[from] VhostUserError),
+    /// A tap cannot be opened, or the network device set up.
+    #[error("--net {tap}: {source}")]
+    Net {
+        /// The tap as given (`tap=NAME` or `fd=N`).
+        tap: String,
+        /// Why.
+        #[source]
+        source: NetError,
+    },
     /// A `direct=on` disk cannot be opened with O_DIRECT.
     #[error("{0} (direct=on needs a file system with O_DIRECT; tmpfs has none: try direct=off)")]
     NoDirectIo(#[source] BlockError),
@@ -68,6 +79,11 @@ pub enum DeviceError {
     /// The window overlaps another device on the MMIO bus.
     #[error(transparent)]
     Bus(#[from] BusError),
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+fn format_mac(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
 }
 
 /// Opens every disk. Done before anything touches KVM, so a bad disk is
@@ -106,14 +122,46 @@ pub fn connect_vhost_user(
         .collect()
 }
 
+/// Opens the tap of every `--net` device, in its slot (`slots` as many as `specs`).
+/// Done before anything touches KVM, so a missing tap is reported first.
+pub fn open_nets(specs: &[NetSpec], slots: &[MmioSlot]) -> Result<Vec<Net>, DeviceError> {
+    specs
+        .iter()
+        .zip(slots)
+        .map(|(spec, slot)| {
+            let net_err = |source| DeviceError::Net {
+                tap: spec.tap.to_string(),
+                source,
+            };
+            let (name, taps) = match &spec.tap {
+                TapSource::Name(name) => (name.clone(), Tap::open(name, spec.queue_pairs)),
+                // SAFETY: the descriptors are the caller's, handed to evmm on the command
+                // line; nothing else in evmm opens, uses or closes them.
+                TapSource::Fds(fds) => (spec.tap.to_string(), unsafe { Tap::from_fds(fds) }),
+            };
+            let taps = taps.map_err(|e| net_err(NetError::Tap(e)))?;
+            let name = taps.first().map(|t| t.name().to_string()).unwrap_or(name);
+            let config = NetConfig {
+                mac: spec
+                    .mac
+                    .unwrap_or_else(|| default_mac(slot.index, std::process::id())),
+                queue_pairs: spec.queue_pairs,
+                mtu: spec.mtu,
+                poll_us: spec.poll_us,
+            };
+            Net::new(config, &name, taps).map_err(net_err)
+        })
+        .collect()
+}
+
 /// What a device is, for the log and the metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceInfo {
-    /// `"virtio-blk"` or `"vhost-user-blk"`.
+    /// `"virtio-blk"`, `"vhost-user-blk"` or `"virtio-net"`.
     pub kind: &'static str,
-    /// The disk's `id=`, if any.
+    /// The disk's `id=`, or the network device's MAC.
     pub id: Option<String>,
-    /// The disk file or the backend's socket.
+    /// The disk file, the backend's socket, or the tap.
     pub path: String,
     /// Request queues.
     pub queues: usize,
@@ -144,6 +192,21 @@ impl PendingDevice {
                 readonly: config.readonly,
             },
             device: Box::new(block),
+        }
+    }
+
+    /// A `--net`.
+    pub fn net(slot: MmioSlot, net: Net) -> Self {
+        PendingDevice {
+            slot,
+            info: DeviceInfo {
+                kind: "virtio-net",
+                id: Some(format_mac(net.config().mac)),
+                path: net.metrics_snapshot().tap,
+                queues: usize::from(net.config().queue_pairs),
+                readonly: false,
+            },
+            device: Box::new(net),
         }
     }
 

@@ -178,9 +178,11 @@ impl Vm {
         let e820 = e820_map(config.memory_bytes);
         let disk_configs = &config.devices.disks;
         let vhost_user_configs = &config.devices.vhost_user_blk;
-        let slots = device_manager::mmio_slots(disk_configs.len() + vhost_user_configs.len())?;
+        let slots = device_manager::mmio_slots(config.devices.count())?;
         let disks = device_manager::open_disks(disk_configs)?;
-        let (disk_slots, vhost_user_slots) = slots.split_at(disk_configs.len());
+        let (disk_slots, rest) = slots.split_at(disk_configs.len());
+        let (vhost_user_slots, net_slots) = rest.split_at(vhost_user_configs.len());
+        let nets = device_manager::open_nets(&config.devices.nets, net_slots)?;
         let vhost_user = device_manager::connect_vhost_user(vhost_user_configs, vhost_user_slots)?;
         let mut dsdt_devices = vec![DsdtDevice::com1()];
         dsdt_devices.extend(slots.iter().map(|s| s.dsdt_device()));
@@ -261,6 +263,12 @@ impl Vm {
                     .iter()
                     .zip(vhost_user)
                     .map(|(&slot, dev)| PendingDevice::vhost_user_blk(slot, dev)),
+            )
+            .chain(
+                net_slots
+                    .iter()
+                    .zip(nets)
+                    .map(|(&slot, net)| PendingDevice::net(slot, net)),
             )
             .collect();
         let devices =

@@ -168,10 +168,10 @@ pub fn serve_queue<M: GuestMemory>(
         let outcome = process_chain(backend, chain, mem, limits);
         outcome.count(metrics);
         match outcome {
-            ChainOutcome::Done { completion, .. } => Ok(completion.used_len()),
+            ChainOutcome::Done { completion, .. } => Ok(completion.used_len().into()),
             ChainOutcome::Rejected { fault } => {
                 faults.report_chain(index, &fault);
-                Ok(1)
+                Ok(1.into())
             }
             ChainOutcome::NeedsReset { fault } => Err(fault),
         }

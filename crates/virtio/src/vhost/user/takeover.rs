@@ -161,7 +161,10 @@ impl<K: UserDeviceKind> Takeover<K> {
             let head = chain.head_index();
             let descs: Vec<_> = chain.collect();
             kind.fail_request(&descs, mem)
-                .inspect(|_| stats.requests_failed.inc())
+                .map(|len| {
+                    stats.requests_failed.inc();
+                    len.into()
+                })
                 .map_err(|why| format!("request {head}: {why}"))
         });
         drained.count_notification(&stats.interrupts, &stats.interrupts_suppressed);
