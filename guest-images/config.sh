@@ -12,16 +12,26 @@ GUEST_MODULES="virtio_mmio virtio_pci virtio_blk virtio_net"
 # Modules the nested test host (L1) loads: KVM on emulated AMD SVM, and tun for tap devices.
 L1_MODULES="kvm-amd tun"
 
-# Host tools bundled into the L1 initramfs with their shared libraries.
-L1_TOOLS="/usr/bin/qemu-system-x86_64 /usr/bin/qemu-storage-daemon"
+# Host tools bundled into the L1 initramfs with their shared libraries. iproute2's ip
+# (tap devices: `ip tuntap`) replaces busybox's /usr/bin/ip, but busybox's sh runs its
+# own applet for a bare `ip`: scripts call /usr/bin/ip. iperf3 is the benchmark's peer.
+L1_TOOLS="/usr/bin/qemu-system-x86_64 /usr/bin/qemu-storage-daemon /usr/bin/ip /usr/bin/iperf3"
 
 # Firmware directories the bundled QEMU reads (copied with symlinks resolved).
 L1_DATA="/usr/share/qemu /usr/share/seabios"
 
 # Debian tools bundled into the guest initramfs with their shared libraries
-# (absolute paths on the build host). Empty by default.
-GUEST_TOOLS=""
+# (absolute paths on the build host). busybox covers ip, nc, sha256sum and udhcpc (its
+# ping has no don't-fragment option: the network checks ping with evmm-guest-net);
+# iperf3 is the network benchmark.
+GUEST_TOOLS="/usr/bin/iperf3"
 
 # Guest-side test programs built by this repository: cargo binaries built as static
 # executables and installed into the guest's /usr/bin.
-GUEST_RUST_BINS="evmm-guest-sysinfo evmm-guest-blk"
+GUEST_RUST_BINS="evmm-guest-sysinfo evmm-guest-blk evmm-guest-net"
+
+# Programs of this repository also installed into the nested test host's /usr/bin (the
+# same static builds): evmm-guest-net is the peer of the guest's network checks there,
+# so L1 does not depend on a release build having it. The release binaries on PATH
+# (/payload/bin) come first when they have it.
+L1_RUST_BINS="evmm-guest-net"

@@ -22,7 +22,9 @@ install_busybox() {
 }
 
 # bundle_elf ROOT PATH...: copies each executable to the same path under ROOT, with
-# every shared library it loads (from ldd) and the dynamic loader.
+# every shared library it loads (from ldd) and the dynamic loader. An executable at
+# the path of a busybox applet's link replaces the link (install unlinks it first):
+# that is how iproute2's /usr/bin/ip takes the place of busybox's.
 bundle_elf() {
     local root=$1 exe lib
     shift

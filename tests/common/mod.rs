@@ -4,6 +4,8 @@
 // Each test crate uses its own subset.
 #![allow(dead_code)]
 
+pub mod net;
+
 use evmm_testhost::guest::marker_fields;
 use evmm_testhost::nested::shell_quote;
 use evmm_testhost::{EvmmGuest, GuestConsole, GuestImages, Route, RunOutput};

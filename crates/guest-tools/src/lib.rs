@@ -5,4 +5,5 @@
 //! host-side tests parse.
 
 pub mod blk;
+pub mod net;
 pub mod sysinfo;

@@ -1,0 +1,111 @@
+//! Network runs in the nested host (or on this host's KVM where it boots Linux): a VMM
+//! with a network device on a tap, the guest's checks (`guest-images/guest/tests/net`)
+//! and their peer in L1 (`evmm-net-peer`), run by `evmm_testhost::net`.
+
+use evmm_testhost::guest::all_marker_fields;
+use evmm_testhost::net::{Side, DEFAULT_TAP};
+use evmm_testhost::{GuestConsole, NetOutput, NetPlan, NetRun, Route};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// On the direct route both tests would make the same tap on this host: one at a time.
+static ONE_TAP: Mutex<()> = Mutex::new(());
+
+/// Runs `vmm` (a VMM booting the stock guest with a network device on the default
+/// tap) in one network run with `plan` on both sides, the tap of MTU `tap_mtu`
+/// (multi-queue if asked); checks that the run as a whole went well (the guest test
+/// passed, every check of both sides passed, the VMM and the peer exited 0, no module
+/// failed to load) and returns the output and its parse.
+pub fn run(
+    vmm: Vec<String>,
+    plan: &NetPlan,
+    tap_mtu: u32,
+    multi_queue: bool,
+) -> (String, NetOutput) {
+    try_run(vmm, plan, tap_mtu, multi_queue).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// As [`run`], returning what went wrong instead of panicking (for a caller that
+/// retries).
+pub fn try_run(
+    vmm: Vec<String>,
+    plan: &NetPlan,
+    tap_mtu: u32,
+    multi_queue: bool,
+) -> Result<(String, NetOutput), String> {
+    let _one = ONE_TAP.lock().unwrap_or_else(|e| e.into_inner());
+    let route = Route::detect().map_err(|e| e.to_string())?;
+    eprintln!("{route}");
+    let mut run = NetRun::new(vmm, plan.peer.clone()).for_route(&route);
+    run.tap.mtu = tap_mtu;
+    run.tap.multi_queue = multi_queue;
+    let started = Instant::now();
+    let out = route
+        .run(&["sh", "-c", &run.script()], Duration::from_secs(900))
+        .map_err(|e| format!("the run failed: {e}"))?;
+    eprintln!(
+        "network run: {:.1} s in all (L1 up in {:.1} s, the command {:.1} s)",
+        started.elapsed().as_secs_f64(),
+        out.l1_boot.as_secs_f64(),
+        out.command_time.as_secs_f64()
+    );
+    let text = out.output;
+    for line in text.lines().filter(|l| l.contains("EVMM-NET-")) {
+        eprintln!("{}", line.trim_end());
+    }
+    let fail = |what: String| Err(format!("{what}; output:\n{text}"));
+    if out.status != 0 {
+        return fail("the run's script failed".into());
+    }
+    let console = GuestConsole::parse(&text);
+    if !console.started {
+        return fail("the guest did not start".into());
+    }
+    if text.contains("EVMM-GUEST-WARN") {
+        let warnings = all_marker_fields(&text, "EVMM-GUEST-WARN");
+        return fail(format!("a guest module did not load ({warnings:?})"));
+    }
+    let parsed = NetOutput::parse(&text);
+    if !parsed.problems().is_empty() {
+        return fail(format!("{:?}", parsed.problems()));
+    }
+    if !console.passed("net") {
+        return fail("the guest's checks failed".into());
+    }
+    let passed = (parsed.passed(Side::Guest), parsed.passed(Side::L1));
+    if passed != (plan.guest.len(), plan.peer.len()) {
+        return fail(format!(
+            "{passed:?} checks passed of {:?}",
+            (plan.guest.len(), plan.peer.len())
+        ));
+    }
+    Ok((text, parsed))
+}
+
+pub fn assert_pings(net: &NetOutput, text: &str, side: Side, size: Option<u32>, count: u32) {
+    let p = net
+        .ping_from(side, size)
+        .unwrap_or_else(|| panic!("no ping from {side:?} of {size:?}; output:\n{text}"));
+    assert!(p.ok && p.sent == count && p.received == count, "{p:?}");
+    assert_eq!(p.dst, side.other().ip().to_string());
+    eprintln!(
+        "ping {} -> {} ({} bytes, DF): {count}/{count}, p50 {:.0} us",
+        side.as_str(),
+        p.dst,
+        p.size,
+        p.p50_us
+    );
+}
+
+/// The tap's counters after the run (the last `EVMM-NET-STATS` of L1).
+pub fn tap_counter(net: &NetOutput, text: &str, counter: &str) -> u64 {
+    let (_, tap) = net
+        .stats
+        .iter()
+        .rev()
+        .find(|(side, f)| {
+            *side == Side::L1 && f.get("iface").map(String::as_str) == Some(DEFAULT_TAP)
+        })
+        .unwrap_or_else(|| panic!("no tap counters; output:\n{text}"));
+    tap[counter].parse().unwrap()
+}
