@@ -10,7 +10,7 @@ KERNEL_PKG="linux-image-6.1.0-50-amd64"
 GUEST_MODULES="virtio_mmio virtio_pci virtio_blk virtio_net"
 
 # Modules the nested test host (L1) loads: KVM on emulated AMD SVM, and tun for tap devices.
-L1_MODULES="kvm-amd tun"
+L1_MODULES="kvm-amd tun vhost_net"
 
 # Host tools bundled into the L1 initramfs with their shared libraries. iproute2's ip
 # (tap devices: `ip tuntap`) replaces busybox's /usr/bin/ip, but busybox's sh runs its

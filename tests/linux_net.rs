@@ -3,7 +3,8 @@
 //! and the same checks as the QEMU reference (tests/linux_net_qemu_reference.rs):
 //! eth0 with the MAC given and its link up; pings both ways; 64 MiB over TCP each way
 //! with equal SHA-256 at both ends; MTU 9000 with 8,000-byte pings (don't-fragment);
-//! under both notify modes. With `queues=2` and two vCPUs, traffic lands on both queue
+//! a driver reset (unbind and bind) and traffic after it; under both notify modes.
+//! With `queues=2` and two vCPUs, traffic lands on both queue
 //! pairs; a UDP flood at a guest that reads slowly loses packets, crashes nothing, and
 //! pings pass after it. evmm's counters (`--metrics`) are checked against the traffic.
 //! Runs on the route the capability probe picks; fails (never skips) when anything is
@@ -11,76 +12,29 @@
 
 mod common;
 
-use common::net::{assert_pings, tap_counter, try_run};
+use common::net::{assert_pings, evmm_vmm, metrics, per_pair, tap_counter, try_run};
 use common::MIB;
 use evmm_guest_tools::net::stream_sha256;
-use evmm_testhost::net::{evmm_net_guest, Side, DEFAULT_TAP, GUEST_IFACE};
-use evmm_testhost::{GuestImages, NetOutput, NetPlan};
+use evmm_testhost::net::{side_fields, Side, DEFAULT_TAP, GUEST_IFACE};
+use evmm_testhost::{NetOutput, NetPlan};
 
 const MAC: &str = "52:54:00:e5:4e:02";
 const TRANSFER_MIB: u64 = 64;
 const JUMBO_MTU: u32 = 9000;
 const JUMBO_PING: u32 = 8000;
-/// Where evmm writes its counters in L1 (one run at a time).
-const METRICS: &str = "/tmp/evmm-net-metrics.json";
-
-/// The evmm command of a network run: `--net tap=...,mac=MAC,OPTIONS`, the extra evmm
-/// options, `--metrics`, and the metrics printed after the console.
-fn evmm_vmm(plan: &NetPlan, net_options: &[&str], extra: &[&str], cpus: u32) -> Vec<String> {
-    let images = GuestImages::build().unwrap_or_else(|e| panic!("{e}"));
-    let mut options = vec![format!("mac={MAC}")];
-    options.extend(net_options.iter().map(|s| s.to_string()));
-    let options: Vec<&str> = options.iter().map(String::as_str).collect();
-    let mut guest = evmm_net_guest(&plan.guest, DEFAULT_TAP, &options);
-    guest.cpus = cpus;
-    guest.extra.extend(extra.iter().map(|s| s.to_string()));
-    guest.extra.extend(["--metrics".into(), METRICS.into()]);
-    let mut argv: Vec<String> = [
-        "sh",
-        "-c",
-        "\"$@\"; s=$?; printf 'EVMM-METRICS-JSON '; tr -d '\\n' < \"$0\"; echo; exit $s",
-        METRICS,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    argv.extend(guest.argv(&images));
-    argv
-}
-
-/// The metrics evmm printed.
-fn metrics(text: &str) -> serde_json::Value {
-    let line = text
-        .lines()
-        .find_map(|l| l.split_once("EVMM-METRICS-JSON ").map(|(_, j)| j))
-        .unwrap_or_else(|| panic!("no metrics; output:\n{text}"));
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("bad metrics JSON ({e}): {line}"))
-}
-
-/// Counter `name` of each queue pair of the network device (the only device).
-fn per_pair(m: &serde_json::Value, name: &str) -> Vec<u64> {
-    let dev = &m["devices"][0];
-    assert_eq!(dev["kind"], "virtio-net", "{m}");
-    dev["transport"]["device"]["queues"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no queues: {m}"))
-        .iter()
-        .map(|q| {
-            q[name]
-                .as_u64()
-                .unwrap_or_else(|| panic!("no {name} in {q}"))
-        })
-        .collect()
-}
-
 fn run(
     plan: &NetPlan,
     net_options: &[&str],
     extra: &[&str],
     tap_mtu: u32,
 ) -> (String, NetOutput, serde_json::Value) {
-    let (text, net) = try_run(evmm_vmm(plan, net_options, extra, 1), plan, tap_mtu, false)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (text, net) = try_run(
+        evmm_vmm(plan, MAC, net_options, extra, 1),
+        plan,
+        tap_mtu,
+        false,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let m = metrics(&text);
     (text, net, m)
 }
@@ -93,6 +47,8 @@ fn the_network_checks(notify: &str) {
         .ping(Side::L1, 3, None)
         .tcp(Side::L1, TRANSFER_MIB)
         .tcp(Side::Guest, TRANSFER_MIB)
+        .rebind(1500)
+        .ping(Side::Guest, 3, None)
         .guest_mtu(JUMBO_MTU)
         .ping(Side::Guest, 3, Some(JUMBO_PING))
         .ping(Side::L1, 3, Some(JUMBO_PING))
@@ -115,6 +71,12 @@ fn the_network_checks(notify: &str) {
 
     assert_pings(&net, &text, Side::Guest, None, 3);
     assert_pings(&net, &text, Side::L1, None, 3);
+    let rebound = side_fields(&text, "EVMM-NET-REBIND", Side::Guest);
+    assert_eq!(rebound.len(), 1, "output:\n{text}");
+    let activations = m["devices"][0]["transport"]["device"]["activations"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(activations, 2, "activated again after the reset: {m}");
     assert_pings(&net, &text, Side::Guest, Some(JUMBO_PING), 3);
     assert_pings(&net, &text, Side::L1, Some(JUMBO_PING), 3);
 
@@ -180,7 +142,12 @@ fn evmm_virtio_net_two_queue_pairs_both_carry_traffic() {
         .stats(DEFAULT_TAP);
     let mut failures = Vec::new();
     let (text, _net) = loop {
-        match try_run(evmm_vmm(&plan, &["queues=2"], &[], 2), &plan, 1500, true) {
+        match try_run(
+            evmm_vmm(&plan, MAC, &["queues=2"], &[], 2),
+            &plan,
+            1500,
+            true,
+        ) {
             Ok(r) => break r,
             Err(e) if failures.len() < 2 => {
                 eprintln!("attempt {} failed: {e}", failures.len() + 1);

@@ -3,8 +3,8 @@
 //! and their peer in L1 (`evmm-net-peer`), run by `evmm_testhost::net`.
 
 use evmm_testhost::guest::all_marker_fields;
-use evmm_testhost::net::{Side, DEFAULT_TAP};
-use evmm_testhost::{GuestConsole, NetOutput, NetPlan, NetRun, Route};
+use evmm_testhost::net::{evmm_net_guest, Side, DEFAULT_TAP};
+use evmm_testhost::{GuestConsole, GuestImages, NetOutput, NetPlan, NetRun, Route};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -108,4 +108,65 @@ pub fn tap_counter(net: &NetOutput, text: &str, counter: &str) -> u64 {
         })
         .unwrap_or_else(|| panic!("no tap counters; output:\n{text}"));
     tap[counter].parse().unwrap()
+}
+
+/// Where evmm writes its counters in L1 (one run at a time).
+const METRICS: &str = "/tmp/evmm-net-metrics.json";
+
+/// The evmm command of a network run: `--net tap=...,mac=MAC,OPTIONS`, the extra evmm
+/// options, `--metrics`, and the metrics printed after the console.
+pub fn evmm_vmm(
+    plan: &NetPlan,
+    mac: &str,
+    net_options: &[&str],
+    extra: &[&str],
+    cpus: u32,
+) -> Vec<String> {
+    let images = GuestImages::build().unwrap_or_else(|e| panic!("{e}"));
+    let mut options = vec![format!("mac={mac}")];
+    options.extend(net_options.iter().map(|s| s.to_string()));
+    let options: Vec<&str> = options.iter().map(String::as_str).collect();
+    let mut guest = evmm_net_guest(&plan.guest, DEFAULT_TAP, &options);
+    guest.cpus = cpus;
+    guest.extra.extend(extra.iter().map(|s| s.to_string()));
+    guest.extra.extend(["--metrics".into(), METRICS.into()]);
+    let mut argv: Vec<String> = [
+        "sh",
+        "-c",
+        "\"$@\"; s=$?; printf 'EVMM-METRICS-JSON '; tr -d '\\n' < \"$0\"; echo; exit $s",
+        METRICS,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    argv.extend(guest.argv(&images));
+    argv
+}
+
+/// The metrics evmm printed.
+pub fn metrics(text: &str) -> serde_json::Value {
+    let line = text
+        .lines()
+        .find_map(|l| l.split_once("EVMM-METRICS-JSON ").map(|(_, j)| j))
+        .unwrap_or_else(|| panic!("no metrics; output:\n{text}"));
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("bad metrics JSON ({e}): {line}"))
+}
+
+/// Counter `name` of each queue pair of the network device (the only device).
+pub fn per_pair(m: &serde_json::Value, name: &str) -> Vec<u64> {
+    let dev = &m["devices"][0];
+    assert!(
+        dev["kind"] == "virtio-net" || dev["kind"] == "vhost-net",
+        "not a network device: {m}"
+    );
+    dev["transport"]["device"]["queues"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no queues: {m}"))
+        .iter()
+        .map(|q| {
+            q[name]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no {name} in {q}"))
+        })
+        .collect()
 }

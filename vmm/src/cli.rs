@@ -91,14 +91,16 @@ pub struct Cli {
     pub vhost_user_blk: Vec<String>,
 
     /// A virtio-net device on a Linux tap:
-    /// "tap=<name>|fd=<n>[:<n>...],mac=<52:54:00:xx:xx:xx>,queues=<pairs>,mtu=<bytes>,poll_us=<microseconds>".
+    /// "tap=<name>|fd=<n>[:<n>...],mac=<52:54:00:xx:xx:xx>,queues=<pairs>,mtu=<bytes>,poll_us=<microseconds>,vhost=on|off".
     /// tap is the tap's name (opened, or created with CAP_NET_ADMIN); fd takes taps
     /// the caller opened (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR), one per queue pair; mac
     /// [default: 52:54:00 and three bytes of evmm's pid and the device's slot];
     /// queues is the number of queue pairs, 1 to 8 (more than 1 needs a multi_queue
     /// tap) [default: 1]; mtu is offered to the guest, 68 to 65521 [default: none,
-    /// Linux takes 1500]; poll_us as for --disk. Repeat the option for more
-    /// devices; they follow the block devices
+    /// Linux takes 1500]; poll_us as for --disk; vhost=on hands the queues to the
+    /// kernel's vhost-net (/dev/vhost-net), whose worker then moves the frames
+    /// [default: off]. Repeat the option for more devices; they follow the block
+    /// devices
     #[arg(long, value_name = "NET")]
     pub net: Vec<String>,
 

@@ -1473,6 +1473,122 @@ pub fn stats(iface: &str) -> io::Result<String> {
     Ok(line)
 }
 
+/// Resets the virtio device behind `iface` through its driver: unbinds it from
+/// virtio_net and binds it again (the device sees a reset and a new activation), waits
+/// for the interface to come back and sets it up. The `EVMM-NET-REBIND` line.
+pub fn rebind(iface: &str, wait: Duration) -> io::Result<String> {
+    let dev = std::fs::read_link(format!("/sys/class/net/{iface}/device"))?;
+    let name = dev
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| io::Error::other("no device name"))?
+        .to_string();
+    let driver = "/sys/bus/virtio/drivers/virtio_net";
+    std::fs::write(format!("{driver}/unbind"), &name)?;
+    let gone = sysfs(iface, "address").is_none();
+    std::fs::write(format!("{driver}/bind"), &name)?;
+    let deadline = Instant::now() + wait;
+    while sysfs(iface, "address").is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let back = sysfs(iface, "address").is_some();
+    if back {
+        ip(&["link", "set", iface, "up"])?;
+    }
+    Ok(format!(
+        "EVMM-NET-REBIND side={} iface={iface} device={name} gone={} back={} ok={}",
+        side(),
+        flag(gone),
+        flag(back),
+        flag(gone && back)
+    ))
+}
+
+/// The `EVMM-NET-THREADS` line: the thread names of the process called `name` (the
+/// first, by pid) and its CPU time, and the kernel threads called `vhost-*` (the
+/// kernel's vhost workers, named after the thread that set up the vhost device) with
+/// theirs. CPU times are in microseconds, from `schedstat` where the kernel keeps it
+/// (nanoseconds on the CPU), else from `stat` (utime + stime, in clock ticks).
+pub fn threads(name: &str) -> io::Result<String> {
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    pids.sort_unstable();
+    let comm = |path: String| {
+        std::fs::read_to_string(path)
+            .map(|c| c.trim().to_string())
+            .unwrap_or_default()
+    };
+    let found = pids
+        .iter()
+        .copied()
+        .find(|pid| comm(format!("/proc/{pid}/comm")) == name);
+    let (mut threads, cpu_us) = match found {
+        Some(pid) => {
+            let mut names = Vec::new();
+            let mut cpu = 0;
+            for task in std::fs::read_dir(format!("/proc/{pid}/task"))?.filter_map(|e| e.ok()) {
+                let dir = task.path().display().to_string();
+                names.push(comm(format!("{dir}/comm")));
+                cpu += task_cpu_us(&dir).unwrap_or(0);
+            }
+            (names, Some(cpu))
+        }
+        None => (Vec::new(), None),
+    };
+    threads.sort();
+    let kthreads: Vec<(String, u64)> = pids
+        .iter()
+        .map(|pid| (comm(format!("/proc/{pid}/comm")), *pid))
+        .filter(|(c, _)| c.starts_with("vhost-"))
+        .map(|(c, pid)| (c, task_cpu_us(&format!("/proc/{pid}")).unwrap_or(0)))
+        .collect();
+    let list = |v: Vec<String>| {
+        if v.is_empty() {
+            "-".into()
+        } else {
+            v.join(",")
+        }
+    };
+    Ok(format!(
+        "EVMM-NET-THREADS side={} process={name} pid={} threads={} cpu_us={} vhost_kthreads={} vhost_cpu_us={} ok={}",
+        side(),
+        found.map_or("-".into(), |p| p.to_string()),
+        list(threads),
+        cpu_us.map_or("-".into(), |c| c.to_string()),
+        list(kthreads.iter().map(|(c, _)| c.clone()).collect()),
+        list(kthreads.iter().map(|(_, t)| t.to_string()).collect()),
+        flag(found.is_some())
+    ))
+}
+
+/// The CPU time of the task whose `/proc` directory is `dir`, in microseconds.
+fn task_cpu_us(dir: &str) -> Option<u64> {
+    if let Ok(s) = std::fs::read_to_string(format!("{dir}/schedstat")) {
+        if let Some(ns) = s
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            return Some(ns / 1000);
+        }
+    }
+    let stat = std::fs::read_to_string(format!("{dir}/stat")).ok()?;
+    ticks_us(&stat)
+}
+
+/// utime + stime of a `/proc/.../stat` line, in microseconds (100 ticks a second, as
+/// Debian's kernels count them: `USER_HZ`).
+fn ticks_us(stat: &str) -> Option<u64> {
+    // The name is in parentheses and may hold spaces: the fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state is field 3 of the line, utime 14, stime 15.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) * 10_000)
+}
+
 // --- checks -------------------------------------------------------------------------------
 
 /// The checks and their arguments (`evmm-guest-net CHECK [+ CHECK]...`).
@@ -1482,6 +1598,8 @@ usage: evmm-guest-net CHECK [+ CHECK]...   (runs the checks in order, stops at t
   addr IFACE IP/PREFIX [MTU]      replace IFACE's addresses, set the MTU, set up
   mtu IFACE MTU                   set the MTU
   stats IFACE                     print IFACE's counters
+  threads NAME                    print the threads of process NAME and the vhost-* kernel threads
+  rebind IFACE                    unbind IFACE's virtio device from virtio_net and bind it again
   ping IP COUNT [SIZE]            COUNT ICMP echoes of SIZE bytes (default 56), don't-fragment set
   pinged MIN                      wait until this host has answered MIN echo requests since boot
   send IP PORT MIB [SEED]         send MIB MiB of the stream over TCP, print its SHA-256
@@ -1535,6 +1653,14 @@ pub fn run_check(words: &[&str]) -> CheckResult {
             report(line.ends_with("ok=1"), line)
         }
         ["stats", iface] => report(true, stats(iface)?),
+        ["rebind", iface] => {
+            let line = rebind(iface, wait)?;
+            report(line.ends_with("ok=1"), line)
+        }
+        ["threads", name] => {
+            let line = threads(name)?;
+            report(line.ends_with("ok=1"), line)
+        }
         ["ping", ip, count, rest @ ..] if rest.len() <= 1 => {
             let size = rest.first().map(|s| s.parse()).transpose()?.unwrap_or(56);
             let r = ping(ip.parse()?, count.parse()?, size, wait);
@@ -1687,6 +1813,21 @@ mod tests {
     }
 
     const LOCAL: Ipv4Addr = Ipv4Addr::LOCALHOST;
+
+    #[test]
+    fn cpu_time_from_stat_and_schedstat() {
+        let stat = "126 (a) b c) S 1 126 1 0 -1 4194560 100 0 0 0 250 70 0 0 20 0 2 0 5 0";
+        assert_eq!(ticks_us(stat), Some(320 * 10_000));
+        assert_eq!(ticks_us("no parenthesis"), None);
+        // This process has run a little: some CPU time, from either file.
+        let me = format!("/proc/{}", std::process::id());
+        let spin = std::time::Instant::now();
+        while spin.elapsed() < Duration::from_millis(30) {}
+        assert!(task_cpu_us(&me).unwrap() > 0);
+        let line = threads("no-such-process-name").unwrap();
+        assert!(line.contains(" pid=- threads=- cpu_us=- "), "{line}");
+        assert!(line.ends_with(" ok=0"), "{line}");
+    }
 
     #[test]
     fn the_stream_is_the_same_from_any_offset() {

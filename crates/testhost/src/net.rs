@@ -164,6 +164,16 @@ pub enum Check {
         /// Further iperf3 options (`-R`, `-u`, `-b`, `100M`, `-P`, `2`, ...).
         options: Vec<String>,
     },
+    /// `rebind IFACE`: the driver lets go of the device and takes it again (a reset).
+    Rebind {
+        /// Interface.
+        iface: String,
+    },
+    /// `threads NAME`: the threads of process NAME and the `vhost-*` kernel threads.
+    Threads {
+        /// The process's name (its `comm`).
+        process: String,
+    },
     /// `sleep SECONDS`.
     Sleep {
         /// Seconds.
@@ -247,6 +257,8 @@ impl Check {
                     push(&[o]);
                 }
             }
+            Check::Threads { process } => push(&[&"threads", process]),
+            Check::Rebind { iface } => push(&[&"rebind", iface]),
             Check::Sleep { seconds } => push(&[&"sleep", seconds]),
         }
         w
@@ -505,6 +517,37 @@ impl NetPlan {
         self
     }
 
+    /// The guest resets its network device through the driver (unbind, bind), then
+    /// sets the address up again with `mtu`.
+    pub fn rebind(self, mtu: u32) -> Self {
+        self.on(
+            Side::Guest,
+            Check::Rebind {
+                iface: GUEST_IFACE.into(),
+            },
+        )
+        .on(
+            Side::Guest,
+            Check::Addr {
+                iface: GUEST_IFACE.into(),
+                cidr: format!("{GUEST_IP}/{PREFIX}"),
+                mtu: Some(mtu),
+            },
+        )
+    }
+
+    /// L1 lists the threads of its process `process` (the VMM) and the kernel's
+    /// `vhost-*` threads, while the guest runs (it waits at a barrier after).
+    pub fn threads(self, process: &str) -> Self {
+        self.on(
+            Side::L1,
+            Check::Threads {
+                process: process.into(),
+            },
+        )
+        .barrier()
+    }
+
     /// Each side prints its interface's counters (the guest's `eth0`, L1's `tap`).
     pub fn stats(self, tap: &str) -> Self {
         self.on(
@@ -583,7 +626,10 @@ impl NetRun {
     /// its image; on this host (the direct route) they are the repository's script and
     /// the static build `guest-images/build` made.
     pub fn for_route(mut self, route: &Route) -> Self {
-        if let Route::Direct { .. } = route {
+        // Inside the nested host (a benchmark that moved itself there) the route is
+        // direct, and L1's image has the peer on PATH.
+        let in_l1 = crate::nested::find_on_path("evmm-net-peer").is_some();
+        if let (Route::Direct { .. }, false) = (route, in_l1) {
             self.peer_command = shell_quote(
                 &repo_root()
                     .join("guest-images/l1/net-peer")

@@ -106,6 +106,19 @@ pub fn wait_readable(fd: &impl AsRawFd) -> bool {
     r == 1
 }
 
+/// Polls `done` every millisecond for up to 10 s: for counters a worker thread bumps
+/// just after the effect a test can see (a frame on the wire, an interrupt).
+pub fn eventually(mut done: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !done() {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    true
+}
+
 /// One descriptor of a chain: address, length, device-writable.
 #[derive(Clone, Copy, Debug)]
 pub struct Desc(pub u64, pub u32, pub bool);

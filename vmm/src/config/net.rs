@@ -1,5 +1,5 @@
 //! The value of `--net`: `tap=NAME` or `fd=N[:N...]`, and
-//! `[,mac=52:54:00:xx:xx:xx][,queues=N][,mtu=N][,poll_us=N]`.
+//! `[,mac=52:54:00:xx:xx:xx][,queues=N][,mtu=N][,poll_us=N][,vhost=on|off]`.
 //!
 //! Parsing checks the syntax and the ranges only; the tap is opened (and found to be
 //! missing, of the wrong kind, or not ours to use) when evmm builds the devices, before
@@ -11,7 +11,7 @@ use evmm_virtio::net::config::{MAX_QUEUE_PAIRS, MTU_RANGE};
 use evmm_virtio::net::parse_mac;
 
 /// The keys `--net` knows, for error messages.
-const KEYS: &str = "tap, fd, mac, queues, mtu, poll_us";
+const KEYS: &str = "tap, fd, mac, queues, mtu, poll_us, vhost";
 /// Longest polling window, in microseconds.
 pub const MAX_POLL_US: u32 = 1000;
 
@@ -49,6 +49,8 @@ pub struct NetSpec {
     pub mtu: Option<u16>,
     /// The workers' polling window in microseconds.
     pub poll_us: u32,
+    /// The kernel's vhost-net moves the frames instead of evmm's workers.
+    pub vhost: bool,
 }
 
 /// Errors in one `--net` value.
@@ -104,8 +106,8 @@ fn bad(key: &'static str, value: &str, expected: impl Into<String>) -> NetOption
 /// Parses one `--net` value. Defaults: one queue pair, no MTU offered (Linux takes
 /// 1500), no polling.
 pub fn parse_net(spec: &str) -> Result<NetSpec, NetOptionError> {
-    let (mut tap, mut fds, mut mac, mut queues, mut mtu, mut poll_us) =
-        (None, None, None, None, None, None);
+    let (mut tap, mut fds, mut mac, mut queues, mut mtu, mut poll_us, mut vhost) =
+        (None, None, None, None, None, None, None);
     for item in spec.split(',') {
         let (key, value) = item
             .split_once('=')
@@ -167,8 +169,24 @@ pub fn parse_net(spec: &str) -> Result<NetSpec, NetOptionError> {
                     .ok_or_else(|| bad("poll_us", value, format!("0 to {MAX_POLL_US}")))?;
                 set_once(&mut poll_us, "poll_us", n)?
             }
+            "vhost" => {
+                let on = match value {
+                    "on" | "true" => true,
+                    "off" | "false" => false,
+                    _ => return Err(bad("vhost", value, "on or off")),
+                };
+                set_once(&mut vhost, "vhost", on)?
+            }
             _ => return Err(NetOptionError::UnknownKey(key.to_string())),
         }
+    }
+    let vhost = vhost.unwrap_or(false);
+    if vhost && poll_us.is_some_and(|p| p > 0) {
+        return Err(bad(
+            "poll_us",
+            &poll_us.unwrap_or(0).to_string(),
+            "evmm runs no worker to poll with vhost=on",
+        ));
     }
     let queue_pairs = queues.unwrap_or(1);
     let tap = match (tap, fds) {
@@ -190,6 +208,7 @@ pub fn parse_net(spec: &str) -> Result<NetSpec, NetOptionError> {
         queue_pairs,
         mtu,
         poll_us: poll_us.unwrap_or(0),
+        vhost,
     })
 }
 
@@ -207,6 +226,7 @@ mod tests {
                 queue_pairs: 1,
                 mtu: None,
                 poll_us: 0,
+                vhost: false,
             }
         );
     }
@@ -217,6 +237,8 @@ mod tests {
         assert_eq!(n.tap, TapSource::Fds(vec![3, 4]));
         assert_eq!(n.mac, Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]));
         assert_eq!((n.queue_pairs, n.mtu, n.poll_us), (2, Some(9000), 30));
+        assert!(!n.vhost);
+        assert!(parse_net("tap=t,vhost=on").unwrap().vhost);
     }
 
     #[test]
@@ -247,7 +269,7 @@ mod tests {
         assert_eq!(err("tap=t,tap=u"), "'tap' given twice");
         assert_eq!(
             err("tap=t,speed=10"),
-            "unknown key 'speed' (known: tap, fd, mac, queues, mtu, poll_us)"
+            "unknown key 'speed' (known: tap, fd, mac, queues, mtu, poll_us, vhost)"
         );
         assert_eq!(err("tap"), "'tap' is not key=value");
     }

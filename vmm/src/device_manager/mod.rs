@@ -14,8 +14,9 @@ pub mod mmio;
 use evmm_virtio::blk::{Block, BlockConfig, BlockError};
 use evmm_virtio::net::{default_mac, Net, NetConfig, NetError, Tap};
 use evmm_virtio::transport::mmio::MmioTransport;
+use evmm_virtio::vhost::net::VhostNetError;
 use evmm_virtio::vhost::user::VhostUserError;
-use evmm_virtio::vhost::{VhostUserBlk, VhostUserBlkConfig};
+use evmm_virtio::vhost::{VhostNet, VhostUserBlk, VhostUserBlkConfig};
 use evmm_virtio::VirtioDevice;
 use kvm_ioctls::{Cap, Kvm, VmFd};
 
@@ -49,6 +50,15 @@ pub enum DeviceError {
         /// Why.
         #[source]
         source: NetError,
+    },
+    /// vhost-net cannot serve a network device.
+    #[error("--net {tap},vhost=on: {source}")]
+    VhostNet {
+        /// The tap as given (`tap=NAME` or `fd=N`).
+        tap: String,
+        /// Why.
+        #[source]
+        source: VhostNetError,
     },
     /// A `direct=on` disk cannot be opened with O_DIRECT.
     #[error("{0} (direct=on needs a file system with O_DIRECT; tmpfs has none: try direct=off)")]
@@ -122,14 +132,19 @@ pub fn connect_vhost_user(
         .collect()
 }
 
-/// Opens the tap of every `--net` device, in its slot (`slots` as many as `specs`).
-/// Done before anything touches KVM, so a missing tap is reported first.
-pub fn open_nets(specs: &[NetSpec], slots: &[MmioSlot]) -> Result<Vec<Net>, DeviceError> {
+/// Opens the tap of every `--net` device, in its slot (`slots` as many as `specs`),
+/// and with `vhost=on` its vhost-net descriptors for guest memory `mem`. Done before
+/// anything touches KVM, so a missing tap or vhost-net is reported first.
+pub fn open_nets(
+    specs: &[NetSpec],
+    slots: &[MmioSlot],
+    mem: &GuestMemoryMmap,
+) -> Result<Vec<PendingDevice>, DeviceError> {
     specs
         .iter()
         .zip(slots)
-        .map(|(spec, slot)| {
-            let net_err = |source| DeviceError::Net {
+        .map(|(spec, &slot)| {
+            let tap_err = |source| DeviceError::Net {
                 tap: spec.tap.to_string(),
                 source,
             };
@@ -139,7 +154,7 @@ pub fn open_nets(specs: &[NetSpec], slots: &[MmioSlot]) -> Result<Vec<Net>, Devi
                 // line; nothing else in evmm opens, uses or closes them.
                 TapSource::Fds(fds) => (spec.tap.to_string(), unsafe { Tap::from_fds(fds) }),
             };
-            let taps = taps.map_err(|e| net_err(NetError::Tap(e)))?;
+            let taps = taps.map_err(|e| tap_err(NetError::Tap(e)))?;
             let name = taps.first().map(|t| t.name().to_string()).unwrap_or(name);
             let config = NetConfig {
                 mac: spec
@@ -149,7 +164,28 @@ pub fn open_nets(specs: &[NetSpec], slots: &[MmioSlot]) -> Result<Vec<Net>, Devi
                 mtu: spec.mtu,
                 poll_us: spec.poll_us,
             };
-            Net::new(config, &name, taps).map_err(net_err)
+            let info = DeviceInfo {
+                kind: if spec.vhost {
+                    "vhost-net"
+                } else {
+                    "virtio-net"
+                },
+                id: Some(format_mac(config.mac)),
+                path: name.clone(),
+                queues: usize::from(spec.queue_pairs),
+                readonly: false,
+            };
+            let device: Box<dyn VirtioDevice> = if spec.vhost {
+                Box::new(VhostNet::new(config, &name, taps, mem).map_err(|source| {
+                    DeviceError::VhostNet {
+                        tap: spec.tap.to_string(),
+                        source,
+                    }
+                })?)
+            } else {
+                Box::new(Net::new(config, &name, taps).map_err(tap_err)?)
+            };
+            Ok(PendingDevice { slot, info, device })
         })
         .collect()
 }
@@ -157,7 +193,7 @@ pub fn open_nets(specs: &[NetSpec], slots: &[MmioSlot]) -> Result<Vec<Net>, Devi
 /// What a device is, for the log and the metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceInfo {
-    /// `"virtio-blk"`, `"vhost-user-blk"` or `"virtio-net"`.
+    /// `"virtio-blk"`, `"vhost-user-blk"`, `"virtio-net"` or `"vhost-net"`.
     pub kind: &'static str,
     /// The disk's `id=`, or the network device's MAC.
     pub id: Option<String>,
@@ -192,21 +228,6 @@ impl PendingDevice {
                 readonly: config.readonly,
             },
             device: Box::new(block),
-        }
-    }
-
-    /// A `--net`.
-    pub fn net(slot: MmioSlot, net: Net) -> Self {
-        PendingDevice {
-            slot,
-            info: DeviceInfo {
-                kind: "virtio-net",
-                id: Some(format_mac(net.config().mac)),
-                path: net.metrics_snapshot().tap,
-                queues: usize::from(net.config().queue_pairs),
-                readonly: false,
-            },
-            device: Box::new(net),
         }
     }
 

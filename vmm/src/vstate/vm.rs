@@ -182,7 +182,7 @@ impl Vm {
         let disks = device_manager::open_disks(disk_configs)?;
         let (disk_slots, rest) = slots.split_at(disk_configs.len());
         let (vhost_user_slots, net_slots) = rest.split_at(vhost_user_configs.len());
-        let nets = device_manager::open_nets(&config.devices.nets, net_slots)?;
+        let nets = device_manager::open_nets(&config.devices.nets, net_slots, mem)?;
         let vhost_user = device_manager::connect_vhost_user(vhost_user_configs, vhost_user_slots)?;
         let mut dsdt_devices = vec![DsdtDevice::com1()];
         dsdt_devices.extend(slots.iter().map(|s| s.dsdt_device()));
@@ -264,12 +264,7 @@ impl Vm {
                     .zip(vhost_user)
                     .map(|(&slot, dev)| PendingDevice::vhost_user_blk(slot, dev)),
             )
-            .chain(
-                net_slots
-                    .iter()
-                    .zip(nets)
-                    .map(|(&slot, net)| PendingDevice::net(slot, net)),
-            )
+            .chain(nets)
             .collect();
         let devices =
             VirtioDevices::attach(&kvm, &vm, &mut mmio, mem, config.devices.notify, pending)?;

@@ -1,27 +1,35 @@
 //! `evmm-net-bench [--rounds R] [--seconds S] [--requests N] [--out DIR]`: virtio-net
-//! on a tap, evmm against QEMU `-M microvm`'s `virtio-net-device` (vhost=off), same
-//! kernel, initramfs, tap set-up and peer, alternating in one run: TCP throughput
-//! guest → L1 and L1 → guest (iperf3), UDP request/response latency (p50/p99, 64-byte
-//! datagrams), and 64-byte UDP datagrams per second guest → L1 (iperf3 -u). Prints a
-//! markdown table and writes `net.json` and `net.svg` into DIR. It runs itself in the
-//! nested test host where this host's /dev/kvm cannot boot Linux (every row in the same
-//! L1; the test network exists only there).
+//! on a tap, four ways in one run, alternating round by round, same kernel, initramfs,
+//! tap set-up and peer: evmm's in-VMM device and QEMU `-M microvm`'s
+//! `virtio-net-device` with `vhost=off`, then both with the kernel's vhost-net
+//! (`vhost=on`). Measured: TCP throughput guest → L1 and L1 → guest (iperf3), UDP
+//! request/response latency (p50/p99, 64-byte datagrams), 64-byte UDP datagrams per
+//! second guest → L1 (iperf3 -u), and the CPU time the VMM's process and the kernel's
+//! vhost workers spent per gigabyte of the two TCP transfers. Prints a markdown table
+//! (the median of the rounds, each column on its own) and the ratios, and writes
+//! `net.json` and `net.svg` into DIR. It runs itself in the nested test host where this
+//! host's /dev/kvm cannot boot Linux (every row in the same L1; the test network exists
+//! only there).
 
 use clap::Parser;
-use evmm_testhost::net::{evmm_net_guest, qemu_net_guest, QemuNet, Side, DEFAULT_MAC, DEFAULT_TAP};
+use evmm_testhost::net::{
+    evmm_net_guest, qemu_net_guest, side_fields, QemuNet, Side, DEFAULT_MAC, DEFAULT_TAP,
+};
 use evmm_testhost::qemu_cpu::kvm_cpu_model;
 use evmm_testhost::route::bench_main;
 use evmm_testhost::{GuestImages, NetOutput, NetPlan, NetRun, Route};
 use plotters::prelude::*;
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-/// virtio-net throughput and latency: evmm and QEMU microvm side by side.
+/// virtio-net throughput, latency and CPU cost: evmm and QEMU microvm, without and with
+/// vhost-net, side by side.
 #[derive(Parser)]
 struct Cli {
-    /// Boots of each VMM (the median round is shown).
+    /// Boots of each set-up (each column shows the median).
     #[arg(long, default_value_t = 1)]
     rounds: usize,
     /// Seconds of each iperf3 run.
@@ -40,19 +48,35 @@ const NESTED_LIMIT: Duration = Duration::from_secs(3600);
 /// Longest one boot may take.
 const BOOT_LIMIT: Duration = Duration::from_secs(900);
 
-/// One row's figures.
-#[derive(Debug, Clone, Serialize)]
+/// One round's figures.
+#[derive(Debug, Clone, Serialize, PartialEq)]
 struct Figures {
     tcp_guest_to_l1_mbit_s: f64,
     tcp_l1_to_guest_mbit_s: f64,
     udp_rr_p50_us: f64,
     udp_rr_p99_us: f64,
     udp64_guest_to_l1_kpps: f64,
+    /// CPU time of the VMM's process (all its threads, vCPUs included) per GB of the
+    /// two TCP transfers, ms.
+    vmm_cpu_ms_per_gb: f64,
+    /// CPU time of the kernel's `vhost-<VMM pid>` workers per GB, ms (None: no worker).
+    vhost_cpu_ms_per_gb: Option<f64>,
+}
+
+/// One VMM set-up.
+struct Setup {
+    name: String,
+    /// The name in the plot.
+    short: String,
+    /// Its process's name in L1 (`comm`).
+    process: &'static str,
+    argv: Vec<String>,
 }
 
 #[derive(Serialize)]
 struct Row {
     vmm: String,
+    short: String,
     rounds: Vec<Figures>,
     median: Option<Figures>,
 }
@@ -62,59 +86,97 @@ fn main() -> ExitCode {
     bench_main(Some(NESTED_LIMIT), || run(&cli))
 }
 
-fn plan(cli: &Cli) -> NetPlan {
+/// The checks: the latency first (an idle link), then the TCP transfers with the VMM's
+/// and the vhost workers' CPU time read before, between and after them, then the
+/// small-packet rate.
+fn plan(cli: &Cli, process: &str) -> NetPlan {
     let s = cli.seconds;
     NetPlan::new()
         .link_up(DEFAULT_MAC, 1500)
         .udp_rr(Side::Guest, cli.requests, Some(64))
+        .threads(process)
         .iperf3(Side::Guest, s, &[])
+        .threads(process)
         .iperf3(Side::Guest, s, &["-R"])
+        .threads(process)
         .iperf3(Side::Guest, s, &["-u", "-l", "64", "-b", "0"])
 }
+
+fn setups(cli: &Cli, images: &GuestImages) -> Result<Vec<Setup>, Box<dyn std::error::Error>> {
+    let cpu = kvm_cpu_model()?;
+    let mac = format!("mac={DEFAULT_MAC}");
+    let mut out = Vec::new();
+    for vhost in [false, true] {
+        let on_off = if vhost { "on" } else { "off" };
+        let guest = plan(cli, "evmm").guest;
+        let mut options = vec![mac.as_str()];
+        let vhost_option = format!("vhost={on_off}");
+        if vhost {
+            options.push(&vhost_option);
+        }
+        out.push(Setup {
+            name: if vhost {
+                "evmm, vhost=on (kernel vhost-net)".into()
+            } else {
+                "evmm, in-VMM virtio-net".into()
+            },
+            short: format!("evmm vhost={on_off}"),
+            process: "evmm",
+            argv: evmm_net_guest(&guest, DEFAULT_TAP, &options).argv(images),
+        });
+        let qemu = QemuNet {
+            vhost,
+            ..QemuNet::default()
+        };
+        out.push(Setup {
+            name: format!(
+                "QEMU -M microvm (-cpu {}), virtio-net-device vhost={on_off}",
+                cpu.model
+            ),
+            short: format!("QEMU vhost={on_off}"),
+            process: QEMU_COMM,
+            argv: qemu_net_guest(&guest, &qemu).argv(images),
+        });
+    }
+    Ok(out)
+}
+
+/// QEMU's process name in L1 (`comm` keeps 15 bytes of `qemu-system-x86_64`).
+const QEMU_COMM: &str = "qemu-system-x86";
 
 fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&cli.out)?;
     let images = GuestImages::existing()?;
     let route = Route::detect()?;
-    let plan = plan(cli);
-    let evmm = evmm_net_guest(&plan.guest, DEFAULT_TAP, &[&format!("mac={DEFAULT_MAC}")]);
-    let qemu = qemu_net_guest(&plan.guest, &QemuNet::default());
-    let cpu = kvm_cpu_model()?;
-    let vmms = [
-        ("evmm, in-VMM virtio-net".to_string(), evmm.argv(&images)),
-        (
-            format!(
-                "QEMU -M microvm (-cpu {}), virtio-net-device vhost=off",
-                cpu.model
-            ),
-            qemu.argv(&images),
-        ),
-    ];
-    let mut rows: Vec<Row> = vmms
+    let setups = setups(cli, &images)?;
+    let mut rows: Vec<Row> = setups
         .iter()
-        .map(|(name, _)| Row {
-            vmm: name.clone(),
+        .map(|s| Row {
+            vmm: s.name.clone(),
+            short: s.short.clone(),
             rounds: Vec::new(),
             median: None,
         })
         .collect();
     for round in 1..=cli.rounds {
-        for ((name, argv), row) in vmms.iter().zip(&mut rows) {
-            let mut net_run = NetRun::new(argv.clone(), plan.peer.clone()).for_route(&route);
+        for (setup, row) in setups.iter().zip(&mut rows) {
+            let peer = plan(cli, setup.process).peer;
+            let mut net_run = NetRun::new(setup.argv.clone(), peer).for_route(&route);
             net_run.vmm_limit = BOOT_LIMIT;
             let out = route.run(
                 &["sh", "-c", &net_run.script()],
                 BOOT_LIMIT + Duration::from_secs(60),
             )?;
             let parsed = NetOutput::parse(&out.output);
-            match figures(&parsed) {
+            match figures(&parsed, &out.output, cli.seconds) {
                 Some(f) => {
-                    eprintln!("round {round}/{}: {name}: {f:?}", cli.rounds);
+                    eprintln!("round {round}/{}: {}: {f:?}", cli.rounds, setup.name);
                     row.rounds.push(f);
                 }
                 None => eprintln!(
-                    "round {round}/{}: {name}: incomplete ({:?}); output:\n{}",
+                    "round {round}/{}: {}: incomplete ({:?}); output:\n{}",
                     cli.rounds,
+                    setup.name,
                     parsed.problems(),
                     out.output
                 ),
@@ -142,8 +204,23 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// CPU time in one `EVMM-NET-THREADS` line: the process's, and its vhost workers'
+/// (`vhost-<pid>`), µs.
+fn cpu_us(line: &BTreeMap<String, String>) -> Option<(u64, Option<u64>)> {
+    let process: u64 = line.get("cpu_us")?.parse().ok()?;
+    let worker = format!("vhost-{}", line.get("pid")?);
+    let names = line.get("vhost_kthreads")?.split(',');
+    let times = line.get("vhost_cpu_us")?.split(',');
+    let ours: Vec<u64> = names
+        .zip(times)
+        .filter(|(n, _)| *n == worker)
+        .filter_map(|(_, t)| t.parse().ok())
+        .collect();
+    Some((process, (!ours.is_empty()).then(|| ours.iter().sum())))
+}
+
 /// The figures of one run, when every measurement is there.
-fn figures(out: &NetOutput) -> Option<Figures> {
+fn figures(out: &NetOutput, text: &str, seconds: u32) -> Option<Figures> {
     let rr = out.udp_rr.iter().find(|r| r.side == Side::Guest && r.ok)?;
     let clients: Vec<_> = out
         .iperf3
@@ -154,58 +231,107 @@ fn figures(out: &NetOutput) -> Option<Figures> {
         return None;
     };
     let mbit = |r: &evmm_testhost::net::Iperf3| r.receiver_kbit_s.map(|k| k / 1000.0);
+    let (tx_mbit, rx_mbit) = (mbit(tx)?, mbit(rx)?);
+    let threads = side_fields(text, "EVMM-NET-THREADS", Side::L1);
+    let [before, _, after] = threads.as_slice() else {
+        return None;
+    };
+    let ((p0, v0), (p1, v1)) = (cpu_us(before)?, cpu_us(after)?);
+    // Bytes of both transfers: their rates times their durations.
+    let gb = (tx_mbit + rx_mbit) * 1e6 / 8.0 * f64::from(seconds) / 1e9;
+    let per_gb = |us: u64| us as f64 / 1000.0 / gb;
     Some(Figures {
-        tcp_guest_to_l1_mbit_s: mbit(tx)?,
-        tcp_l1_to_guest_mbit_s: mbit(rx)?,
+        tcp_guest_to_l1_mbit_s: tx_mbit,
+        tcp_l1_to_guest_mbit_s: rx_mbit,
         udp_rr_p50_us: rr.p50_us,
         udp_rr_p99_us: rr.p99_us,
         // kbit/s of 64-byte payloads: packets per second / 1000.
         udp64_guest_to_l1_kpps: udp.receiver_kbit_s? * 1000.0 / (64.0 * 8.0) / 1000.0,
+        vmm_cpu_ms_per_gb: per_gb(p1.saturating_sub(p0)),
+        vhost_cpu_ms_per_gb: v0.zip(v1).map(|(a, b)| per_gb(b.saturating_sub(a))),
     })
 }
 
-/// The round with the median guest → L1 throughput.
+/// The median of each column on its own (of the middle two, their mean).
 fn median(rounds: &[Figures]) -> Option<Figures> {
-    let mut sorted = rounds.to_vec();
-    sorted.sort_by(|a, b| {
-        a.tcp_guest_to_l1_mbit_s
-            .total_cmp(&b.tcp_guest_to_l1_mbit_s)
-    });
-    sorted.get(sorted.len() / 2).cloned()
+    fn mid(mut v: Vec<f64>) -> Option<f64> {
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        match n {
+            0 => None,
+            _ if n % 2 == 1 => Some(v[n / 2]),
+            _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+        }
+    }
+    let col = |f: fn(&Figures) -> f64| mid(rounds.iter().map(f).collect());
+    Some(Figures {
+        tcp_guest_to_l1_mbit_s: col(|f| f.tcp_guest_to_l1_mbit_s)?,
+        tcp_l1_to_guest_mbit_s: col(|f| f.tcp_l1_to_guest_mbit_s)?,
+        udp_rr_p50_us: col(|f| f.udp_rr_p50_us)?,
+        udp_rr_p99_us: col(|f| f.udp_rr_p99_us)?,
+        udp64_guest_to_l1_kpps: col(|f| f.udp64_guest_to_l1_kpps)?,
+        vmm_cpu_ms_per_gb: col(|f| f.vmm_cpu_ms_per_gb)?,
+        vhost_cpu_ms_per_gb: mid(rounds
+            .iter()
+            .filter_map(|f| f.vhost_cpu_ms_per_gb)
+            .collect()),
+    })
 }
 
 fn print_table(rows: &[Row], cli: &Cli) {
     println!(
-        "| VMM ({} round(s), iperf3 {} s, {} UDP exchanges) | TCP guest → L1 Mbit/s | TCP L1 → guest Mbit/s | UDP RR p50 µs | UDP RR p99 µs | 64-byte UDP guest → L1 kpps |",
+        "| VMM ({} round(s), iperf3 {} s, {} UDP exchanges) | TCP guest → L1 Mbit/s | TCP L1 → guest Mbit/s | UDP RR p50 µs | UDP RR p99 µs | 64-byte UDP guest → L1 kpps | VMM process CPU ms/GB | vhost worker CPU ms/GB |",
         cli.rounds, cli.seconds, cli.requests
     );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for r in rows {
         match &r.median {
             Some(f) => println!(
-                "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} |",
+                "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.0} | {} |",
                 r.vmm,
                 f.tcp_guest_to_l1_mbit_s,
                 f.tcp_l1_to_guest_mbit_s,
                 f.udp_rr_p50_us,
                 f.udp_rr_p99_us,
-                f.udp64_guest_to_l1_kpps
+                f.udp64_guest_to_l1_kpps,
+                f.vmm_cpu_ms_per_gb,
+                f.vhost_cpu_ms_per_gb
+                    .map_or("-".to_string(), |v| format!("{v:.0}"))
             ),
-            None => println!("| {} | no round completed | | | | |", r.vmm),
+            None => println!("| {} | no round completed | | | | | | |", r.vmm),
         }
     }
-    if let (Some(e), Some(q)) = (
-        rows.first().and_then(|r| r.median.as_ref()),
-        rows.get(1).and_then(|r| r.median.as_ref()),
-    ) {
+    let m = |i: usize| rows.get(i).and_then(|r| r.median.as_ref());
+    println!();
+    for (label, e, q) in [
+        ("in-VMM / QEMU vhost=off", m(0), m(1)),
+        ("vhost=on / QEMU vhost=on", m(2), m(3)),
+    ] {
+        if let (Some(e), Some(q)) = (e, q) {
+            println!("evmm {label}: {}", ratios(e, q));
+        }
+    }
+    if let (Some(v), Some(i)) = (m(2), m(0)) {
         println!(
-            "\nevmm / QEMU: TCP guest → L1 {:.2}×, L1 → guest {:.2}×, UDP RR p50 {:.2}×, 64-byte kpps {:.2}×",
-            e.tcp_guest_to_l1_mbit_s / q.tcp_guest_to_l1_mbit_s,
-            e.tcp_l1_to_guest_mbit_s / q.tcp_l1_to_guest_mbit_s,
-            e.udp_rr_p50_us / q.udp_rr_p50_us,
-            e.udp64_guest_to_l1_kpps / q.udp64_guest_to_l1_kpps
+            "evmm vhost=on / evmm in-VMM: UDP RR p50 {:.2}×, TCP guest → L1 {:.2}×, L1 → guest {:.2}×",
+            v.udp_rr_p50_us / i.udp_rr_p50_us,
+            v.tcp_guest_to_l1_mbit_s / i.tcp_guest_to_l1_mbit_s,
+            v.tcp_l1_to_guest_mbit_s / i.tcp_l1_to_guest_mbit_s
         );
     }
+}
+
+/// `a / b` column by column.
+fn ratios(a: &Figures, b: &Figures) -> String {
+    format!(
+        "TCP guest → L1 {:.2}×, L1 → guest {:.2}×, UDP RR p50 {:.2}×, p99 {:.2}×, 64-byte kpps {:.2}×, VMM CPU/GB {:.2}×",
+        a.tcp_guest_to_l1_mbit_s / b.tcp_guest_to_l1_mbit_s,
+        a.tcp_l1_to_guest_mbit_s / b.tcp_l1_to_guest_mbit_s,
+        a.udp_rr_p50_us / b.udp_rr_p50_us,
+        a.udp_rr_p99_us / b.udp_rr_p99_us,
+        a.udp64_guest_to_l1_kpps / b.udp64_guest_to_l1_kpps,
+        a.vmm_cpu_ms_per_gb / b.vmm_cpu_ms_per_gb
+    )
 }
 
 /// Bars: throughput both ways (Mbit/s) per VMM.
@@ -215,7 +341,7 @@ fn plot(svg: &Path, rows: &[Row]) -> Result<(), Box<dyn std::error::Error>> {
         .filter_map(|r| {
             r.median.as_ref().map(|f| {
                 (
-                    r.vmm.clone(),
+                    r.short.clone(),
                     f.tcp_guest_to_l1_mbit_s,
                     f.tcp_l1_to_guest_mbit_s,
                 )
@@ -255,7 +381,7 @@ fn plot(svg: &Path, rows: &[Row]) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         chart.draw_series(std::iter::once(Text::new(
-            name.chars().take(40).collect::<String>(),
+            name.clone(),
             (x + 0.05, ymax * 0.95),
             ("sans-serif", 13),
         )))?;
@@ -267,4 +393,68 @@ fn plot(svg: &Path, rows: &[Row]) -> Result<(), Box<dyn std::error::Error>> {
         .draw()?;
     root.present()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(tx: f64, p50: f64, vhost: Option<f64>) -> Figures {
+        Figures {
+            tcp_guest_to_l1_mbit_s: tx,
+            tcp_l1_to_guest_mbit_s: 2.0 * tx,
+            udp_rr_p50_us: p50,
+            udp_rr_p99_us: 3.0 * p50,
+            udp64_guest_to_l1_kpps: 1.0,
+            vmm_cpu_ms_per_gb: 10.0,
+            vhost_cpu_ms_per_gb: vhost,
+        }
+    }
+
+    #[test]
+    fn each_column_has_its_own_median() {
+        let m = median(&[
+            f(300.0, 10.0, None),
+            f(100.0, 30.0, None),
+            f(200.0, 20.0, None),
+        ])
+        .unwrap();
+        assert_eq!((m.tcp_guest_to_l1_mbit_s, m.udp_rr_p50_us), (200.0, 20.0));
+        assert_eq!(m.vhost_cpu_ms_per_gb, None);
+        let m = median(&[f(100.0, 40.0, Some(4.0)), f(300.0, 10.0, Some(2.0))]).unwrap();
+        assert_eq!((m.tcp_guest_to_l1_mbit_s, m.udp_rr_p50_us), (200.0, 25.0));
+        assert_eq!(m.vhost_cpu_ms_per_gb, Some(3.0));
+        assert_eq!(median(&[]), None);
+    }
+
+    const RUN: &str = "\
+EVMM-NET-UDP-RR side=guest dst=198.18.0.1 port=5201 size=64 count=10 received=10 lost=0 p50_us=2000 p90_us=2500 p99_us=4000 min_us=1 max_us=5000 mean_us=2100 ok=1
+EVMM-NET-THREADS side=l1 process=evmm pid=7 threads=evmm,vcpu0 cpu_us=1000000 vhost_kthreads=vhost-3,vhost-7 vhost_cpu_us=999,50000 ok=1
+EVMM-NET-IPERF3 side=guest role=client target=5203 status=0 sender_kbit_s=400000 receiver_kbit_s=400000 retransmits=0 ok=1
+EVMM-NET-THREADS side=l1 process=evmm pid=7 threads=evmm,vcpu0 cpu_us=2000000 vhost_kthreads=vhost-3,vhost-7 vhost_cpu_us=999,60000 ok=1
+EVMM-NET-IPERF3 side=guest role=client target=5205 status=0 sender_kbit_s=400000 receiver_kbit_s=400000 retransmits=0 ok=1
+EVMM-NET-THREADS side=l1 process=evmm pid=7 threads=evmm,vcpu0 cpu_us=3000000 vhost_kthreads=vhost-3,vhost-7 vhost_cpu_us=5000,250000 ok=1
+EVMM-NET-IPERF3 side=guest role=client target=5207 status=0 sender_kbit_s=5120 receiver_kbit_s=5120 retransmits=- ok=1
+";
+
+    #[test]
+    fn figures_of_a_run() {
+        let out = NetOutput::parse(RUN);
+        let f = figures(&out, RUN, 5).unwrap();
+        assert_eq!(f.tcp_guest_to_l1_mbit_s, 400.0);
+        assert_eq!(f.udp_rr_p50_us, 2000.0);
+        assert_eq!(f.udp64_guest_to_l1_kpps, 10.0);
+        // 800 Mbit/s for 5 s is 0.5 GB; 2 s of the process's CPU and 0.2 s of its
+        // own vhost worker's (not vhost-3's) over it.
+        assert!((f.vmm_cpu_ms_per_gb - 4000.0).abs() < 1e-6, "{f:?}");
+        assert!(
+            (f.vhost_cpu_ms_per_gb.unwrap() - 400.0).abs() < 1e-6,
+            "{f:?}"
+        );
+        let no_vhost = RUN.replace("vhost-7", "vhost-8");
+        let f = figures(&NetOutput::parse(&no_vhost), &no_vhost, 5).unwrap();
+        assert_eq!(f.vhost_cpu_ms_per_gb, None);
+        let short = RUN.replace("EVMM-NET-THREADS", "X");
+        assert_eq!(figures(&NetOutput::parse(&short), &short, 5), None);
+    }
 }

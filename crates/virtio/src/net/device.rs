@@ -15,6 +15,7 @@ use super::worker::{NetWorker, WorkerQueue};
 use super::{NetConfig, NetError, VIRTIO_ID_NET};
 use crate::device::{ActivateContext, ActivateError, ReadyQueue, VirtioDevice};
 use crate::fault::FaultLog;
+use crate::metrics::Counter;
 use crate::worker::WorkerHandle;
 
 /// A virtio-net device on tap queues of type `T` (a [`Tap`] outside tests).
@@ -27,6 +28,7 @@ pub struct Net<T: TapQueue = Tap> {
     config_space: [u8; config::CONFIG_SIZE],
     metrics: Arc<[NetQueueMetrics]>,
     faults: Arc<FaultLog>,
+    activations: Counter,
     workers: Vec<WorkerHandle<()>>,
 }
 
@@ -56,6 +58,7 @@ impl<T: TapQueue> Net<T> {
             config_space: config::config_space(config.mac, pairs, config.mtu),
             metrics: (0..pairs).map(|_| NetQueueMetrics::default()).collect(),
             faults: Arc::new(FaultLog::new("virtio-net")),
+            activations: Counter::default(),
             workers: Vec::new(),
             tap_name: tap_name.to_string(),
             taps: taps.into(),
@@ -71,7 +74,9 @@ impl<T: TapQueue> Net<T> {
     /// The counters, typed.
     pub fn metrics_snapshot(&self) -> NetMetricsSnapshot {
         NetMetricsSnapshot {
+            backend: "evmm",
             tap: self.tap_name.clone(),
+            activations: self.activations.get(),
             queues: self.metrics.iter().map(NetQueueMetrics::snapshot).collect(),
         }
     }
@@ -157,6 +162,7 @@ impl<T: TapQueue> VirtioDevice for Net<T> {
         if self.workers.is_empty() {
             return Err(ActivateError::BadSetup("no queue is ready".into()));
         }
+        self.activations.inc();
         Ok(())
     }
 

@@ -40,8 +40,13 @@ crate::counters! {
 /// A net device's counters as serialized by [`crate::VirtioDevice::metrics`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct NetMetricsSnapshot {
+    /// Who moves the frames: `evmm` (its own workers) or `vhost-net` (the kernel's
+    /// vhost worker; evmm serves the control queue only).
+    pub backend: &'static str,
     /// The tap's name.
     pub tap: String,
+    /// Times the driver activated the device.
+    pub activations: u64,
     /// One entry per queue pair.
     pub queues: Vec<NetQueueSnapshot>,
 }

@@ -39,7 +39,7 @@ pub mod metrics;
 pub mod rx;
 pub mod tap;
 pub mod tx;
-mod worker;
+pub(crate) mod worker;
 
 pub use device::Net;
 pub use tap::{Tap, TapError, TapQueue};

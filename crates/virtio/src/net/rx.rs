@@ -3,9 +3,12 @@
 //! Without VIRTIO_NET_F_MRG_RXBUF a frame goes into one chain; with it, into as many
 //! chains (one buffer each, the way Linux posts them) as it needs, with `num_buffers`
 //! in the first one's header, and all of them published with one store of the used
-//! index, so the driver never sees part of a frame. One extra host buffer after the
-//! guest's catches a frame larger than what was posted: such a frame is dropped and
-//! counted, and the buffers stay available for the next one.
+//! index, so the driver never sees part of a frame. A frame's size is only known once
+//! it is read, so with mergeable buffers nothing is read until the posted buffers can
+//! hold the largest frame the tap may hand over (or the driver has posted the whole
+//! ring): a driver still refilling its ring makes the frame wait, not drop. One extra
+//! host buffer after the guest's catches a frame larger than what was posted: such a
+//! frame is dropped and counted, and the buffers stay available for the next one.
 
 use std::io;
 
@@ -28,6 +31,13 @@ pub enum Received {
     Dropped,
     /// The driver has posted no buffer: stop reading the tap until it kicks.
     NoBuffers,
+    /// The driver's mergeable buffers cannot hold the largest frame yet: nothing was
+    /// read; wait for it to post more than it had posted, up to `posted` in the
+    /// available ring ([`ask_for_more_buffers`]).
+    TooFewBuffers {
+        /// The available index the driver had reached.
+        posted: u16,
+    },
     /// The tap has nothing to read.
     TapEmpty,
     /// Reading the tap failed.
@@ -84,6 +94,7 @@ impl Receiver {
         self.chains.clear();
         let start = queue.next_avail();
         let mut capacity = 0usize;
+        let mut ring_ran_out = false;
         while capacity < self.max_frame && (self.mergeable || self.chains.is_empty()) {
             let chain = match queue.iter(mem) {
                 Ok(mut it) => it.next(),
@@ -91,7 +102,10 @@ impl Receiver {
                     return Received::Fault(QueueFault::Ring(format!("bad available ring: {e}")))
                 }
             };
-            let Some(chain) = chain else { break };
+            let Some(chain) = chain else {
+                ring_ran_out = true;
+                break;
+            };
             let head = chain.head_index();
             let first = self.iovs.len();
             let result = chain_iovecs(chain, mem, true, &mut self.iovs).and_then(|len| {
@@ -125,6 +139,15 @@ impl Receiver {
         }
         if self.chains.is_empty() {
             return Received::NoBuffers;
+        }
+        if self.mergeable
+            && ring_ran_out
+            && capacity < self.max_frame
+            && self.chains.len() < usize::from(queue.size())
+        {
+            let posted = queue.next_avail();
+            queue.set_next_avail(start);
+            return Received::TooFewBuffers { posted };
         }
         let guest_iovs = self.iovs.len();
         self.iovs.push(libc::iovec {
@@ -175,4 +198,20 @@ impl Receiver {
         m.rx_bytes.add((n - HDR_LEN) as u64);
         Received::Frame
     }
+}
+
+/// Asks the driver for a kick once it posts buffers beyond available index `posted`
+/// (with EVENT_IDX: `avail_event` set to the end of what it had posted, not to where
+/// the device stopped taking buffers). True when it already has, so the caller looks
+/// again.
+pub fn ask_for_more_buffers(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    posted: u16,
+) -> Result<bool, virtio_queue::Error> {
+    let taken = queue.next_avail();
+    queue.set_next_avail(posted);
+    let more = queue.enable_notification(mem);
+    queue.set_next_avail(taken);
+    more
 }

@@ -229,6 +229,11 @@ impl Tap {
         &self.name
     }
 
+    /// The tap queue's descriptor (what a vhost-net backend is given).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     fn ioctl_err(&self, what: &'static str) -> TapError {
         TapError::Ioctl {
             name: self.name.clone(),

@@ -22,7 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::chain::{chain_iovecs, push_iovecs, ChainFault};
 use super::ctrl::{answer, command, Control, MAX_COMMAND};
 use super::metrics::NetQueueMetrics;
-use super::rx::{Received, Receiver};
+use super::rx::{ask_for_more_buffers, Received, Receiver};
 use super::tap::TapQueue;
 use super::tx::Transmitter;
 use crate::device::ReadyQueue;
@@ -150,8 +150,10 @@ impl<T: TapQueue> NetWorker<T> {
             );
             return;
         }
-        self.watch_tap_input(&mut st, true);
-        self.receive(&mut st);
+        if self.rx.is_some() {
+            self.watch_tap_input(&mut st, true);
+            self.receive(&mut st);
+        }
         let mut ready = Vec::with_capacity(8);
         loop {
             if let Err(e) = st.epoll.wait_polling(self.poll, &mut ready) {
@@ -209,7 +211,7 @@ impl<T: TapQueue> NetWorker<T> {
     }
 
     fn watch_tap_input(&self, st: &mut State, on: bool) {
-        if st.tap_failed || st.reading == on {
+        if st.tap_failed || st.reading == on || self.rx.is_none() {
             return;
         }
         let fd = self.tap().as_raw_fd();
@@ -324,6 +326,20 @@ impl<T: TapQueue> NetWorker<T> {
                 Received::NoBuffers => {
                     // Ask for a kick when the driver posts more, then look once more.
                     match queue.enable_notification(mem) {
+                        Ok(true) => continue,
+                        Ok(false) => {
+                            stop_reading = true;
+                            break;
+                        }
+                        Err(e) => {
+                            let f = QueueFault::Ring(format!("cannot enable notifications: {e}"));
+                            Self::queue_fault(faults, m, interrupt.as_ref(), q, &f);
+                            break;
+                        }
+                    }
+                }
+                Received::TooFewBuffers { posted } => {
+                    match ask_for_more_buffers(queue, mem, posted) {
                         Ok(true) => continue,
                         Ok(false) => {
                             stop_reading = true;

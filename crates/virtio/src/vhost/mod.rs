@@ -9,11 +9,16 @@
 //! * [`user`]: vhost-user (a backend process on a Unix socket): the connection and its
 //!   handshake, the monitor that notices a dead backend, the takeover that answers the
 //!   guest's requests with errors from then on, and the generic device;
-//! * per device, the small parts: [`blk`] (configuration space, feature mask, what the
-//!   takeover answers).
+//! * [`kernel`]: the kernel's vhost-net (`/dev/vhost-net`), one descriptor per queue pair;
+//! * per device, the small parts: [`blk`] (vhost-user-blk: configuration space, feature
+//!   mask, what the takeover answers), [`net`] (vhost-net: the rings of each pair to the
+//!   kernel, the control queue kept).
 
 pub mod blk;
 pub mod frontend;
+pub mod kernel;
+pub mod net;
 pub mod user;
 
 pub use blk::{VhostUserBlk, VhostUserBlkConfig};
+pub use net::VhostNet;
