@@ -6,7 +6,10 @@
 //! a driver reset (unbind and bind) and traffic after it; under both notify modes.
 //! With `queues=2` and two vCPUs, traffic lands on both queue
 //! pairs; a UDP flood at a guest that reads slowly loses packets, crashes nothing, and
-//! pings pass after it. evmm's counters (`--metrics`) are checked against the traffic.
+//! pings pass after it; the tap taken down, up, then deleted under the running guest:
+//! frames refused while down are dropped and counted, traffic resumes, the deletion is
+//! logged once and evmm exits 0. evmm's counters (`--metrics`) are checked against the
+//! traffic.
 //! Runs on the route the capability probe picks; fails (never skips) when anything is
 //! missing.
 
@@ -15,7 +18,7 @@ mod common;
 use common::net::{assert_pings, evmm_vmm, metrics, per_pair, tap_counter, try_run};
 use common::MIB;
 use evmm_guest_tools::net::stream_sha256;
-use evmm_testhost::net::{side_fields, Side, DEFAULT_TAP, GUEST_IFACE};
+use evmm_testhost::net::{side_fields, Check, Side, DEFAULT_TAP, GUEST_IFACE, HOST_IP};
 use evmm_testhost::{NetOutput, NetPlan};
 
 const MAC: &str = "52:54:00:e5:4e:02";
@@ -216,4 +219,53 @@ fn evmm_virtio_net_survives_a_udp_flood() {
     assert_eq!(per_pair(&m, "malformed_chains"), [0], "{m}");
     assert_pings(&net, &text, Side::Guest, None, 3);
     assert_pings(&net, &text, Side::L1, None, 3);
+}
+
+/// The tap goes down under a running guest, comes back, then is deleted: while it is
+/// down the frames it refuses (EIO) are dropped and counted, traffic resumes once it is
+/// up, and its deletion is logged once (`tap ... failed`) and counted; evmm keeps
+/// running and exits 0 when the guest powers off.
+#[test]
+fn evmm_virtio_net_outlives_its_tap() {
+    let mut plan = NetPlan::new()
+        .link_up(MAC, 1500)
+        .ping(Side::Guest, 3, None)
+        .barrier()
+        .set_tap(DEFAULT_TAP, "down");
+    let (down_port, gone_port) = (plan.port(), plan.port());
+    let flood = |port| Check::UdpFlood {
+        dst: HOST_IP,
+        port,
+        seconds: 2,
+        size: Some(256),
+    };
+    plan = plan
+        .on(Side::Guest, flood(down_port))
+        .on(Side::L1, Check::Sleep { seconds: 3 })
+        .set_tap(DEFAULT_TAP, "up")
+        .barrier()
+        .ping(Side::Guest, 3, None)
+        .barrier()
+        .set_tap(DEFAULT_TAP, "delete")
+        .on(Side::Guest, Check::Sleep { seconds: 1 })
+        .on(Side::Guest, flood(gone_port));
+    let (text, net, m) = run(&plan, &[], &[], 1500);
+    let pings: Vec<_> = net.pings.iter().filter(|p| p.side == Side::Guest).collect();
+    assert_eq!(pings.len(), 2, "{pings:?}");
+    assert!(
+        pings.iter().all(|p| p.ok && p.received == 3),
+        "before the tap went down and after it came back: {pings:?}"
+    );
+    let refused = per_pair(&m, "tx_dropped_tap_error")[0];
+    let failures = per_pair(&m, "tap_errors")[0];
+    let logged = text.matches("tap evmmtap0 failed").count();
+    eprintln!(
+        "tap down: {refused} frames refused and dropped; tap deleted: {failures} tap \
+         error(s), logged {logged} time(s); evmm exit status {:?}",
+        net.vmm_status
+    );
+    assert!(refused > 0, "frames sent while the tap was down: {m}");
+    assert!(failures > 0, "the deleted tap: {m}");
+    assert_eq!(logged, 1, "logged once; output:\n{text}");
+    assert_eq!(net.vmm_status, Some(0));
 }

@@ -1504,6 +1504,26 @@ pub fn rebind(iface: &str, wait: Duration) -> io::Result<String> {
     ))
 }
 
+/// Takes interface `iface` `up` or `down`, or deletes it (`delete`): what a tap's user
+/// may do to it under a running VMM. The `EVMM-NET-SET-LINK` line.
+pub fn set_link(iface: &str, state: &str) -> io::Result<String> {
+    let r = match state {
+        "up" | "down" => ip(&["link", "set", iface, state]),
+        "delete" => ip(&["link", "del", iface]),
+        _ => {
+            return Err(io::Error::other(format!(
+                "set-link {iface} {state}: up, down or delete"
+            )))
+        }
+    };
+    Ok(format!(
+        "EVMM-NET-SET-LINK side={} iface={iface} state={state} ok={}{}",
+        side(),
+        flag(r.is_ok()),
+        error_field(&r.err().map(|e| e.to_string()))
+    ))
+}
+
 /// The `EVMM-NET-THREADS` line: the thread names of the process called `name` (the
 /// first, by pid) and its CPU time, and the kernel threads called `vhost-*` (the
 /// kernel's vhost workers, named after the thread that set up the vhost device) with
@@ -1598,6 +1618,7 @@ usage: evmm-guest-net CHECK [+ CHECK]...   (runs the checks in order, stops at t
   addr IFACE IP/PREFIX [MTU]      replace IFACE's addresses, set the MTU, set up
   mtu IFACE MTU                   set the MTU
   stats IFACE                     print IFACE's counters
+  set-link IFACE up|down|delete   take IFACE up or down, or delete it
   threads NAME                    print the threads of process NAME and the vhost-* kernel threads
   rebind IFACE                    unbind IFACE's virtio device from virtio_net and bind it again
   ping IP COUNT [SIZE]            COUNT ICMP echoes of SIZE bytes (default 56), don't-fragment set
@@ -1656,6 +1677,10 @@ pub fn run_check(words: &[&str]) -> CheckResult {
         ["rebind", iface] => {
             let line = rebind(iface, wait)?;
             report(line.ends_with("ok=1"), line)
+        }
+        ["set-link", iface, state] => {
+            let line = set_link(iface, state)?;
+            report(line.contains(" ok=1"), line)
         }
         ["threads", name] => {
             let line = threads(name)?;

@@ -9,7 +9,7 @@
 //!   the peer sends, a barrier on each side, ports allocated in order).
 //! - [`NetRun`]: the shell body of a run: the tap, the peer in the background, the VMM
 //!   in the foreground, then the peer's output and exit status, the tap's counters,
-//!   and the tap removed.
+//!   and the tap removed (when the run has not deleted it).
 //! - [`qemu_net_guest`], [`evmm_net_guest`]: the VMM under test on that tap.
 //! - [`NetOutput`]: the run's result lines, parsed.
 //!
@@ -169,6 +169,13 @@ pub enum Check {
         /// Interface.
         iface: String,
     },
+    /// `set-link IFACE up|down|delete`: what a tap's user may do under a running VMM.
+    SetLink {
+        /// Interface.
+        iface: String,
+        /// `up`, `down` or `delete`.
+        state: String,
+    },
     /// `threads NAME`: the threads of process NAME and the `vhost-*` kernel threads.
     Threads {
         /// The process's name (its `comm`).
@@ -257,6 +264,7 @@ impl Check {
                     push(&[o]);
                 }
             }
+            Check::SetLink { iface, state } => push(&[&"set-link", iface, state]),
             Check::Threads { process } => push(&[&"threads", process]),
             Check::Rebind { iface } => push(&[&"rebind", iface]),
             Check::Sleep { seconds } => push(&[&"sleep", seconds]),
@@ -536,6 +544,18 @@ impl NetPlan {
         )
     }
 
+    /// L1 sets its tap `tap` `up`, `down` or deletes it (`delete`), without waiting
+    /// for the guest.
+    pub fn set_tap(self, tap: &str, state: &str) -> Self {
+        self.on(
+            Side::L1,
+            Check::SetLink {
+                iface: tap.into(),
+                state: state.into(),
+            },
+        )
+    }
+
     /// L1 lists the threads of its process `process` (the VMM) and the kernel's
     /// `vhost-*` threads, while the guest runs (it waits at a barrier after).
     pub fn threads(self, process: &str) -> Self {
@@ -676,8 +696,7 @@ impl NetRun {
              wait $PEER; peer_status=$?\n\
              cat \"$NET_D/peer.log\"\n\
              echo \"EVMM-NET-PEER-EXIT status=$peer_status\"\n\
-             {peer} show {tap}\n\
-             {peer} down {tap}\n\
+             if [ -e /sys/class/net/{tap} ]; then {peer} show {tap}; {peer} down {tap}; else echo EVMM-NET-TAP-GONE tap={tap}; fi\n\
              rm -rf \"$NET_D\"\n\
              true\n",
             peer = self.peer_command,
@@ -706,6 +725,11 @@ pub struct QemuNet {
     /// Virtio 1.0 over virtio-mmio version 2 (QEMU 7.2 defaults to legacy
     /// virtio-mmio; evmm's transport is version 2).
     pub modern: bool,
+    /// `virtio-net-pci` on microvm's PCIe host bridge (`-M microvm,pcie=on`) instead
+    /// of `virtio-net-device` on virtio-mmio: QEMU's virtio-mmio never hands an irqfd
+    /// to KVM (a vhost worker's call eventfd is read by QEMU's main loop, which then
+    /// raises the interrupt), its PCI transport does (MSI-X).
+    pub pci: bool,
 }
 
 impl Default for QemuNet {
@@ -715,15 +739,17 @@ impl Default for QemuNet {
             mac: DEFAULT_MAC.into(),
             vhost: false,
             modern: true,
+            pci: false,
         }
     }
 }
 
 impl QemuNet {
-    /// The QEMU arguments: `-netdev tap,...` and `-device virtio-net-device,...`.
+    /// The QEMU arguments: `-netdev tap,...` and `-device virtio-net-device,...` (or
+    /// `virtio-net-pci`).
     pub fn args(&self) -> Vec<String> {
         let mut a = Vec::new();
-        if self.modern {
+        if self.modern && !self.pci {
             a.extend(["-global".into(), "virtio-mmio.force-legacy=false".into()]);
         }
         a.extend([
@@ -734,15 +760,33 @@ impl QemuNet {
                 if self.vhost { "on" } else { "off" }
             ),
             "-device".into(),
-            format!("virtio-net-device,netdev=n0,mac={}", self.mac),
+            if self.pci {
+                format!(
+                    "virtio-net-pci,netdev=n0,mac={},disable-legacy={}",
+                    self.mac,
+                    if self.modern { "on" } else { "off" }
+                )
+            } else {
+                format!("virtio-net-device,netdev=n0,mac={}", self.mac)
+            },
         ]);
         a
+    }
+
+    /// The machine: `microvm`, with its PCIe host bridge for [`Self::pci`].
+    pub fn machine(&self) -> &'static str {
+        if self.pci {
+            "microvm,pcie=on"
+        } else {
+            "microvm"
+        }
     }
 }
 
 /// A QEMU `-M microvm` guest running `checks` with `net`'s device.
 pub fn qemu_net_guest(checks: &[Check], net: &QemuNet) -> QemuGuest {
     let mut guest = QemuGuest::microvm(GUEST_TEST);
+    guest.machine = net.machine().into();
     guest.cmdline = guest_cmdline(checks);
     guest.extra = net.args();
     guest
@@ -1284,6 +1328,17 @@ mod tests {
             "-global virtio-mmio.force-legacy=false -netdev tap,id=n0,ifname=evmmtap0,script=no,downscript=no,vhost=off \
              -device virtio-net-device,netdev=n0,mac=52:54:00:12:34:56"
         );
+        let pci = QemuNet {
+            vhost: true,
+            pci: true,
+            ..QemuNet::default()
+        };
+        assert_eq!(
+            pci.args().join(" "),
+            "-netdev tap,id=n0,ifname=evmmtap0,script=no,downscript=no,vhost=on \
+             -device virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,disable-legacy=on"
+        );
+        assert_eq!(pci.machine(), "microvm,pcie=on");
         let images = crate::GuestImages {
             dir: "/o".into(),
             vmlinuz: "/o/vmlinuz".into(),
@@ -1326,7 +1381,10 @@ mod tests {
         );
         assert!(s.contains("timeout -s KILL 600 vmm --opt 'a b'\n"), "{s}");
         assert!(s.contains("[ $i -lt 300 ]"), "{s}");
-        assert!(s.contains("evmm-net-peer down evmmtap0\n"), "{s}");
+        assert!(
+            s.contains("then evmm-net-peer show evmmtap0; evmm-net-peer down evmmtap0; else"),
+            "{s}"
+        );
         assert!(!s.contains("PATH="));
         let direct = run.for_route(&Route::Direct {
             probe: "ring 0 native".into(),
@@ -1360,6 +1418,8 @@ mod tests {
             vec![Check::Sleep { seconds: 0 }],
         );
         run.peer_command = peer.display().to_string();
+        // An interface every host has, so the counters are read at the end.
+        run.tap.name = "lo".into();
         let out = std::process::Command::new("sh")
             .arg("-c")
             .arg(run.script())
