@@ -15,10 +15,11 @@
 
 mod common;
 
-use common::net::{assert_pings, evmm_vmm, metrics, per_pair, tap_counter, try_run};
-use common::MIB;
-use evmm_guest_tools::net::stream_sha256;
-use evmm_testhost::net::{side_fields, Check, Side, DEFAULT_TAP, GUEST_IFACE, HOST_IP};
+use common::net::{
+    assert_link, assert_pings, assert_transfers, evmm_vmm, per_pair, tap_counter, try_run,
+};
+use common::{metrics_in, up_to_three_attempts, MIB};
+use evmm_testhost::net::{side_fields, Check, Side, DEFAULT_TAP, HOST_IP};
 use evmm_testhost::{NetOutput, NetPlan};
 
 const MAC: &str = "52:54:00:e5:4e:02";
@@ -38,7 +39,7 @@ fn run(
         false,
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    let m = metrics(&text);
+    let m = metrics_in(&text);
     (text, net, m)
 }
 
@@ -64,14 +65,7 @@ fn the_network_checks(notify: &str) {
         JUMBO_MTU,
     );
 
-    let link = net
-        .links
-        .iter()
-        .find(|l| l.side == Side::Guest && l.iface == GUEST_IFACE)
-        .unwrap_or_else(|| panic!("no link line; output:\n{text}"));
-    assert_eq!(link.mac, MAC);
-    assert!(link.carrier && link.operstate == "up", "{link:?}");
-
+    assert_link(&net, &text, MAC);
     assert_pings(&net, &text, Side::Guest, None, 3);
     assert_pings(&net, &text, Side::L1, None, 3);
     let rebound = side_fields(&text, "EVMM-NET-REBIND", Side::Guest);
@@ -83,22 +77,12 @@ fn the_network_checks(notify: &str) {
     assert_pings(&net, &text, Side::Guest, Some(JUMBO_PING), 3);
     assert_pings(&net, &text, Side::L1, Some(JUMBO_PING), 3);
 
-    let expected = stream_sha256(1, TRANSFER_MIB * MIB);
-    for from in [Side::L1, Side::Guest] {
-        let pair = net
-            .transfer_from(from, TRANSFER_MIB * MIB)
-            .unwrap_or_else(|| panic!("no transfer from {from:?}; output:\n{text}"));
-        assert!(pair.matched(), "{pair:?}");
-        assert_eq!(pair.receiver.sha256, expected, "{pair:?}");
-        assert_eq!(pair.receiver.bad_bytes, 0);
-        eprintln!(
-            "evmm --notify {notify}: TCP {} -> {}: {TRANSFER_MIB} MiB, sha256 equal, {:.1} Mbit/s",
-            from.as_str(),
-            pair.receiver.side.as_str(),
-            pair.receiver.mbit_s
-        );
-    }
-    assert!(net.unpaired_transfers().is_empty(), "output:\n{text}");
+    assert_transfers(
+        &net,
+        &text,
+        TRANSFER_MIB,
+        &format!("evmm --notify {notify}"),
+    );
 
     // evmm's counters against the traffic: at least the 64 MiB each way, nothing
     // malformed or dropped, and the notify path as asked.
@@ -143,23 +127,15 @@ fn evmm_virtio_net_two_queue_pairs_both_carry_traffic() {
         .iperf3(Side::Guest, 4, &["-P", "8", "-R"])
         .ping(Side::L1, 3, None)
         .stats(DEFAULT_TAP);
-    let mut failures = Vec::new();
-    let (text, _net) = loop {
-        match try_run(
+    let (text, _net) = up_to_three_attempts("evmm, two queue pairs", || {
+        try_run(
             evmm_vmm(&plan, MAC, &["queues=2"], &[], 2),
             &plan,
             1500,
             true,
-        ) {
-            Ok(r) => break r,
-            Err(e) if failures.len() < 2 => {
-                eprintln!("attempt {} failed: {e}", failures.len() + 1);
-                failures.push(e);
-            }
-            Err(e) => panic!("three attempts failed; the last: {e}"),
-        }
-    };
-    let m = metrics(&text);
+        )
+    });
+    let m = metrics_in(&text);
     let rx = per_pair(&m, "rx_packets");
     let tx = per_pair(&m, "tx_packets");
     eprintln!("queue pairs: rx_packets {rx:?}, tx_packets {tx:?}");

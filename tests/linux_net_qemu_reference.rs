@@ -13,13 +13,12 @@
 
 mod common;
 
-use common::net::{assert_pings, tap_counter};
-use evmm_guest_tools::net::stream_sha256;
-use evmm_testhost::net::{qemu_net_guest, side_fields, QemuNet, Side, DEFAULT_TAP, GUEST_IFACE};
+use common::net::{assert_link, assert_pings, assert_transfers, tap_counter};
+use common::MIB;
+use evmm_testhost::net::{qemu_net_guest, side_fields, QemuNet, Side, DEFAULT_TAP};
 use evmm_testhost::{GuestImages, NetOutput, NetPlan};
 
 const MAC: &str = "52:54:00:e5:4e:01";
-const MIB: u64 = 1024 * 1024;
 const TRANSFER_MIB: u64 = 64;
 const JUMBO_MTU: u32 = 9000;
 const JUMBO_PING: u32 = 8000;
@@ -51,14 +50,7 @@ fn qemu_virtio_net_on_a_tap_passes_the_network_checks() {
     let (text, net) = run(&plan, JUMBO_MTU);
 
     // eth0: the MAC QEMU was given, link up.
-    let link = net
-        .links
-        .iter()
-        .find(|l| l.side == Side::Guest && l.iface == GUEST_IFACE)
-        .unwrap_or_else(|| panic!("no link line; output:\n{text}"));
-    assert_eq!(link.mac, MAC);
-    assert!(link.carrier && link.operstate == "up", "{link:?}");
-    assert_eq!(link.mtu, 1500);
+    assert_eq!(assert_link(&net, &text, MAC), 1500);
 
     // Pings both ways, then 8,000 bytes with DF at MTU 9000 both ways.
     assert_pings(&net, &text, Side::Guest, None, 3);
@@ -73,23 +65,7 @@ fn qemu_virtio_net_on_a_tap_passes_the_network_checks() {
     assert_pings(&net, &text, Side::L1, Some(JUMBO_PING), 3);
 
     // 64 MiB each way, the same digest at both ends and equal to the stream's.
-    let expected = stream_sha256(1, TRANSFER_MIB * MIB);
-    for from in [Side::L1, Side::Guest] {
-        let pair = net
-            .transfer_from(from, TRANSFER_MIB * MIB)
-            .unwrap_or_else(|| panic!("no transfer from {from:?}; output:\n{text}"));
-        assert!(pair.matched(), "{pair:?}");
-        assert_eq!(pair.receiver.sha256, expected, "{pair:?}");
-        assert_eq!(pair.receiver.bad_bytes, 0);
-        eprintln!(
-            "TCP {} -> {}: {TRANSFER_MIB} MiB, sha256 {}..., {:.1} Mbit/s at the receiver",
-            from.as_str(),
-            pair.receiver.side.as_str(),
-            &expected[..16],
-            pair.receiver.mbit_s
-        );
-    }
-    assert!(net.unpaired_transfers().is_empty(), "output:\n{text}");
+    assert_transfers(&net, &text, TRANSFER_MIB, "QEMU");
 
     // The tap carried it: at least the 64 MiB each way.
     for counter in ["rx_bytes", "tx_bytes"] {

@@ -11,9 +11,10 @@
 
 mod common;
 
-use common::net::{assert_pings, evmm_vmm, metrics, per_pair, tap_counter, try_run};
-use common::MIB;
-use evmm_guest_tools::net::stream_sha256;
+use common::net::{
+    assert_link, assert_pings, assert_transfers, evmm_vmm, per_pair, tap_counter, try_run,
+};
+use common::{metrics_in, up_to_three_attempts, MIB};
 use evmm_testhost::net::{side_fields, Side, DEFAULT_TAP};
 use evmm_testhost::NetPlan;
 
@@ -37,28 +38,14 @@ fn evmm_vhost_net_passes_the_network_checks_on_the_kernels_data_path() {
         .stats(DEFAULT_TAP);
     let vmm = evmm_vmm(&plan, MAC, &["vhost=on", "mtu=9000"], &[], 1);
     let (text, net) = try_run(vmm, &plan, 9000, false).unwrap_or_else(|e| panic!("{e}"));
-    let m = metrics(&text);
+    let m = metrics_in(&text);
 
     assert_pings(&net, &text, Side::Guest, None, 3);
     assert_pings(&net, &text, Side::L1, None, 3);
     assert_pings(&net, &text, Side::Guest, Some(8000), 3);
     assert_pings(&net, &text, Side::L1, Some(8000), 3);
-    let expected = stream_sha256(1, TRANSFER_MIB * MIB);
-    for from in [Side::L1, Side::Guest] {
-        let pair = net
-            .transfer_from(from, TRANSFER_MIB * MIB)
-            .unwrap_or_else(|| panic!("no transfer from {from:?}; output:\n{text}"));
-        assert!(
-            pair.matched() && pair.receiver.sha256 == expected,
-            "{pair:?}"
-        );
-        eprintln!(
-            "vhost-net: TCP {} -> {}: {TRANSFER_MIB} MiB, sha256 equal, {:.1} Mbit/s",
-            from.as_str(),
-            pair.receiver.side.as_str(),
-            pair.receiver.mbit_s
-        );
-    }
+    assert_link(&net, &text, MAC);
+    assert_transfers(&net, &text, TRANSFER_MIB, "evmm vhost=on");
 
     // The data path is the kernel's: evmm moved nothing and read no kick...
     let dev = &m["devices"][0];
@@ -118,8 +105,7 @@ fn evmm_vhost_net_two_queue_pairs_with_notify_exit() {
         .threads("evmm")
         .ping(Side::L1, 3, None)
         .stats(DEFAULT_TAP);
-    let mut failures = Vec::new();
-    let (text, _net) = loop {
+    let (text, _net) = up_to_three_attempts("evmm vhost=on, two queue pairs", || {
         let vmm = evmm_vmm(
             &plan,
             MAC,
@@ -127,16 +113,9 @@ fn evmm_vhost_net_two_queue_pairs_with_notify_exit() {
             &["--notify", "exit"],
             2,
         );
-        match try_run(vmm, &plan, 1500, true) {
-            Ok(r) => break r,
-            Err(e) if failures.len() < 2 => {
-                eprintln!("attempt {} failed: {e}", failures.len() + 1);
-                failures.push(e);
-            }
-            Err(e) => panic!("three attempts failed; the last: {e}"),
-        }
-    };
-    let m = metrics(&text);
+        try_run(vmm, &plan, 1500, true)
+    });
+    let m = metrics_in(&text);
     let dev = &m["devices"][0];
     assert_eq!(dev["kind"], "vhost-net", "{m}");
     let exits = dev["transport"]["notify_exits"].as_u64().unwrap_or(0);

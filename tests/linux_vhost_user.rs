@@ -8,7 +8,10 @@
 
 mod common;
 
-use common::{dd_zero, dollar_d, evmm_line, guest_passed, marker, run_script, try_run_script};
+use common::{
+    dd_zero, dollar_d, evmm_line, guest_passed, marker, run_script, try_run_script,
+    up_to_three_attempts,
+};
 use evmm_testhost::guest::all_marker_fields;
 use evmm_testhost::nested::shell_quote;
 use evmm_testhost::{BackendKind, GuestConsole, RunOutput};
@@ -76,17 +79,9 @@ fn checked_random(out: &RunOutput, report: &std::collections::BTreeMap<String, S
 /// evmm + qemu-storage-daemon sometimes freezes or panics L1 itself (README, "Known
 /// problems"); an attempt that completes is checked in full by the caller.
 fn run_on_qemu_storage_daemon(body: &str) -> RunOutput {
-    let mut failures = Vec::new();
-    for attempt in 1..=3 {
-        match try_run_script(body, Duration::from_secs(240)) {
-            Ok(out) => return out,
-            Err(e) => {
-                eprintln!("attempt {attempt} of 3 FAILED (retried): {e}");
-                failures.push(e);
-            }
-        }
-    }
-    panic!("all 3 attempts failed:\n{}", failures.join("\n---\n"));
+    up_to_three_attempts("evmm on qemu-storage-daemon", || {
+        try_run_script(body, Duration::from_secs(240))
+    })
 }
 
 #[test]

@@ -86,12 +86,37 @@ pub fn marker(out: &RunOutput, name: &str) -> BTreeMap<String, String> {
 }
 
 pub fn metrics(out: &RunOutput) -> serde_json::Value {
-    let line = out
-        .output
+    metrics_in(&out.output)
+}
+
+/// The metrics evmm printed (`EVMM-METRICS-JSON`) in `text`.
+pub fn metrics_in(text: &str) -> serde_json::Value {
+    let line = text
         .lines()
-        .find_map(|l| l.strip_prefix("EVMM-METRICS-JSON "))
-        .unwrap_or_else(|| panic!("no metrics; output:\n{}", out.output));
+        .find_map(|l| l.split_once("EVMM-METRICS-JSON ").map(|(_, j)| j))
+        .unwrap_or_else(|| panic!("no metrics; output:\n{text}"));
     serde_json::from_str(line).unwrap_or_else(|e| panic!("bad metrics JSON ({e}): {line}"))
+}
+
+/// Runs `attempt` up to three times, printing each failure, and returns the first
+/// success: in the nested host guests sometimes stall or reset, and evmm +
+/// qemu-storage-daemon sometimes takes L1 down (README, "Known problems"). What an
+/// attempt returns is then checked in full by the caller.
+pub fn up_to_three_attempts<T>(what: &str, mut attempt: impl FnMut() -> Result<T, String>) -> T {
+    let mut failures = Vec::new();
+    for n in 1..=3 {
+        match attempt() {
+            Ok(v) => return v,
+            Err(e) => {
+                eprintln!("{what}: attempt {n} of 3 FAILED (retried): {e}");
+                failures.push(e);
+            }
+        }
+    }
+    panic!(
+        "{what}: all 3 attempts failed:\n{}",
+        failures.join("\n---\n")
+    );
 }
 
 /// Sum of a per-queue counter over every queue of device `dev`.

@@ -2,8 +2,9 @@
 //! with a network device on a tap, the guest's checks (`guest-images/guest/tests/net`)
 //! and their peer in L1 (`evmm-net-peer`), run by `evmm_testhost::net`.
 
+use evmm_guest_tools::net::stream_sha256;
 use evmm_testhost::guest::all_marker_fields;
-use evmm_testhost::net::{evmm_net_guest, Side, DEFAULT_TAP};
+use evmm_testhost::net::{evmm_argv_with_metrics, evmm_net_guest, Side, DEFAULT_TAP, GUEST_IFACE};
 use evmm_testhost::{GuestConsole, GuestImages, NetOutput, NetPlan, NetRun, Route};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -110,9 +111,6 @@ pub fn tap_counter(net: &NetOutput, text: &str, counter: &str) -> u64 {
     tap[counter].parse().unwrap()
 }
 
-/// Where evmm writes its counters in L1 (one run at a time).
-const METRICS: &str = "/tmp/evmm-net-metrics.json";
-
 /// The evmm command of a network run: `--net tap=...,mac=MAC,OPTIONS`, the extra evmm
 /// options, `--metrics`, and the metrics printed after the console.
 pub fn evmm_vmm(
@@ -129,27 +127,42 @@ pub fn evmm_vmm(
     let mut guest = evmm_net_guest(&plan.guest, DEFAULT_TAP, &options);
     guest.cpus = cpus;
     guest.extra.extend(extra.iter().map(|s| s.to_string()));
-    guest.extra.extend(["--metrics".into(), METRICS.into()]);
-    let mut argv: Vec<String> = [
-        "sh",
-        "-c",
-        "\"$@\"; s=$?; printf 'EVMM-METRICS-JSON '; tr -d '\\n' < \"$0\"; echo; exit $s",
-        METRICS,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    argv.extend(guest.argv(&images));
-    argv
+    evmm_argv_with_metrics(&guest, &images)
 }
 
-/// The metrics evmm printed.
-pub fn metrics(text: &str) -> serde_json::Value {
-    let line = text
-        .lines()
-        .find_map(|l| l.split_once("EVMM-METRICS-JSON ").map(|(_, j)| j))
-        .unwrap_or_else(|| panic!("no metrics; output:\n{text}"));
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("bad metrics JSON ({e}): {line}"))
+/// The guest's `eth0` has `mac`, its link up and a carrier; its MTU.
+pub fn assert_link(net: &NetOutput, text: &str, mac: &str) -> u32 {
+    let link = net
+        .links
+        .iter()
+        .find(|l| l.side == Side::Guest && l.iface == GUEST_IFACE)
+        .unwrap_or_else(|| panic!("no link line; output:\n{text}"));
+    assert_eq!(link.mac, mac);
+    assert!(link.carrier && link.operstate == "up", "{link:?}");
+    link.mtu
+}
+
+/// Both TCP transfers of `mib` MiB (L1 to the guest, the guest to L1) arrived whole:
+/// the same SHA-256 at both ends, equal to the stream's; `label` goes before each
+/// transfer's line.
+pub fn assert_transfers(net: &NetOutput, text: &str, mib: u64, label: &str) {
+    let expected = stream_sha256(1, mib * super::MIB);
+    for from in [Side::L1, Side::Guest] {
+        let pair = net
+            .transfer_from(from, mib * super::MIB)
+            .unwrap_or_else(|| panic!("no transfer from {from:?}; output:\n{text}"));
+        assert!(pair.matched(), "{pair:?}");
+        assert_eq!(pair.receiver.sha256, expected, "{pair:?}");
+        assert_eq!(pair.receiver.bad_bytes, 0);
+        eprintln!(
+            "{label}: TCP {} -> {}: {mib} MiB, sha256 {}... at both ends, {:.1} Mbit/s at the receiver",
+            from.as_str(),
+            pair.receiver.side.as_str(),
+            &expected[..16],
+            pair.receiver.mbit_s
+        );
+    }
+    assert!(net.unpaired_transfers().is_empty(), "output:\n{text}");
 }
 
 /// Counter `name` of each queue pair of the network device (the only device).

@@ -1570,8 +1570,14 @@ pub fn threads(name: &str) -> io::Result<String> {
             v.join(",")
         }
     };
+    let kvm: String = found
+        .map(kvm_counters)
+        .unwrap_or_default()
+        .iter()
+        .map(|(k, v)| format!(" kvm_{k}={v}"))
+        .collect();
     Ok(format!(
-        "EVMM-NET-THREADS side={} process={name} pid={} threads={} cpu_us={} vhost_kthreads={} vhost_cpu_us={} ok={}",
+        "EVMM-NET-THREADS side={} process={name} pid={} threads={} cpu_us={} vhost_kthreads={} vhost_cpu_us={}{kvm} ok={}",
         side(),
         found.map_or("-".into(), |p| p.to_string()),
         list(threads),
@@ -1580,6 +1586,44 @@ pub fn threads(name: &str) -> io::Result<String> {
         list(kthreads.iter().map(|(_, t)| t.to_string()).collect()),
         flag(found.is_some())
     ))
+}
+
+/// KVM's counters of the VMs of process `pid` (debugfs: `/sys/kernel/debug/kvm/PID-FD/`),
+/// summed over its VMs: how often its guests left to the host and why, and how many
+/// interrupts were injected, which tell one VMM's device path from another's. Empty
+/// where debugfs is not mounted.
+fn kvm_counters(pid: u32) -> Vec<(&'static str, u64)> {
+    const NAMES: [&str; 6] = [
+        "exits",
+        "mmio_exits",
+        "io_exits",
+        "irq_injections",
+        "halt_exits",
+        "halt_wakeup",
+    ];
+    let Ok(dir) = std::fs::read_dir("/sys/kernel/debug/kvm") else {
+        return Vec::new();
+    };
+    let prefix = format!("{pid}-");
+    let vms: Vec<std::path::PathBuf> = dir
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect();
+    if vms.is_empty() {
+        return Vec::new();
+    }
+    NAMES
+        .iter()
+        .map(|name| {
+            let total = vms
+                .iter()
+                .filter_map(|vm| std::fs::read_to_string(vm.join(name)).ok())
+                .filter_map(|v| v.trim().parse::<u64>().ok())
+                .sum();
+            (*name, total)
+        })
+        .collect()
 }
 
 /// The CPU time of the task whose `/proc` directory is `dir`, in microseconds.

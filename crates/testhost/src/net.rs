@@ -725,7 +725,7 @@ pub struct QemuNet {
     /// Virtio 1.0 over virtio-mmio version 2 (QEMU 7.2 defaults to legacy
     /// virtio-mmio; evmm's transport is version 2).
     pub modern: bool,
-    /// `virtio-net-pci` on microvm's PCIe host bridge (`-M microvm,pcie=on`) instead
+    /// `virtio-net-pci` (no option ROM) on microvm's PCIe host bridge (`-M microvm,pcie=on`) instead
     /// of `virtio-net-device` on virtio-mmio: QEMU's virtio-mmio never hands an irqfd
     /// to KVM (a vhost worker's call eventfd is read by QEMU's main loop, which then
     /// raises the interrupt), its PCI transport does (MSI-X).
@@ -762,7 +762,7 @@ impl QemuNet {
             "-device".into(),
             if self.pci {
                 format!(
-                    "virtio-net-pci,netdev=n0,mac={},disable-legacy={}",
+                    "virtio-net-pci,netdev=n0,mac={},disable-legacy={},romfile=",
                     self.mac,
                     if self.modern { "on" } else { "off" }
                 )
@@ -804,6 +804,29 @@ pub fn evmm_net_guest(checks: &[Check], tap: &str, options: &[&str]) -> EvmmGues
     }
     guest.extra = vec!["--net".into(), spec];
     guest
+}
+
+/// Where evmm writes its counters in a network run (one run at a time in a host).
+pub const EVMM_METRICS: &str = "/tmp/evmm-net-metrics.json";
+/// The marker of the line that carries evmm's counters after a run.
+pub const METRICS_MARKER: &str = "EVMM-METRICS-JSON";
+
+/// The command of `guest` (an evmm guest) with `--metrics` [`EVMM_METRICS`], followed
+/// by the counters on one line after [`METRICS_MARKER`] once evmm has exited; its exit
+/// status is evmm's.
+pub fn evmm_argv_with_metrics(guest: &EvmmGuest, images: &crate::GuestImages) -> Vec<String> {
+    let mut guest = guest.clone();
+    guest
+        .extra
+        .extend(["--metrics".into(), EVMM_METRICS.into()]);
+    let mut argv: Vec<String> = vec![
+        "sh".into(),
+        "-c".into(),
+        format!("\"$@\"; s=$?; printf '{METRICS_MARKER} '; tr -d '\\n' < \"$0\"; echo; exit $s"),
+        EVMM_METRICS.into(),
+    ];
+    argv.extend(guest.argv(images));
+    argv
 }
 
 // --- results -------------------------------------------------------------------------
@@ -1336,7 +1359,7 @@ mod tests {
         assert_eq!(
             pci.args().join(" "),
             "-netdev tap,id=n0,ifname=evmmtap0,script=no,downscript=no,vhost=on \
-             -device virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,disable-legacy=on"
+             -device virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,disable-legacy=on,romfile="
         );
         assert_eq!(pci.machine(), "microvm,pcie=on");
         let images = crate::GuestImages {

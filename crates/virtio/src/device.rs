@@ -21,6 +21,20 @@ pub fn read_config_bytes(space: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
+/// What a device shows the driver before it is activated: its type, its queues, its
+/// features and its configuration space.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceOffer {
+    /// The virtio device ID (2 for block, 1 for network).
+    pub device_type: u32,
+    /// The maximum size of each queue; its length is the number of queues.
+    pub queue_sizes: Vec<u16>,
+    /// The features offered (including VIRTIO_F_VERSION_1).
+    pub avail_features: u64,
+    /// The device-specific configuration space.
+    pub config_space: Vec<u8>,
+}
+
 /// What a device gets when the driver sets DRIVER_OK.
 pub struct ActivateContext {
     /// Guest memory.
@@ -61,6 +75,22 @@ impl ActivateContext {
     /// Whether the driver accepted feature `bit`.
     pub fn has_feature(&self, bit: u32) -> bool {
         self.acked_features & (1u64 << bit) != 0
+    }
+
+    /// [`Self::take_ready_queues`] with the queues placed at their index (`None`: not
+    /// ready), for devices whose queues have different jobs.
+    pub fn take_queues_by_index(
+        &mut self,
+        expected: usize,
+    ) -> Result<Vec<Option<ReadyQueue>>, ActivateError> {
+        let mut by_index: Vec<Option<ReadyQueue>> = (0..expected).map(|_| None).collect();
+        for q in self.take_ready_queues(expected)? {
+            let i = q.index;
+            if let Some(slot) = by_index.get_mut(i) {
+                *slot = Some(q);
+            }
+        }
+        Ok(by_index)
     }
 
     /// The start of every activation: checks that the transport handed over `expected`
@@ -105,14 +135,24 @@ pub enum ActivateError {
 
 /// A virtio device as the transport sees it.
 pub trait VirtioDevice: Send {
-    /// The virtio device ID (2 for block).
-    fn device_type(&self) -> u32;
+    /// What the device offers the driver.
+    fn offer(&self) -> &DeviceOffer;
+    /// The virtio device ID.
+    fn device_type(&self) -> u32 {
+        self.offer().device_type
+    }
     /// The maximum size of each queue; its length is the number of queues.
-    fn queue_max_sizes(&self) -> &[u16];
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.offer().queue_sizes
+    }
     /// The features the device offers (including VIRTIO_F_VERSION_1).
-    fn avail_features(&self) -> u64;
+    fn avail_features(&self) -> u64 {
+        self.offer().avail_features
+    }
     /// Reads the device-specific configuration space.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.offer().config_space, offset, data);
+    }
     /// Writes the device-specific configuration space (ignored by default).
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     /// Starts the device's worker on the given queues.

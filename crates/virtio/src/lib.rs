@@ -31,5 +31,5 @@ pub mod worker;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 
-pub use device::{read_config_bytes, ActivateContext, ReadyQueue, VirtioDevice};
+pub use device::{read_config_bytes, ActivateContext, DeviceOffer, ReadyQueue, VirtioDevice};
 pub use interrupt::{InterruptKind, InterruptSignal};

@@ -208,6 +208,9 @@ impl Setup {
                 ring.ring.avail_idx()
             );
             let _ = self.irq.read();
+            // As a driver does: read InterruptStatus, acknowledge it, then look.
+            let status = r32(&mut self.t, INTERRUPT_STATUS);
+            w32(&mut self.t, INTERRUPT_ACK, status);
         }
     }
 

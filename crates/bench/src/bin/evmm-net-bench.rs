@@ -1,20 +1,22 @@
 //! `evmm-net-bench [--rounds R] [--seconds S] [--requests N] [--out DIR]`: virtio-net
-//! on a tap, four ways in one run, alternating round by round, same kernel, initramfs,
+//! on a tap, five ways, alternating round by round, with the same kernel, initramfs,
 //! tap set-up and peer: evmm's in-VMM device and QEMU `-M microvm`'s
-//! `virtio-net-device` with `vhost=off`, then both with the kernel's vhost-net
-//! (`vhost=on`), and QEMU's `virtio-net-pci` with vhost-net on microvm's PCIe (whose
-//! interrupts go through an irqfd, as evmm's do; QEMU's virtio-mmio has none). Measured: TCP throughput guest → L1 and L1 → guest (iperf3), UDP
-//! request/response latency (p50/p99, 64-byte datagrams), 64-byte UDP datagrams per
-//! second guest → L1 (iperf3 -u), and the CPU time the VMM's process and the kernel's
-//! vhost workers spent per gigabyte of the two TCP transfers. Prints a markdown table
-//! (the median of the rounds, each column on its own) and the ratios, and writes
-//! `net.json` and `net.svg` into DIR. It runs itself in the nested test host where this
-//! host's /dev/kvm cannot boot Linux (every row in the same L1; the test network exists
-//! only there).
+//! `virtio-net-device` with `vhost=off`; both with the kernel's vhost-net (`vhost=on`);
+//! and QEMU's `virtio-net-pci` with vhost-net on microvm's PCIe, whose interrupts go
+//! through an irqfd as evmm's do (QEMU's virtio-mmio has none). Measured: TCP
+//! throughput guest → L1 and L1 → guest (iperf3), UDP request/response latency
+//! (p50/p99, 64-byte datagrams), 64-byte UDP datagrams per second guest → L1 (iperf3
+//! -u), and the CPU time the VMM's process and the kernel's vhost workers spent per
+//! gigabyte of the two TCP transfers. Prints a markdown table (the median of the
+//! rounds, each column on its own) and the ratios, and writes `net.json` and `net.svg`
+//! into DIR. Where this host's /dev/kvm cannot boot Linux each run goes to a nested
+//! test host of its own (same images, same L1 set-up; the test network exists only
+//! there), so one that goes down costs one run, which is made again.
 
 use clap::Parser;
 use evmm_testhost::net::{
-    evmm_net_guest, qemu_net_guest, side_fields, QemuNet, Side, DEFAULT_MAC, DEFAULT_TAP,
+    evmm_argv_with_metrics, evmm_net_guest, qemu_net_guest, side_fields, QemuNet, Side,
+    DEFAULT_MAC, DEFAULT_TAP, METRICS_MARKER,
 };
 use evmm_testhost::qemu_cpu::kvm_cpu_model;
 use evmm_testhost::route::bench_main;
@@ -42,10 +44,12 @@ struct Cli {
     /// Where the JSON and the plot go.
     #[arg(long, default_value = "target/net-bench")]
     out: PathBuf,
+    /// Only the set-ups whose short name (`evmm vhost=off`, `QEMU PCI vhost=on`, ...)
+    /// holds this text.
+    #[arg(long)]
+    only: Option<String>,
 }
 
-/// The whole run's limit where it goes to the nested host.
-const NESTED_LIMIT: Duration = Duration::from_secs(3600);
 /// Runs of one set-up in one round before it counts as failed.
 const ATTEMPTS: usize = 3;
 /// Longest one run may take (a run takes about a minute in the nested host; a guest
@@ -60,11 +64,108 @@ struct Figures {
     udp_rr_p50_us: f64,
     udp_rr_p99_us: f64,
     udp64_guest_to_l1_kpps: f64,
+    /// What the guest's iperf3 sent of them.
+    udp64_sent_kpps: f64,
     /// CPU time of the VMM's process (all its threads, vCPUs included) per GB of the
     /// two TCP transfers, ms.
     vmm_cpu_ms_per_gb: f64,
     /// CPU time of the kernel's `vhost-<VMM pid>` workers per GB, ms (None: no worker).
     vhost_cpu_ms_per_gb: Option<f64>,
+    /// evmm's device counters over the whole run (None: not evmm, or not counted).
+    evmm: Option<DeviceRates>,
+    /// KVM's counters of the VMM's guest during the 64-byte UDP flood, per datagram
+    /// sent (None where L1 has no debugfs).
+    udp64_guest: Option<GuestExits>,
+}
+
+/// What KVM counted of a guest over an interval, per datagram sent in it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+struct GuestExits {
+    exits: f64,
+    mmio_exits: f64,
+    irq_injections: f64,
+    halt_exits: f64,
+}
+
+impl GuestExits {
+    /// From the `kvm_*` fields of two `EVMM-NET-THREADS` lines, per `packets`.
+    fn between(
+        a: &BTreeMap<String, String>,
+        b: &BTreeMap<String, String>,
+        packets: f64,
+    ) -> Option<Self> {
+        let delta = |k: &str| -> Option<f64> {
+            let key = format!("kvm_{k}");
+            let (x, y): (u64, u64) = (a.get(&key)?.parse().ok()?, b.get(&key)?.parse().ok()?);
+            Some(y.saturating_sub(x) as f64 / packets)
+        };
+        (packets > 0.0).then_some(())?;
+        Some(GuestExits {
+            exits: delta("exits")?,
+            mmio_exits: delta("mmio_exits")?,
+            irq_injections: delta("irq_injections")?,
+            halt_exits: delta("halt_exits")?,
+        })
+    }
+
+    /// The median of each field.
+    fn median(all: &[&GuestExits]) -> Option<Self> {
+        let col = |f: fn(&GuestExits) -> f64| mid(all.iter().map(|r| f(r)).collect());
+        Some(GuestExits {
+            exits: col(|r| r.exits)?,
+            mmio_exits: col(|r| r.mmio_exits)?,
+            irq_injections: col(|r| r.irq_injections)?,
+            halt_exits: col(|r| r.halt_exits)?,
+        })
+    }
+}
+
+/// evmm's device counters over a whole run, per 1000 frames it moved (both ways).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+struct DeviceRates {
+    frames: f64,
+    kicks: f64,
+    wakeups: f64,
+    interrupts: f64,
+    interrupts_suppressed: f64,
+}
+
+impl DeviceRates {
+    /// From the `EVMM-METRICS-JSON` line in `text`; None without frames.
+    fn parse(text: &str) -> Option<Self> {
+        let line = text
+            .lines()
+            .find_map(|l| l.split_once(&format!("{METRICS_MARKER} ")).map(|(_, j)| j))?;
+        let m: serde_json::Value = serde_json::from_str(line).ok()?;
+        let queues = m["devices"][0]["transport"]["device"]["queues"].as_array()?;
+        let sum = |names: &[&str]| -> f64 {
+            queues
+                .iter()
+                .flat_map(|q| names.iter().map(move |n| q[*n].as_u64().unwrap_or(0)))
+                .sum::<u64>() as f64
+        };
+        let frames = sum(&["rx_packets", "tx_packets"]);
+        let per_k = |n: f64| n * 1000.0 / frames;
+        (frames > 0.0).then(|| DeviceRates {
+            frames,
+            kicks: per_k(sum(&["rx_kicks", "tx_kicks"])),
+            wakeups: per_k(sum(&["wakeups"])),
+            interrupts: per_k(sum(&["interrupts"])),
+            interrupts_suppressed: per_k(sum(&["interrupts_suppressed"])),
+        })
+    }
+
+    /// The median of each field over `rates`.
+    fn median(rates: &[&DeviceRates]) -> Option<Self> {
+        let col = |f: fn(&DeviceRates) -> f64| mid(rates.iter().map(|r| f(r)).collect());
+        Some(DeviceRates {
+            frames: col(|r| r.frames)?,
+            kicks: col(|r| r.kicks)?,
+            wakeups: col(|r| r.wakeups)?,
+            interrupts: col(|r| r.interrupts)?,
+            interrupts_suppressed: col(|r| r.interrupts_suppressed)?,
+        })
+    }
 }
 
 /// One VMM set-up.
@@ -89,7 +190,9 @@ struct Row {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    bench_main(Some(NESTED_LIMIT), || run(&cli))
+    // Each run boots a nested host of its own where it needs one, so that a nested host
+    // that goes down costs one run, not the benchmark.
+    bench_main(None, || run(&cli))
 }
 
 /// The checks: the latency first (an idle link), then the TCP transfers with the VMM's
@@ -106,6 +209,7 @@ fn plan(cli: &Cli, process: &str) -> NetPlan {
         .iperf3(Side::Guest, s, &["-R"])
         .threads(process)
         .iperf3(Side::Guest, s, &["-u", "-l", "64", "-b", "0"])
+        .threads(process)
 }
 
 fn setups(cli: &Cli, images: &GuestImages) -> Result<Vec<Setup>, Box<dyn std::error::Error>> {
@@ -128,7 +232,7 @@ fn setups(cli: &Cli, images: &GuestImages) -> Result<Vec<Setup>, Box<dyn std::er
             },
             short: format!("evmm vhost={on_off}"),
             process: "evmm",
-            argv: evmm_net_guest(&guest, DEFAULT_TAP, &options).argv(images),
+            argv: evmm_argv_with_metrics(&evmm_net_guest(&guest, DEFAULT_TAP, &options), images),
         });
         let qemu = QemuNet {
             vhost,
@@ -170,7 +274,18 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&cli.out)?;
     let images = GuestImages::existing()?;
     let route = Route::detect()?;
-    let setups = setups(cli, &images)?;
+    eprintln!("{route}");
+    let setups: Vec<Setup> = setups(cli, &images)?
+        .into_iter()
+        .filter(|s| {
+            cli.only
+                .as_ref()
+                .is_none_or(|o| s.short.contains(o.as_str()))
+        })
+        .collect();
+    if setups.is_empty() {
+        return Err(format!("no set-up's name holds {:?}", cli.only).into());
+    }
     let mut rows: Vec<Row> = setups
         .iter()
         .map(|s| Row {
@@ -187,30 +302,41 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
             let mut net_run = NetRun::new(setup.argv.clone(), peer).for_route(&route);
             net_run.vmm_limit = BOOT_LIMIT;
             for attempt in 1..=ATTEMPTS {
-                let out = route.run(
+                let started = std::time::Instant::now();
+                let (output, problems) = match route.run(
                     &["sh", "-c", &net_run.script()],
                     BOOT_LIMIT + Duration::from_secs(60),
-                )?;
-                let parsed = NetOutput::parse(&out.output);
-                if let Some(f) = figures(&parsed, &out.output, cli.seconds) {
-                    eprintln!("round {round}/{}: {}: {f:?}", cli.rounds, setup.name);
-                    row.rounds.push(f);
-                    break;
-                }
-                // The guest under either VMM sometimes resets mid-run in the nested host
-                // (README, Known problems): the run's output is kept and the round is
-                // run again.
+                ) {
+                    Ok(out) => {
+                        let parsed = NetOutput::parse(&out.output);
+                        if let Some(f) = figures(&parsed, &out.output, cli.seconds) {
+                            eprintln!(
+                                "round {round}/{}: {} ({:.0} s): {f:?}",
+                                cli.rounds,
+                                setup.name,
+                                started.elapsed().as_secs_f64()
+                            );
+                            row.rounds.push(f);
+                            break;
+                        }
+                        (out.output, format!("{:?}", parsed.problems()))
+                    }
+                    // The nested host itself went down (README, Known problems).
+                    Err(e) => (e.to_string(), "the nested host failed".to_string()),
+                };
+                // In the nested host the guest under either VMM sometimes resets or
+                // stalls, and L1 sometimes panics (README, Known problems): the run's
+                // output is kept and the run made again.
                 let log = cli.out.join(format!(
                     "incomplete-{}-round{round}-attempt{attempt}.log",
                     row.short.replace(['=', ' '], "-")
                 ));
-                std::fs::write(&log, &out.output)?;
+                std::fs::write(&log, &output)?;
                 eprintln!(
-                    "round {round}/{}: {}: attempt {attempt}/{ATTEMPTS} incomplete ({:?}); \
+                    "round {round}/{}: {}: attempt {attempt}/{ATTEMPTS} incomplete ({problems}); \
                      its output is in {}",
                     cli.rounds,
                     setup.name,
-                    parsed.problems(),
                     log.display()
                 );
                 row.incomplete += 1;
@@ -265,9 +391,11 @@ fn figures(out: &NetOutput, text: &str, seconds: u32) -> Option<Figures> {
         return None;
     };
     let mbit = |r: &evmm_testhost::net::Iperf3| r.receiver_kbit_s.map(|k| k / 1000.0);
+    // kbit/s of 64-byte payloads: packets per second / 1000.
+    let kpps = |kbit_s: f64| kbit_s * 1000.0 / (64.0 * 8.0) / 1000.0;
     let (tx_mbit, rx_mbit) = (mbit(tx)?, mbit(rx)?);
     let threads = side_fields(text, "EVMM-NET-THREADS", Side::L1);
-    let [before, _, after] = threads.as_slice() else {
+    let [before, _, after, after_udp] = threads.as_slice() else {
         return None;
     };
     let ((p0, v0), (p1, v1)) = (cpu_us(before)?, cpu_us(after)?);
@@ -279,24 +407,32 @@ fn figures(out: &NetOutput, text: &str, seconds: u32) -> Option<Figures> {
         tcp_l1_to_guest_mbit_s: rx_mbit,
         udp_rr_p50_us: rr.p50_us,
         udp_rr_p99_us: rr.p99_us,
-        // kbit/s of 64-byte payloads: packets per second / 1000.
-        udp64_guest_to_l1_kpps: udp.receiver_kbit_s? * 1000.0 / (64.0 * 8.0) / 1000.0,
+        udp64_guest_to_l1_kpps: kpps(udp.receiver_kbit_s?),
+        udp64_sent_kpps: kpps(udp.sender_kbit_s?),
         vmm_cpu_ms_per_gb: per_gb(p1.saturating_sub(p0)),
         vhost_cpu_ms_per_gb: v0.zip(v1).map(|(a, b)| per_gb(b.saturating_sub(a))),
+        evmm: DeviceRates::parse(text),
+        udp64_guest: GuestExits::between(
+            after,
+            after_udp,
+            kpps(udp.sender_kbit_s?) * 1000.0 * f64::from(seconds),
+        ),
     })
+}
+
+/// The median of `v` (of the middle two, their mean); None when empty.
+fn mid(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
 }
 
 /// The median of each column on its own (of the middle two, their mean).
 fn median(rounds: &[Figures]) -> Option<Figures> {
-    fn mid(mut v: Vec<f64>) -> Option<f64> {
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        match n {
-            0 => None,
-            _ if n % 2 == 1 => Some(v[n / 2]),
-            _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
-        }
-    }
     let col = |f: fn(&Figures) -> f64| mid(rounds.iter().map(f).collect());
     Some(Figures {
         tcp_guest_to_l1_mbit_s: col(|f| f.tcp_guest_to_l1_mbit_s)?,
@@ -304,30 +440,44 @@ fn median(rounds: &[Figures]) -> Option<Figures> {
         udp_rr_p50_us: col(|f| f.udp_rr_p50_us)?,
         udp_rr_p99_us: col(|f| f.udp_rr_p99_us)?,
         udp64_guest_to_l1_kpps: col(|f| f.udp64_guest_to_l1_kpps)?,
+        udp64_sent_kpps: col(|f| f.udp64_sent_kpps)?,
         vmm_cpu_ms_per_gb: col(|f| f.vmm_cpu_ms_per_gb)?,
         vhost_cpu_ms_per_gb: mid(rounds
             .iter()
             .filter_map(|f| f.vhost_cpu_ms_per_gb)
             .collect()),
+        evmm: DeviceRates::median(
+            &rounds
+                .iter()
+                .filter_map(|f| f.evmm.as_ref())
+                .collect::<Vec<_>>(),
+        ),
+        udp64_guest: GuestExits::median(
+            &rounds
+                .iter()
+                .filter_map(|f| f.udp64_guest.as_ref())
+                .collect::<Vec<_>>(),
+        ),
     })
 }
 
 fn print_table(rows: &[Row], cli: &Cli) {
     println!(
-        "| VMM ({} round(s), iperf3 {} s, {} UDP exchanges) | TCP guest → L1 Mbit/s | TCP L1 → guest Mbit/s | UDP RR p50 µs | UDP RR p99 µs | 64-byte UDP guest → L1 kpps | VMM process CPU ms/GB | vhost worker CPU ms/GB |",
+        "| VMM ({} round(s), iperf3 {} s, {} UDP exchanges) | TCP guest → L1 Mbit/s | TCP L1 → guest Mbit/s | UDP RR p50 µs | UDP RR p99 µs | 64-byte UDP guest → L1 kpps received (sent) | VMM process CPU ms/GB | vhost worker CPU ms/GB |",
         cli.rounds, cli.seconds, cli.requests
     );
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for r in rows {
         match &r.median {
             Some(f) => println!(
-                "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.0} | {} |",
+                "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} ({:.1}) | {:.0} | {} |",
                 r.vmm,
                 f.tcp_guest_to_l1_mbit_s,
                 f.tcp_l1_to_guest_mbit_s,
                 f.udp_rr_p50_us,
                 f.udp_rr_p99_us,
                 f.udp64_guest_to_l1_kpps,
+                f.udp64_sent_kpps,
                 f.vmm_cpu_ms_per_gb,
                 f.vhost_cpu_ms_per_gb
                     .map_or("-".to_string(), |v| format!("{v:.0}"))
@@ -335,7 +485,11 @@ fn print_table(rows: &[Row], cli: &Cli) {
             None => println!("| {} | no round completed | | | | | | |", r.vmm),
         }
     }
-    let m = |i: usize| rows.get(i).and_then(|r| r.median.as_ref());
+    let m = |short: &str| {
+        rows.iter()
+            .find(|r| r.short == short)
+            .and_then(|r| r.median.as_ref())
+    };
     println!();
     let again: Vec<String> = rows
         .iter()
@@ -349,15 +503,67 @@ fn print_table(rows: &[Row], cli: &Cli) {
         );
     }
     for (label, e, q) in [
-        ("in-VMM / QEMU vhost=off", m(0), m(1)),
-        ("vhost=on / QEMU vhost=on", m(2), m(3)),
-        ("vhost=on / QEMU PCI vhost=on", m(2), m(4)),
+        (
+            "in-VMM / QEMU vhost=off",
+            m("evmm vhost=off"),
+            m("QEMU vhost=off"),
+        ),
+        (
+            "vhost=on / QEMU vhost=on",
+            m("evmm vhost=on"),
+            m("QEMU vhost=on"),
+        ),
+        (
+            "vhost=on / QEMU PCI vhost=on",
+            m("evmm vhost=on"),
+            m("QEMU PCI vhost=on"),
+        ),
     ] {
         if let (Some(e), Some(q)) = (e, q) {
             println!("evmm {label}: {}", ratios(e, q));
         }
     }
-    if let (Some(v), Some(i)) = (m(2), m(0)) {
+    let counted: Vec<String> = rows
+        .iter()
+        .filter_map(|r| {
+            let d = r.median.as_ref()?.evmm.as_ref()?;
+            Some(format!(
+                "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+                r.vmm, d.frames, d.kicks, d.wakeups, d.interrupts, d.interrupts_suppressed
+            ))
+        })
+        .collect();
+    let exits: Vec<String> = rows
+        .iter()
+        .filter_map(|r| {
+            let g = r.median.as_ref()?.udp64_guest.as_ref()?;
+            Some(format!(
+                "| {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                r.vmm, g.exits, g.mmio_exits, g.irq_injections, g.halt_exits
+            ))
+        })
+        .collect();
+    if !exits.is_empty() {
+        println!("KVM's counters of the guest during the 64-byte UDP flood, per datagram sent:\n");
+        println!("| VMM | exits | MMIO exits | interrupts injected | HLT exits |");
+        println!("| --- | ---: | ---: | ---: | ---: |");
+        for line in exits {
+            println!("{line}");
+        }
+        println!();
+    }
+    if !counted.is_empty() {
+        println!("evmm's device counters over each whole run, per 1000 frames moved:\n");
+        println!(
+            "| VMM | frames | guest kicks | worker wake-ups | interrupts | interrupts suppressed |"
+        );
+        println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+        for line in counted {
+            println!("{line}");
+        }
+        println!();
+    }
+    if let (Some(v), Some(i)) = (m("evmm vhost=on"), m("evmm vhost=off")) {
         println!(
             "evmm vhost=on / evmm in-VMM: UDP RR p50 {:.2}×, TCP guest → L1 {:.2}×, L1 → guest {:.2}×",
             v.udp_rr_p50_us / i.udp_rr_p50_us,
@@ -452,8 +658,11 @@ mod tests {
             udp_rr_p50_us: p50,
             udp_rr_p99_us: 3.0 * p50,
             udp64_guest_to_l1_kpps: 1.0,
+            udp64_sent_kpps: 2.0,
             vmm_cpu_ms_per_gb: 10.0,
             vhost_cpu_ms_per_gb: vhost,
+            evmm: None,
+            udp64_guest: None,
         }
     }
 
@@ -479,8 +688,9 @@ EVMM-NET-THREADS side=l1 process=evmm pid=7 threads=evmm,vcpu0 cpu_us=1000000 vh
 EVMM-NET-IPERF3 side=guest role=client target=5203 status=0 sender_kbit_s=400000 receiver_kbit_s=400000 retransmits=0 ok=1
 EVMM-NET-THREADS side=l1 process=evmm pid=7 threads=evmm,vcpu0 cpu_us=2000000 vhost_kthreads=vhost-3,vhost-7 vhost_cpu_us=999,60000 ok=1
 EVMM-NET-IPERF3 side=guest role=client target=5205 status=0 sender_kbit_s=400000 receiver_kbit_s=400000 retransmits=0 ok=1
-EVMM-NET-THREADS side=l1 process=evmm pid=7 threads=evmm,vcpu0 cpu_us=3000000 vhost_kthreads=vhost-3,vhost-7 vhost_cpu_us=5000,250000 ok=1
+EVMM-NET-THREADS side=l1 process=evmm pid=7 threads=evmm,vcpu0 cpu_us=3000000 vhost_kthreads=vhost-3,vhost-7 vhost_cpu_us=5000,250000 kvm_exits=1000 kvm_mmio_exits=500 kvm_io_exits=0 kvm_irq_injections=100 kvm_halt_exits=10 kvm_halt_wakeup=10 ok=1
 EVMM-NET-IPERF3 side=guest role=client target=5207 status=0 sender_kbit_s=5120 receiver_kbit_s=5120 retransmits=- ok=1
+EVMM-NET-THREADS side=l1 process=evmm pid=7 threads=evmm,vcpu0 cpu_us=3000000 vhost_kthreads=vhost-3,vhost-7 vhost_cpu_us=5000,250000 kvm_exits=101000 kvm_mmio_exits=50500 kvm_io_exits=0 kvm_irq_injections=25100 kvm_halt_exits=5010 kvm_halt_wakeup=10 ok=1
 ";
 
     #[test]
@@ -489,7 +699,13 @@ EVMM-NET-IPERF3 side=guest role=client target=5207 status=0 sender_kbit_s=5120 r
         let f = figures(&out, RUN, 5).unwrap();
         assert_eq!(f.tcp_guest_to_l1_mbit_s, 400.0);
         assert_eq!(f.udp_rr_p50_us, 2000.0);
-        assert_eq!(f.udp64_guest_to_l1_kpps, 10.0);
+        assert_eq!((f.udp64_guest_to_l1_kpps, f.udp64_sent_kpps), (10.0, 10.0));
+        // 10 kpps for 5 s: 50,000 datagrams, over which KVM counted 100,000 exits.
+        let g = f.udp64_guest.as_ref().unwrap();
+        assert_eq!(
+            (g.exits, g.mmio_exits, g.irq_injections, g.halt_exits),
+            (2.0, 1.0, 0.5, 0.1)
+        );
         // 800 Mbit/s for 5 s is 0.5 GB; 2 s of the process's CPU and 0.2 s of its
         // own vhost worker's (not vhost-3's) over it.
         assert!((f.vmm_cpu_ms_per_gb - 4000.0).abs() < 1e-6, "{f:?}");
@@ -502,5 +718,22 @@ EVMM-NET-IPERF3 side=guest role=client target=5207 status=0 sender_kbit_s=5120 r
         assert_eq!(f.vhost_cpu_ms_per_gb, None);
         let short = RUN.replace("EVMM-NET-THREADS", "X");
         assert_eq!(figures(&NetOutput::parse(&short), &short, 5), None);
+    }
+
+    #[test]
+    fn evmm_counters_per_thousand_frames() {
+        let text =
+            "console\nEVMM-METRICS-JSON {\"devices\":[{\"transport\":{\"device\":{\"queues\":[\
+                    {\"rx_packets\":600,\"tx_packets\":400,\"rx_kicks\":10,\"tx_kicks\":90,\
+                    \"wakeups\":150,\"interrupts\":300,\"interrupts_suppressed\":50}]}}}]}\n";
+        let d = DeviceRates::parse(text).unwrap();
+        assert_eq!(d.frames, 1000.0);
+        assert_eq!(
+            (d.kicks, d.wakeups, d.interrupts, d.interrupts_suppressed),
+            (100.0, 150.0, 300.0, 50.0)
+        );
+        assert_eq!(DeviceRates::parse("no counters"), None);
+        let none_moved = text.replace("600", "0").replace("400", "0");
+        assert_eq!(DeviceRates::parse(&none_moved), None);
     }
 }

@@ -9,7 +9,7 @@ use super::backend::{BlockBackend, DiskFile};
 use super::metrics::{BlockMetricsSnapshot, BlockQueueMetrics};
 use super::worker::{BlockWorker, WorkerQueue};
 use super::{config, BlockConfig, BlockError, VIRTIO_ID_BLOCK};
-use crate::device::{ActivateContext, ActivateError, VirtioDevice};
+use crate::device::{ActivateContext, ActivateError, DeviceOffer, VirtioDevice};
 use crate::fault::FaultLog;
 use crate::worker::WorkerHandle;
 
@@ -17,9 +17,7 @@ use crate::worker::WorkerHandle;
 pub struct Block {
     config: BlockConfig,
     disk: Arc<DiskFile>,
-    queue_sizes: Vec<u16>,
-    avail_features: u64,
-    config_space: [u8; config::CONFIG_SIZE],
+    offer: DeviceOffer,
     metrics: Arc<[BlockQueueMetrics]>,
     faults: Arc<FaultLog>,
     /// A backend handed back by a stopped worker, reused on the next activation.
@@ -46,9 +44,12 @@ impl Block {
         )?);
         let queues = config.queues;
         Ok(Self {
-            queue_sizes: vec![config::QUEUE_SIZE; usize::from(queues)],
-            avail_features: config::features(config.readonly, queues),
-            config_space: config::config_space(disk.capacity_sectors(), queues),
+            offer: DeviceOffer {
+                device_type: VIRTIO_ID_BLOCK,
+                queue_sizes: vec![config::QUEUE_SIZE; usize::from(queues)],
+                avail_features: config::features(config.readonly, queues),
+                config_space: config::config_space(disk.capacity_sectors(), queues).to_vec(),
+            },
             metrics: (0..queues).map(|_| BlockQueueMetrics::default()).collect(),
             faults: Arc::new(FaultLog::new("virtio-blk")),
             spare_backend: None,
@@ -86,20 +87,8 @@ impl Block {
 }
 
 impl VirtioDevice for Block {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_BLOCK
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        crate::device::read_config_bytes(&self.config_space, offset, data);
+    fn offer(&self) -> &DeviceOffer {
+        &self.offer
     }
 
     fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
@@ -107,7 +96,7 @@ impl VirtioDevice for Block {
             return Err(ActivateError::BadSetup("device is already active".into()));
         }
         let queues: Vec<WorkerQueue> = ctx
-            .take_ready_queues(self.queue_sizes.len())?
+            .take_ready_queues(self.offer.queue_sizes.len())?
             .into_iter()
             .map(|ready| WorkerQueue {
                 ready,

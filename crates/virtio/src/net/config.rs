@@ -1,6 +1,8 @@
 //! The virtio-net feature bits, configuration space (`struct virtio_net_config`), queue
 //! numbering, and how acked offloads map onto the tap.
 
+use super::{NetConfig, NetError, VIRTIO_ID_NET};
+use crate::device::DeviceOffer;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -136,6 +138,32 @@ pub fn max_rx_frame(features: u64, mtu: u16) -> usize {
 /// its transmit queue `2p + 1`, and the control queue (several pairs only) last.
 pub fn queue_count(pairs: u16) -> usize {
     2 * usize::from(pairs) + usize::from(pairs > 1)
+}
+
+/// What a network device with `config` on `taps` tap queues offers the driver, after
+/// checking the settings (queue pairs, one tap queue each, the MTU).
+pub fn offer(config: &NetConfig, taps: usize) -> Result<DeviceOffer, NetError> {
+    let pairs = config.queue_pairs;
+    if pairs == 0 || pairs > MAX_QUEUE_PAIRS || taps != usize::from(pairs) {
+        return Err(NetError::Config(format!(
+            "queues={pairs} with {taps} tap queue(s) (must be 1..={MAX_QUEUE_PAIRS})"
+        )));
+    }
+    if let Some(mtu) = config.mtu {
+        if !MTU_RANGE.contains(&mtu) {
+            return Err(NetError::Config(format!(
+                "mtu={mtu} (must be {}..={})",
+                MTU_RANGE.start(),
+                MTU_RANGE.end()
+            )));
+        }
+    }
+    Ok(DeviceOffer {
+        device_type: VIRTIO_ID_NET,
+        queue_sizes: vec![QUEUE_SIZE; queue_count(pairs)],
+        avail_features: features(pairs, config.mtu),
+        config_space: config_space(config.mac, pairs, config.mtu).to_vec(),
+    })
 }
 
 #[cfg(test)]

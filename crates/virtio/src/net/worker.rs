@@ -258,25 +258,6 @@ impl<T: TapQueue> NetWorker<T> {
         st.tap_failed = true;
     }
 
-    /// Signals the guest if `notify`, counting the decision first.
-    fn notify(&self, added: bool, notify: bool) {
-        if !added {
-            return;
-        }
-        let m = self.m();
-        if notify {
-            m.interrupts.inc();
-            if let Err(e) = self.interrupt.trigger(InterruptKind::Vring) {
-                log::error!(
-                    "virtio-net pair {}: cannot signal the guest: {e}",
-                    self.pair
-                );
-            }
-        } else {
-            m.interrupts_suppressed.inc();
-        }
-    }
-
     /// A fault that stops `q`: logged once per kind, NEEDS_RESET.
     fn queue_fault(
         faults: &FaultLog,
@@ -320,38 +301,13 @@ impl<T: TapQueue> NetWorker<T> {
         let mut stop_reading = false;
         let mut failed = None;
         for _ in 0..RX_BUDGET {
-            match receiver.receive(queue, mem, tap, q.ready.index, m, faults) {
+            let wait_for_buffers = match receiver.receive(queue, mem, tap, q.ready.index, m, faults)
+            {
                 Received::Frame | Received::Dropped => continue,
                 Received::TapEmpty => break,
-                Received::NoBuffers => {
-                    // Ask for a kick when the driver posts more, then look once more.
-                    match queue.enable_notification(mem) {
-                        Ok(true) => continue,
-                        Ok(false) => {
-                            stop_reading = true;
-                            break;
-                        }
-                        Err(e) => {
-                            let f = QueueFault::Ring(format!("cannot enable notifications: {e}"));
-                            Self::queue_fault(faults, m, interrupt.as_ref(), q, &f);
-                            break;
-                        }
-                    }
-                }
-                Received::TooFewBuffers { posted } => {
-                    match ask_for_more_buffers(queue, mem, posted) {
-                        Ok(true) => continue,
-                        Ok(false) => {
-                            stop_reading = true;
-                            break;
-                        }
-                        Err(e) => {
-                            let f = QueueFault::Ring(format!("cannot enable notifications: {e}"));
-                            Self::queue_fault(faults, m, interrupt.as_ref(), q, &f);
-                            break;
-                        }
-                    }
-                }
+                // Ask for a kick when the driver posts more, then look once more.
+                Received::NoBuffers => queue.enable_notification(mem),
+                Received::TooFewBuffers { posted } => ask_for_more_buffers(queue, mem, posted),
                 Received::TapFailed(e) => {
                     failed = Some(e);
                     break;
@@ -360,12 +316,24 @@ impl<T: TapQueue> NetWorker<T> {
                     Self::queue_fault(faults, m, interrupt.as_ref(), q, &f);
                     break;
                 }
+            };
+            match wait_for_buffers {
+                Ok(true) => continue,
+                Ok(false) => {
+                    stop_reading = true;
+                    break;
+                }
+                Err(e) => {
+                    let f = QueueFault::Ring(format!("cannot enable notifications: {e}"));
+                    Self::queue_fault(faults, m, interrupt.as_ref(), q, &f);
+                    break;
+                }
             }
         }
         let queue = &q.ready.queue;
         let added = queue.next_used() != old;
         let notify = added && needs_interrupt_since(queue, &*mem, old);
-        self.notify(added, notify);
+        signal(interrupt.as_ref(), m, added, notify, *pair);
         if stop_reading {
             self.watch_tap_input(st, false);
         }
@@ -403,12 +371,13 @@ impl<T: TapQueue> NetWorker<T> {
                 faults,
             )
         };
-        drained.count_notification(&m.interrupts, &m.interrupts_suppressed);
-        if drained.notify {
-            if let Err(e) = interrupt.trigger(InterruptKind::Vring) {
-                log::error!("virtio-net pair {pair}: cannot signal the guest: {e}");
-            }
-        }
+        signal(
+            interrupt.as_ref(),
+            m,
+            drained.added > 0,
+            drained.notify,
+            *pair,
+        );
         if let Some(f) = &drained.fault {
             Self::queue_fault(faults, m, interrupt.as_ref(), q, f);
         }
@@ -452,15 +421,39 @@ impl<T: TapQueue> NetWorker<T> {
             m.ctrl_commands.inc();
             Ok(Served::Used(1))
         });
-        drained.count_notification(&m.interrupts, &m.interrupts_suppressed);
-        if drained.notify {
-            if let Err(e) = interrupt.trigger(InterruptKind::Vring) {
-                log::error!("virtio-net control queue: cannot signal the guest: {e}");
-            }
-        }
+        signal(
+            interrupt.as_ref(),
+            m,
+            drained.added > 0,
+            drained.notify,
+            *pair,
+        );
         if let Some(f) = &drained.fault {
             Self::queue_fault(faults, m, interrupt.as_ref(), q, f);
         }
+    }
+}
+
+/// Counts the interrupt decision when entries were `added` (before signalling, so that
+/// whoever the interrupt wakes sees the counters of what it was woken for) and signals
+/// the guest when it asks (`notify`).
+fn signal(
+    interrupt: &dyn InterruptSignal,
+    m: &NetQueueMetrics,
+    added: bool,
+    notify: bool,
+    pair: usize,
+) {
+    if !added {
+        return;
+    }
+    if notify {
+        m.interrupts.inc();
+        if let Err(e) = interrupt.trigger(InterruptKind::Vring) {
+            log::error!("virtio-net pair {pair}: cannot signal the guest: {e}");
+        }
+    } else {
+        m.interrupts_suppressed.inc();
     }
 }
 

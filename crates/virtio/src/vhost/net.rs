@@ -18,37 +18,25 @@
 //! whose backend writes the irqfd itself
 //! ([`VirtioDevice::interrupt_status_always_used`]).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
+use std::time::Duration;
 
 use vm_memory::GuestMemoryMmap;
 
 use super::frontend::{self, RingSetup};
 use super::kernel::{KernelError, KernelNetConn, VHOST_NET_FEATURES};
-use crate::device::{ActivateContext, ActivateError, ReadyQueue, VirtioDevice};
-use crate::fault::FaultLog;
-use crate::metrics::Counter;
-use crate::net::config::{self, tap_offloads};
-use crate::net::ctrl::enable_pairs;
-use crate::net::metrics::{NetMetricsSnapshot, NetQueueMetrics};
+use crate::device::{ActivateContext, ActivateError, DeviceOffer, ReadyQueue, VirtioDevice};
+use crate::net::device::{NetBase, PairQueues};
+use crate::net::metrics::NetMetricsSnapshot;
 use crate::net::rx::Receiver;
-use crate::net::tx::Transmitter;
-use crate::net::worker::{NetWorker, WorkerQueue};
-use crate::net::{NetConfig, NetError, Tap, TapQueue, VIRTIO_ID_NET};
+use crate::net::{NetConfig, NetError, Tap};
 use crate::worker::WorkerHandle;
 
 /// A virtio-net device served by vhost-net.
 pub struct VhostNet {
-    config: NetConfig,
-    tap_name: String,
-    taps: Arc<[Tap]>,
+    base: NetBase<Tap>,
     /// One vhost-net descriptor per queue pair.
     conns: Vec<Mutex<KernelNetConn>>,
-    queue_sizes: Vec<u16>,
-    avail_features: u64,
-    config_space: [u8; config::CONFIG_SIZE],
-    metrics: Arc<[NetQueueMetrics]>,
-    faults: Arc<FaultLog>,
-    activations: Counter,
     /// Pairs whose rings vhost-net runs.
     started: Vec<usize>,
     ctrl: Option<WorkerHandle<()>>,
@@ -74,15 +62,9 @@ impl VhostNet {
         taps: Vec<Tap>,
         mem: &GuestMemoryMmap,
     ) -> Result<Self, VhostNetError> {
-        let pairs = config.queue_pairs;
-        if pairs == 0 || pairs > config::MAX_QUEUE_PAIRS || taps.len() != usize::from(pairs) {
-            return Err(NetError::Config(format!(
-                "queues={pairs} with {} tap queue(s)",
-                taps.len()
-            ))
-            .into());
-        }
-        let conns = taps
+        let base = NetBase::new(config, tap_name, taps)?;
+        let conns = base
+            .taps
             .iter()
             .map(|t| {
                 let fd = t.file().try_clone().map_err(|e| {
@@ -95,35 +77,22 @@ impl VhostNet {
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
-            queue_sizes: vec![config::QUEUE_SIZE; config::queue_count(pairs)],
-            avail_features: config::features(pairs, config.mtu),
-            config_space: config::config_space(config.mac, pairs, config.mtu),
-            metrics: (0..pairs).map(|_| NetQueueMetrics::default()).collect(),
-            faults: Arc::new(FaultLog::new("virtio-net")),
-            activations: Counter::default(),
+            base,
+            conns,
             started: Vec::new(),
             ctrl: None,
-            tap_name: tap_name.to_string(),
-            taps: taps.into(),
-            conns,
-            config,
         })
     }
 
     /// The settings the device was made with.
     pub fn config(&self) -> &NetConfig {
-        &self.config
+        &self.base.config
     }
 
     /// The counters, typed: evmm's share (the control queue) only, the frames are
     /// vhost-net's.
     pub fn metrics_snapshot(&self) -> NetMetricsSnapshot {
-        NetMetricsSnapshot {
-            backend: "vhost-net",
-            tap: self.tap_name.clone(),
-            activations: self.activations.get(),
-            queues: self.metrics.iter().map(NetQueueMetrics::snapshot).collect(),
-        }
+        self.base.snapshot("vhost-net")
     }
 
     /// Starts queue pair `pair` on its vhost-net descriptor.
@@ -155,20 +124,8 @@ impl VhostNet {
 }
 
 impl VirtioDevice for VhostNet {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_NET
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        crate::device::read_config_bytes(&self.config_space, offset, data);
+    fn offer(&self) -> &DeviceOffer {
+        &self.base.offer
     }
 
     fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
@@ -181,19 +138,9 @@ impl VirtioDevice for VhostNet {
             ));
         };
         let call = call.try_clone().map_err(ActivateError::Worker)?;
-        let pairs = usize::from(self.config.queue_pairs);
-        let mut by_index: Vec<Option<ReadyQueue>> =
-            (0..self.queue_sizes.len()).map(|_| None).collect();
-        for q in ctx.take_ready_queues(self.queue_sizes.len())? {
-            let i = q.index;
-            by_index[i] = Some(q);
-        }
-        let acked = ctx.acked_features;
-        self.taps[0]
-            .set_offloads(tap_offloads(acked))
-            .map_err(|e| ActivateError::BadSetup(e.to_string()))?;
-        enable_pairs(&self.taps, 1);
-        let features = acked & VHOST_NET_FEATURES;
+        let pairs = usize::from(self.base.config.queue_pairs);
+        let mut by_index = self.base.activate_tap(&mut ctx)?;
+        let features = ctx.acked_features & VHOST_NET_FEATURES;
         for pair in 0..pairs {
             let (Some(rx), Some(tx)) = (&by_index[2 * pair], &by_index[2 * pair + 1]) else {
                 continue;
@@ -204,40 +151,32 @@ impl VirtioDevice for VhostNet {
             }
             self.started.push(pair);
         }
-        if pairs > 1 {
-            if let Some(ctrl) = by_index[2 * pairs].take() {
-                let worker = NetWorker {
-                    pair: 0,
-                    tap_name: self.tap_name.clone(),
-                    mem: ctx.mem.clone(),
-                    rx: None,
-                    tx: None,
-                    ctrl: Some(WorkerQueue::new(ctrl)),
-                    taps: self.taps.clone(),
-                    acked,
-                    receiver: Receiver::new(false, 0),
-                    transmitter: Transmitter::default(),
-                    interrupt: ctx.interrupt.clone(),
-                    metrics: self.metrics.clone(),
-                    faults: self.faults.clone(),
-                    poll: std::time::Duration::ZERO,
-                };
-                let (epoll, tap_out) = worker.epoll().map_err(ActivateError::Worker)?;
-                self.ctrl = Some(
-                    WorkerHandle::spawn("evmm-net-ctrl", move |kill| {
-                        worker.run(epoll, tap_out, kill)
-                    })
-                    .map_err(ActivateError::Worker)?,
-                );
-            }
-        }
         if self.started.is_empty() {
             return Err(ActivateError::BadSetup("no queue pair is ready".into()));
         }
-        self.activations.inc();
+        if let Some(ctrl) = by_index.get_mut(2 * pairs).and_then(Option::take) {
+            // The control queue is evmm's: a worker with no frames to move.
+            let queues = PairQueues {
+                rx: None,
+                tx: None,
+                ctrl: Some(ctrl),
+            };
+            let receiver = Receiver::new(false, 0);
+            match self
+                .base
+                .spawn_worker("evmm-net-ctrl", 0, queues, &ctx, receiver, Duration::ZERO)
+            {
+                Ok(handle) => self.ctrl = Some(handle),
+                Err(e) => {
+                    self.reset();
+                    return Err(e);
+                }
+            }
+        }
+        self.base.activations.inc();
         log::info!(
             "virtio-net on {}: vhost-net runs {} queue pair(s), features {features:#x}",
-            self.tap_name,
+            self.base.tap_name,
             self.started.len()
         );
         Ok(())

@@ -52,7 +52,7 @@ use vm_memory::GuestMemoryMmap;
 use super::connection::{BackendInfo, Connection, HandshakeNeeds, PROTOCOL_FEATURES};
 use super::monitor;
 use super::takeover::{Takeover, TakeoverSnapshot, TakeoverStats};
-use crate::device::{ActivateContext, ActivateError, ReadyQueue, VirtioDevice};
+use crate::device::{ActivateContext, ActivateError, DeviceOffer, ReadyQueue, VirtioDevice};
 use crate::interrupt::InterruptSignal;
 use crate::metrics::Counter;
 use crate::transport::mmio::transport_supported;
@@ -234,9 +234,7 @@ pub struct VhostUserMetrics {
 /// A vhost-user device of kind `K`.
 pub struct VhostUserDevice<K: UserDeviceKind> {
     shared: Arc<Shared<K>>,
-    queue_sizes: Vec<u16>,
-    avail_features: u64,
-    config_space: Vec<u8>,
+    offer: DeviceOffer,
     monitor: Option<WorkerHandle<()>>,
 }
 
@@ -320,9 +318,12 @@ impl<K: UserDeviceKind> VhostUserDevice<K> {
         );
         Ok(VhostUserDevice {
             shared,
-            queue_sizes: vec![kind.queue_size(); usize::from(queues)],
-            avail_features,
-            config_space,
+            offer: DeviceOffer {
+                device_type: kind.device_type(),
+                queue_sizes: vec![kind.queue_size(); usize::from(queues)],
+                avail_features,
+                config_space,
+            },
             monitor: Some(monitor),
         })
     }
@@ -339,12 +340,12 @@ impl<K: UserDeviceKind> VhostUserDevice<K> {
 
     /// The configuration space the guest reads.
     pub fn config_space(&self) -> &[u8] {
-        &self.config_space
+        &self.offer.config_space
     }
 
     /// Number of request queues.
     pub fn queue_count(&self) -> usize {
-        self.queue_sizes.len()
+        self.offer.queue_sizes.len()
     }
 
     /// Where the backend stands.
@@ -364,7 +365,7 @@ impl<K: UserDeviceKind> VhostUserDevice<K> {
         VhostUserMetrics {
             socket: self.shared.socket.display().to_string(),
             backend: inner.state,
-            queues: self.queue_sizes.len(),
+            queues: self.offer.queue_sizes.len(),
             activations: self.shared.activations.get(),
             taken_over: inner.takeover.is_some(),
             takeover: self.shared.stats.snapshot(),
@@ -373,27 +374,15 @@ impl<K: UserDeviceKind> VhostUserDevice<K> {
 }
 
 impl<K: UserDeviceKind> VirtioDevice for VhostUserDevice<K> {
-    fn device_type(&self) -> u32 {
-        self.shared.kind.device_type()
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        crate::read_config_bytes(&self.config_space, offset, data);
+    fn offer(&self) -> &DeviceOffer {
+        &self.offer
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         if !self
             .shared
             .kind
-            .forwards_config_write(offset, data.len(), self.avail_features)
+            .forwards_config_write(offset, data.len(), self.offer.avail_features)
         {
             // Anything else would make some backends give up on the connection.
             log::warn!(
@@ -407,6 +396,7 @@ impl<K: UserDeviceKind> VirtioDevice for VhostUserDevice<K> {
             return;
         };
         if let Some(dst) = self
+            .offer
             .config_space
             .get_mut(start..)
             .and_then(|c| c.get_mut(..data.len()))
@@ -429,7 +419,7 @@ impl<K: UserDeviceKind> VirtioDevice for VhostUserDevice<K> {
             ));
         };
         let call = call.try_clone().map_err(ActivateError::Worker)?;
-        let ready = ctx.take_ready_queues(self.queue_sizes.len())?;
+        let ready = ctx.take_ready_queues(self.offer.queue_sizes.len())?;
         let takeover_queues = ready
             .iter()
             .map(ReadyQueue::try_clone)
