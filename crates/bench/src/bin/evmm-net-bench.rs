@@ -305,7 +305,9 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
                 let started = std::time::Instant::now();
                 let (output, problems) = match route.run(
                     &["sh", "-c", &net_run.script()],
-                    BOOT_LIMIT + Duration::from_secs(60),
+                    // Room for L1 to boot and for the script to end a VMM that overran (its output
+                    // then tells what stalled).
+                    BOOT_LIMIT + Duration::from_secs(150),
                 ) {
                     Ok(out) => {
                         let parsed = NetOutput::parse(&out.output);
