@@ -16,11 +16,7 @@ fn runs_cpuinfo_and_a_kvm_guest_in_l1() {
         .timeout(Duration::from_secs(120))
         .run(&["sh", "-c", "cat /proc/cpuinfo && evmm-kvm-probe"])
         .unwrap_or_else(|e| panic!("nested run failed: {e}"));
-    eprintln!(
-        "L1 up in {:.1} s, command {:.1} s",
-        out.l1_boot.as_secs_f64(),
-        out.command_time.as_secs_f64()
-    );
+    eprintln!("{}", out.timing());
     assert_eq!(out.status, 0, "output:\n{}", out.output);
     assert!(
         out.output.contains("AuthenticAMD"),
@@ -68,11 +64,12 @@ fn a_command_over_its_limit_is_stopped_and_reported() {
     let parent = tempfile::tempdir().unwrap();
     let err = host()
         .temp_parent(parent.path())
+        .attempts(1)
         .timeout(Duration::from_secs(5))
         .run(&["sh", "-c", "echo sleeping; sleep 600"])
         .expect_err("a 600 s sleep must not finish within 5 s");
     match &err {
-        Error::TimedOut { limit, output } => {
+        Error::TimedOut { limit, output, .. } => {
             assert_eq!(*limit, Duration::from_secs(5));
             assert_eq!(output, "sleeping");
         }
@@ -92,4 +89,34 @@ fn a_command_over_its_limit_is_stopped_and_reported() {
     );
     let left: Vec<_> = std::fs::read_dir(parent.path()).unwrap().collect();
     assert!(left.is_empty(), "the run left files behind: {left:?}");
+}
+
+#[test]
+fn a_run_that_loses_l1_is_made_again_then_reported() {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sink = seen.clone();
+    let err = host()
+        .on_line(move |l| sink.lock().unwrap().push(l.to_string()))
+        .attempts(2)
+        .timeout(Duration::from_secs(60))
+        // Crashes L1's kernel: QEMU ends without the command's status.
+        .run(&[
+            "sh",
+            "-c",
+            "echo crashing; echo c > /proc/sysrq-trigger; sleep 60",
+        ])
+        .expect_err("a crashed L1 cannot report a status");
+    assert!(
+        matches!(err, Error::L1Died { .. }),
+        "expected the nested host to be lost, got: {err}"
+    );
+    assert!(err.lost_the_nested_host());
+    let seen = seen.lock().unwrap();
+    let attempts = seen.iter().filter(|l| *l == "crashing").count();
+    assert_eq!(attempts, 2, "the command ran {attempts} times: {seen:?}");
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("attempt 1 of 2 lost the nested host")),
+        "the lost attempt was not reported: {seen:?}"
+    );
 }

@@ -21,7 +21,7 @@ fn try_boot(guest: &EvmmGuest) -> Result<String, String> {
     let out = route
         .run(&argv, Duration::from_secs(240))
         .map_err(|e| format!("evmm run failed: {e}"))?;
-    eprintln!("evmm ran {:.1} s", out.command_time.as_secs_f64());
+    eprintln!("evmm ran: {}", out.timing());
     if out.status != 0 {
         return Err(format!(
             "evmm exited {}; console:\n{}",

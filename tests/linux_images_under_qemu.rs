@@ -17,11 +17,7 @@ fn boot_in_qemu(route: &Route, guest: &QemuGuest) -> String {
     if let Some(forced) = &guest.cpu {
         assert_eq!(cpu, forced, "the forced CPU model was not used");
     }
-    eprintln!(
-        "QEMU (-cpu {cpu}) boot and guest test: {:.1} s (L1 up in {:.1} s)",
-        out.command_time.as_secs_f64(),
-        out.l1_boot.as_secs_f64()
-    );
+    eprintln!("QEMU (-cpu {cpu}) boot and guest test: {}", out.timing());
     out.output
 }
 

@@ -28,7 +28,7 @@ pub fn try_run_script(body: &str, limit: Duration) -> Result<RunOutput, String> 
     let out = route
         .run(&["sh", "-c", &script], limit)
         .map_err(|e| format!("run failed: {e}"))?;
-    eprintln!("ran {:.1} s", out.command_time.as_secs_f64());
+    eprintln!("ran: {}", out.timing());
     if out.status != 0 {
         return Err(format!(
             "script failed ({}); output:\n{}",

@@ -45,10 +45,9 @@ pub fn try_run(
         .run(&["sh", "-c", &run.script()], Duration::from_secs(900))
         .map_err(|e| format!("the run failed: {e}"))?;
     eprintln!(
-        "network run: {:.1} s in all (L1 up in {:.1} s, the command {:.1} s)",
+        "network run: {:.1} s in all ({})",
         started.elapsed().as_secs_f64(),
-        out.l1_boot.as_secs_f64(),
-        out.command_time.as_secs_f64()
+        out.timing()
     );
     let text = out.output;
     for line in text.lines().filter(|l| l.contains("EVMM-NET-")) {

@@ -45,12 +45,14 @@ pub enum Error {
         console: String,
     },
     /// The command ran longer than its limit and was stopped.
-    #[error("the command exceeded its time limit of {limit:?} in the nested host and was stopped")]
+    #[error("the command exceeded its time limit of {limit:?} and was stopped{}", console_tail(.console))]
     TimedOut {
         /// The limit.
         limit: Duration,
         /// What the command printed before it was stopped.
         output: String,
+        /// The end of the nested host's console (empty for a run on this host).
+        console: String,
     },
     /// A guest never printed the start marker of its init.
     #[error("{command} never showed the guest's start marker; the end of its console:\n{console}")]
@@ -74,6 +76,18 @@ pub enum Error {
     Io(&'static str, #[source] std::io::Error),
 }
 
+impl Error {
+    /// Whether a run failed because the nested host was lost rather than because of what
+    /// it was asked to do: L1 did not come up, L1 ended (a panic of its kernel), or the
+    /// command stalled (an L2 stall of the emulated SVM). A fresh L1 may well succeed.
+    pub fn lost_the_nested_host(&self) -> bool {
+        matches!(
+            self,
+            Error::L1NotUp { .. } | Error::L1Died { .. } | Error::TimedOut { .. }
+        )
+    }
+}
+
 fn console_tail(console: &str) -> String {
     if console.trim().is_empty() {
         String::new()
@@ -84,3 +98,35 @@ fn console_tail(console: &str) -> String {
 
 /// Result of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_lost_nested_host_is_worth_another_attempt() {
+        let lost = [
+            Error::L1NotUp {
+                limit: Duration::from_secs(1),
+                console: String::new(),
+            },
+            Error::L1Died {
+                status: "exit status: 0".into(),
+                console: "BUG: stack guard page was hit".into(),
+            },
+            Error::TimedOut {
+                limit: Duration::from_secs(1),
+                output: String::new(),
+                console: String::new(),
+            },
+        ];
+        assert!(lost.iter().all(Error::lost_the_nested_host));
+        let not_lost = [
+            Error::QemuMissing,
+            Error::ImagesMissing("x".into()),
+            Error::Probe("no /dev/kvm".into()),
+            Error::Payload(std::io::ErrorKind::NotFound.into()),
+        ];
+        assert!(!not_lost.iter().any(Error::lost_the_nested_host));
+    }
+}

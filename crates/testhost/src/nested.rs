@@ -35,6 +35,28 @@ pub struct RunOutput {
     pub l1_boot: Duration,
     /// How long the command ran.
     pub command_time: Duration,
+    /// Why each earlier attempt of this run was given up (the nested host was lost: see
+    /// [`Error::lost_the_nested_host`]); empty when the first attempt served.
+    pub lost_attempts: Vec<String>,
+}
+
+impl RunOutput {
+    /// One line on where the time went, naming every attempt that lost the nested host.
+    pub fn timing(&self) -> String {
+        let mut line = format!(
+            "L1 up in {:.1} s, the command {:.1} s",
+            self.l1_boot.as_secs_f64(),
+            self.command_time.as_secs_f64()
+        );
+        for (n, why) in self.lost_attempts.iter().enumerate() {
+            let first = why.lines().next().unwrap_or_default();
+            line.push_str(&format!(
+                "; attempt {} lost the nested host: {first}",
+                n + 1
+            ));
+        }
+        line
+    }
 }
 
 /// A callback that sees each output line as it arrives (for progress).
@@ -50,11 +72,13 @@ pub struct NestedHost {
     extra_files: Vec<(PathBuf, String)>,
     on_line: Option<LineSink>,
     temp_parent: PathBuf,
+    attempts: u32,
 }
 
 impl NestedHost {
     /// A nested host with the images of `guest-images/build` (built first when needed),
-    /// 4 GiB and 2 vCPUs for L1, a 3-minute boot limit and a 10-minute command limit.
+    /// 4 GiB and 2 vCPUs for L1, a 3-minute boot limit, a 10-minute command limit and
+    /// up to 3 attempts per run.
     pub fn new() -> Result<Self> {
         Ok(Self::with_images(GuestImages::build()?))
     }
@@ -70,12 +94,22 @@ impl NestedHost {
             extra_files: Vec::new(),
             on_line: None,
             temp_parent: std::env::temp_dir(),
+            attempts: 3,
         }
     }
 
     /// How long the command may run before it is stopped.
     pub fn timeout(mut self, limit: Duration) -> Self {
         self.command_limit = limit;
+        self
+    }
+
+    /// How many times a run is tried when the nested host is lost (L1 does not come up,
+    /// panics, or the command stalls): QEMU's emulated SVM occasionally loses L1 or stalls
+    /// an L2 guest, independently of the command. Each lost attempt is logged and listed
+    /// in [`RunOutput::lost_attempts`]; the last attempt's error is returned. At least 1.
+    pub fn attempts(mut self, attempts: u32) -> Self {
+        self.attempts = attempts.max(1);
         self
     }
 
@@ -118,7 +152,38 @@ impl NestedHost {
 
     /// Boots L1, runs `argv` there (in the repository's directory, release binaries on
     /// PATH), and returns its output and status. A non-zero status is not an error.
+    /// A run that loses the nested host is started again on a fresh L1, up to
+    /// [`NestedHost::attempts`] times.
     pub fn run<S: AsRef<str>>(&mut self, argv: &[S]) -> Result<RunOutput> {
+        let mut lost = Vec::new();
+        loop {
+            match self.run_once(argv) {
+                Ok(mut out) => {
+                    out.lost_attempts = lost;
+                    return Ok(out);
+                }
+                Err(e) if e.lost_the_nested_host() && (lost.len() as u32) + 1 < self.attempts => {
+                    log::warn!(
+                        "attempt {} of {} lost the nested host, starting a fresh L1: {e}",
+                        lost.len() + 1,
+                        self.attempts
+                    );
+                    if let Some(sink) = self.on_line.as_mut() {
+                        sink(&format!(
+                            "(evmm-nested: attempt {} of {} lost the nested host: {}; starting a fresh L1)",
+                            lost.len() + 1,
+                            self.attempts,
+                            e.to_string().lines().next().unwrap_or_default()
+                        ));
+                    }
+                    lost.push(e.to_string());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn run_once<S: AsRef<str>>(&mut self, argv: &[S]) -> Result<RunOutput> {
         let qemu = find_on_path(QEMU).ok_or(Error::QemuMissing)?;
         if !self.images.l1_initramfs.is_file() {
             return Err(Error::ImagesMissing(self.images.l1_initramfs.clone()));
@@ -173,6 +238,7 @@ impl NestedHost {
                     return Err(Error::TimedOut {
                         limit: self.command_limit,
                         output: output.join("\n"),
+                        console: diagnostics(),
                     })
                 }
                 Err(RecvTimeoutError::Disconnected) => {
@@ -192,6 +258,7 @@ impl NestedHost {
             output: output.join("\n"),
             l1_boot,
             command_time,
+            lost_attempts: Vec::new(),
         })
     }
 

@@ -78,11 +78,10 @@ pub fn rerun_where_guests_boot(limit: Duration) -> Result<Option<i32>> {
         .on_line(|line| println!("{line}"))
         .run(&argv)?;
     eprintln!(
-        "nested host: L1 up in {:.1} s; {} exited {} after {:.1} s",
-        out.l1_boot.as_secs_f64(),
+        "nested host: {} exited {} ({})",
         argv[0],
         out.status,
-        out.command_time.as_secs_f64()
+        out.timing()
     );
     Ok(Some(out.status))
 }
@@ -168,6 +167,7 @@ fn run_here<S: AsRef<str>>(argv: &[S], limit: Duration) -> Result<RunOutput> {
             return Err(Error::TimedOut {
                 limit,
                 output: reader.join().unwrap_or_default(),
+                console: String::new(),
             });
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -177,6 +177,7 @@ fn run_here<S: AsRef<str>>(argv: &[S], limit: Duration) -> Result<RunOutput> {
         output: reader.join().unwrap_or_default().trim_end().to_string(),
         l1_boot: Duration::ZERO,
         command_time: started.elapsed(),
+        lost_attempts: Vec::new(),
     })
 }
 

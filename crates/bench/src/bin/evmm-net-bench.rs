@@ -310,6 +310,16 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
                     BOOT_LIMIT + Duration::from_secs(150),
                 ) {
                     Ok(out) => {
+                        // Attempts that lost the nested host were made again inside the run.
+                        if !out.lost_attempts.is_empty() {
+                            eprintln!(
+                                "round {round}/{}: {}: {}",
+                                cli.rounds,
+                                setup.name,
+                                out.timing()
+                            );
+                            row.incomplete += out.lost_attempts.len();
+                        }
                         let parsed = NetOutput::parse(&out.output);
                         if let Some(f) = figures(&parsed, &out.output, cli.seconds) {
                             eprintln!(

@@ -40,12 +40,7 @@ fn main() -> ExitCode {
     });
     match host.and_then(|mut h| h.run(&cli.command)) {
         Ok(out) => {
-            log::info!(
-                "L1 up in {:.1} s; command exited {} after {:.1} s",
-                out.l1_boot.as_secs_f64(),
-                out.status,
-                out.command_time.as_secs_f64()
-            );
+            log::info!("command exited {} ({})", out.status, out.timing());
             ExitCode::from(u8::try_from(out.status).unwrap_or(1))
         }
         Err(e) => {
