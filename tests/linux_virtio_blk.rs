@@ -105,14 +105,28 @@ fn a_readonly_disk_refuses_writes_and_stays_byte_identical() {
     );
 }
 
-/// The verified random workload; returns the run and its metrics.
-fn random_workload(notify: &str, ops: u32) -> (RunOutput, serde_json::Value) {
+/// The verified random workload on the disk engine `engine`, `threads` of the guest at
+/// once (each on its own part of the disk: that many requests in flight, which an
+/// asynchronous engine may complete in any order); returns the run and its metrics.
+fn random_workload(
+    notify: &str,
+    engine: &str,
+    ops: u32,
+    threads: u32,
+) -> (RunOutput, serde_json::Value) {
+    let disk = format!("path=$D/a.img,engine={engine}");
     let body = [
         dd_zero("a.img", 64),
         evmm_cmd(
             "blk",
-            &["random", "/dev/vda", &ops.to_string(), "7"],
-            &["--disk", "path=$D/a.img", "--notify", notify],
+            &[
+                "random",
+                "/dev/vda",
+                &ops.to_string(),
+                "7",
+                &threads.to_string(),
+            ],
+            &["--disk", &disk, "--notify", notify],
         ),
         "evmm-guest-blk checksum \"$D/a.img\"".into(),
     ]
@@ -131,6 +145,10 @@ fn random_workload(notify: &str, ops: u32) -> (RunOutput, serde_json::Value) {
     );
     let m = metrics(&out);
     assert_eq!(m["notify"], notify, "metrics: {m}");
+    assert_eq!(
+        m["devices"][0]["transport"]["device"]["engine"], engine,
+        "metrics: {m}"
+    );
     let kicks = queue_sum(&m, 0, "/kicks");
     let wakeups = queue_sum(&m, 0, "/wakeups");
     let requests_in = queue_sum(&m, 0, "/req_in");
@@ -149,8 +167,8 @@ fn random_workload(notify: &str, ops: u32) -> (RunOutput, serde_json::Value) {
 }
 
 #[test]
-fn random_workload_with_ioeventfd_never_exits_on_queue_notify() {
-    let (_, m) = random_workload("ioeventfd", 10_000);
+fn random_workload_with_ioeventfd_and_io_uring_never_exits_on_queue_notify() {
+    let (_, m) = random_workload("ioeventfd", "io_uring", 10_000, 4);
     assert_eq!(
         m["devices"][0]["transport"]["notify_exits"], 0,
         "metrics: {m}"
@@ -158,8 +176,8 @@ fn random_workload_with_ioeventfd_never_exits_on_queue_notify() {
 }
 
 #[test]
-fn random_workload_with_notify_exit_takes_every_kick_as_an_exit() {
-    let (_, m) = random_workload("exit", 10_000);
+fn random_workload_with_notify_exit_and_sync_takes_every_kick_as_an_exit() {
+    let (_, m) = random_workload("exit", "sync", 10_000, 1);
     let exits = m["devices"][0]["transport"]["notify_exits"]
         .as_u64()
         .unwrap();

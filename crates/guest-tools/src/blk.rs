@@ -241,16 +241,83 @@ pub fn random_workload(
     ops: u64,
     seed: u64,
 ) -> io::Result<WorkloadReport> {
+    random_workload_parallel(dev, disk_len, ops, seed, 1)
+}
+
+/// [`random_workload`] by `threads` threads at once, each on its own slice of the disk
+/// (so the device has up to `threads` requests in flight, which it may complete in any
+/// order), each slice checked against its part of the shadow.
+pub fn random_workload_parallel(
+    dev: &File,
+    disk_len: u64,
+    ops: u64,
+    seed: u64,
+    threads: u64,
+) -> io::Result<WorkloadReport> {
+    let threads = threads.max(1);
     let mut shadow = vec![0u8; disk_len as usize];
-    let mut rng = Rng::new(seed);
     let mut buf = AlignedBuf::new(128 * 1024);
     for (at, chunk) in shadow.chunks_mut(128 * 1024).enumerate() {
         let len = chunk.len();
         dev.read_exact_at(buf.slice(len), (at * 128 * 1024) as u64)?;
         chunk.copy_from_slice(buf.slice(len));
     }
+    let slice_len = (disk_len / threads / SECTOR * SECTOR) as usize;
+    if slice_len == 0 {
+        return Err(io::Error::other(
+            "the disk is too small for that many threads",
+        ));
+    }
+    let reports: Vec<io::Result<WorkloadReport>> = std::thread::scope(|s| {
+        let workers: Vec<_> = shadow
+            .chunks_mut(slice_len)
+            .take(threads as usize)
+            .enumerate()
+            .map(|(i, part)| {
+                let i = i as u64;
+                let share = ops / threads + u64::from(i < ops % threads);
+                let seed = if threads == 1 {
+                    seed
+                } else {
+                    seed.wrapping_add(i)
+                };
+                s.spawn(move || workload_on(dev, i * slice_len as u64, part, share, seed))
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(io::Error::other("a thread panicked")))
+            })
+            .collect()
+    });
     let mut report = WorkloadReport::default();
-    let sectors = disk_len / SECTOR;
+    for r in reports {
+        let r = r?;
+        report.reads += r.reads;
+        report.writes += r.writes;
+        report.flushes += r.flushes;
+        report.bytes += r.bytes;
+        report.mismatches += r.mismatches;
+    }
+    dev.sync_all()?;
+    report.checksum = fnv1a(&shadow);
+    Ok(report)
+}
+
+/// The workload on the part of the disk that starts at `base` and that `shadow` mirrors.
+fn workload_on(
+    dev: &File,
+    base: u64,
+    shadow: &mut [u8],
+    ops: u64,
+    seed: u64,
+) -> io::Result<WorkloadReport> {
+    let mut rng = Rng::new(seed);
+    let mut buf = AlignedBuf::new(128 * 1024);
+    let mut report = WorkloadReport::default();
+    let sectors = shadow.len() as u64 / SECTOR;
     for _ in 0..ops {
         let len_sectors = rng.range(1, 256).min(sectors);
         let start = rng.range(0, sectors - len_sectors) * SECTOR;
@@ -260,7 +327,7 @@ pub fn random_workload(
             for b in buf.slice(len).iter_mut() {
                 *b = rng.next_u64() as u8;
             }
-            dev.write_all_at(buf.slice(len), start)?;
+            dev.write_all_at(buf.slice(len), base + start)?;
             shadow[at..at + len].copy_from_slice(buf.slice(len));
             report.writes += 1;
             if rng.range(0, 99) < 5 {
@@ -268,14 +335,12 @@ pub fn random_workload(
                 report.flushes += 1;
             }
         } else {
-            dev.read_exact_at(buf.slice(len), start)?;
+            dev.read_exact_at(buf.slice(len), base + start)?;
             report.mismatches += count_diff(buf.slice(len), &shadow[at..at + len]) as u64;
             report.reads += 1;
         }
         report.bytes += len as u64;
     }
-    dev.sync_all()?;
-    report.checksum = fnv1a(&shadow);
     Ok(report)
 }
 
@@ -418,6 +483,18 @@ mod tests {
         assert_eq!(verify_guest_pattern_file(&file).unwrap(), 0);
         f.write_all_at(&[1], 10 << 20).unwrap();
         assert_eq!(verify_guest_pattern_file(&file).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_parallel_workload_on_a_file_matches_its_shadow() {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(4 << 20).unwrap();
+        let report = random_workload_parallel(&f, 4 << 20, 400, 9, 4).unwrap();
+        assert_eq!(report.mismatches, 0);
+        assert_eq!(report.reads + report.writes, 400);
+        let mut all = Vec::new();
+        std::io::Read::read_to_end(&mut &f, &mut all).unwrap();
+        assert_eq!(fnv1a(&all), report.checksum);
     }
 
     #[test]

@@ -5,14 +5,16 @@
 //! A fresh [`BlkBackend`] (and daemon) is built for every connection, so nothing a
 //! frontend negotiated (acknowledged features, EVENT_IDX, memory, vring state,
 //! stopped queues) reaches the next one. Each queue has a worker thread of its own
-//! (`queues_per_thread` maps queue i to thread i) and its own request executor, so
-//! the queues run in parallel on the shared disk file.
+//! (`queues_per_thread` maps queue i to thread i) and its own engine, so the queues
+//! run in parallel on the shared disk file. An engine's completion eventfd is a
+//! listener of its queue's thread ([`BlkBackend::completion_listeners`]), reported as
+//! event [`BlkBackend::completion_event`].
 
 use crate::device::{self, BlockDevice};
 use crate::exit_events::ExitEvents;
 use crate::queue::{QueueEnv, QueueServer};
-use evmm_virtio::blk::backend::BlockBackend;
 use evmm_virtio::blk::config::QUEUE_SIZE;
+use evmm_virtio::blk::engine;
 use evmm_virtio::blk::metrics::BlockQueueMetrics;
 use evmm_virtio::blk::request::RequestLimits;
 use evmm_virtio::fault::FaultLog;
@@ -53,7 +55,9 @@ impl BlkBackend {
             metrics: device.metrics().clone(),
             faults: device.faults().clone(),
             queues: (0..usize::from(device.queues()))
-                .map(|i| QueueServer::new(i, BlockBackend::new(device.disk().clone())))
+                .map(|i| {
+                    QueueServer::new(i, engine::open(device.engine(), device.disk(), QUEUE_SIZE))
+                })
                 .collect(),
             mem: RwLock::new(mem),
             acked: AtomicU64::new(0),
@@ -77,8 +81,43 @@ impl BlkBackend {
         &self.exit_events
     }
 
+    /// The event number under which queue threads report their engine's completions
+    /// (above the numbers vhost-user-backend keeps for the vrings and its own events).
+    pub fn completion_event(&self) -> u16 {
+        u16::try_from(self.queues.len() + 1).unwrap_or(u16::MAX)
+    }
+
+    /// For each queue whose engine completes asynchronously: (the queue's thread, the
+    /// eventfd to listen on).
+    pub fn completion_listeners(&self) -> Vec<(usize, std::os::unix::io::RawFd)> {
+        self.queues
+            .iter()
+            .enumerate()
+            .filter_map(|(i, q)| q.completion_fd().map(|fd| (i, fd)))
+            .collect()
+    }
+
     /// Serves queue `index` on `vring` (a kick, or the vring just enabled).
     pub fn serve_queue(&self, index: usize, vring: &VringMutex) -> usize {
+        self.with_queue(index, |queue, mem, env| queue.serve(vring, &mem, env))
+    }
+
+    /// Answers what queue `index`'s engine completed.
+    pub fn complete_queue(&self, index: usize, vring: &VringMutex) -> usize {
+        self.with_queue(index, |queue, mem, env| queue.complete(vring, &mem, env))
+    }
+
+    /// Waits for what queue `index` has in flight and answers it (as when the ring
+    /// stops).
+    pub fn settle_queue(&self, index: usize) -> usize {
+        self.with_queue(index, |queue, mem, env| queue.settle(&mem, env))
+    }
+
+    fn with_queue(
+        &self,
+        index: usize,
+        f: impl FnOnce(&QueueServer, Arc<GuestMemoryMmap>, &QueueEnv<'_>) -> usize,
+    ) -> usize {
         let Some(queue) = self.queues.get(index) else {
             log::error!("event for queue {index}, which this device does not have");
             return 0;
@@ -87,7 +126,7 @@ impl BlkBackend {
             return 0;
         };
         let mem = match self.mem.read() {
-            Ok(m) => m.memory(),
+            Ok(m) => m.memory().into_inner(),
             Err(_) => {
                 log::error!("guest memory lock poisoned");
                 return 0;
@@ -99,7 +138,7 @@ impl BlkBackend {
             metrics,
             faults: &self.faults,
         };
-        queue.serve(vring, &mem, &env)
+        f(queue, mem, &env)
     }
 }
 
@@ -178,14 +217,15 @@ impl VhostUserBackend for BlkBackend {
         self.exit_events.create()
     }
 
-    /// GET_VRING_BASE stops the ring: a queue stopped by a guest fault is served
-    /// again when the frontend starts it anew.
+    /// GET_VRING_BASE stops the ring: the requests still in flight are waited for and
+    /// answered, and a queue stopped by a guest fault is served again when the
+    /// frontend starts it anew.
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        if let Some(q) = usize::try_from(queue_index)
-            .ok()
-            .and_then(|i| self.queues.get(i))
-        {
-            q.restart();
+        if let Ok(index) = usize::try_from(queue_index) {
+            self.settle_queue(index);
+            if let Some(q) = self.queues.get(index) {
+                q.restart();
+            }
         }
         Ok(())
     }
@@ -202,6 +242,16 @@ impl VhostUserBackend for BlkBackend {
     ) -> io::Result<()> {
         if !evset.contains(EventSet::IN) {
             log::debug!("queue {thread_id}: event set {evset:?} ignored");
+            return Ok(());
+        }
+        if device_event == self.completion_event() {
+            // The thread's own vrings: queue `thread_id` alone.
+            match vrings.first() {
+                Some(vring) => {
+                    self.complete_queue(thread_id, vring);
+                }
+                None => log::warn!("completions for queue {thread_id}, which has no vring"),
+            }
             return Ok(());
         }
         match vrings.get(usize::from(device_event)) {

@@ -3,7 +3,7 @@
 use crate::Config;
 use clap::Parser;
 use evmm_virtio::blk::config::MAX_QUEUES;
-use evmm_virtio::blk::BlockConfig;
+use evmm_virtio::blk::{BlockConfig, EngineChoice};
 use std::path::PathBuf;
 
 /// evmm-vhost-user-blk: serves a raw disk file to a vhost-user frontend (QEMU's
@@ -31,6 +31,11 @@ pub struct Args {
     /// Open the disk with O_DIRECT (not on tmpfs).
     #[arg(long)]
     pub direct: bool,
+    /// What executes the requests: io_uring (a ring per queue, many requests in
+    /// flight), sync (one at a time per queue), or auto (io_uring where the host allows
+    /// it, else sync with a warning).
+    #[arg(long, value_name = "ENGINE", default_value = "auto", value_parser = parse_engine)]
+    pub engine: EngineChoice,
     /// Diagnostics on stderr: off, error, warn, info, debug, trace (default: RUST_LOG,
     /// else warn).
     #[arg(long, value_name = "LEVEL")]
@@ -49,9 +54,14 @@ impl Args {
                 queues: self.queues,
                 direct: self.direct,
                 poll_us: 0,
+                engine: self.engine,
             },
         }
     }
+}
+
+fn parse_engine(s: &str) -> Result<EngineChoice, String> {
+    s.parse()
 }
 
 #[cfg(test)]
@@ -77,6 +87,7 @@ mod tests {
                 queues: 1,
                 direct: false,
                 poll_us: 0,
+                engine: EngineChoice::Auto,
             }
         );
         assert_eq!(a.log_level, None);
@@ -95,6 +106,8 @@ mod tests {
             "--id",
             "serial-1",
             "--direct",
+            "--engine",
+            "sync",
             "--log-level",
             "debug",
         ])
@@ -102,6 +115,10 @@ mod tests {
         let c = a.config();
         assert!(c.disk.readonly && c.disk.direct);
         assert_eq!(c.disk.queues, 4);
+        assert_eq!(
+            c.disk.engine,
+            EngineChoice::Only(evmm_virtio::blk::EngineKind::Sync)
+        );
         assert_eq!(c.disk.id.as_deref(), Some("serial-1"));
         assert_eq!(a.log_level, Some(log::LevelFilter::Debug));
     }
@@ -116,6 +133,7 @@ mod tests {
             &["--socket", "s", "--disk", "d", "--queues", "two"],
             &["--socket", "s", "--disk", "d", "--log-level", "loud"],
             &["--socket", "s", "--disk", "d", "--bogus"],
+            &["--socket", "s", "--disk", "d", "--engine", "aio"],
         ] {
             let e = parse(bad).expect_err(&format!("{bad:?} was accepted"));
             assert_ne!(e.kind(), ErrorKind::DisplayHelp, "{bad:?}");

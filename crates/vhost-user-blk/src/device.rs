@@ -2,11 +2,11 @@
 //! file, the features and configuration space it offers, the request limits, the
 //! counters and the fault log.
 
-use evmm_virtio::blk::backend::DiskFile;
 use evmm_virtio::blk::config::{self, CONFIG_SIZE, MAX_QUEUES};
+use evmm_virtio::blk::disk::DiskFile;
 use evmm_virtio::blk::metrics::{BlockMetricsSnapshot, BlockQueueMetrics};
 use evmm_virtio::blk::request::RequestLimits;
-use evmm_virtio::blk::{BlockConfig, BlockError};
+use evmm_virtio::blk::{BlockConfig, BlockError, EngineKind};
 use evmm_virtio::fault::FaultLog;
 use std::sync::Arc;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -54,6 +54,7 @@ pub struct BlockDevice {
     limits: RequestLimits,
     metrics: Arc<[BlockQueueMetrics]>,
     faults: Arc<FaultLog>,
+    engine: EngineKind,
 }
 
 impl BlockDevice {
@@ -73,7 +74,10 @@ impl BlockDevice {
         )?;
         let capacity = disk.capacity_sectors();
         let queues = config.queues;
+        let engine = config.engine.resolve()?;
+        log::info!("{engine} engine");
         Ok(Self {
+            engine,
             disk: Arc::new(disk),
             queues,
             features: virtio_features(config.readonly, queues),
@@ -87,6 +91,11 @@ impl BlockDevice {
     /// The open file.
     pub fn disk(&self) -> &Arc<DiskFile> {
         &self.disk
+    }
+
+    /// What executes the requests.
+    pub fn engine(&self) -> EngineKind {
+        self.engine
     }
 
     /// Number of request queues.
@@ -151,6 +160,7 @@ mod tests {
             queues,
             direct: false,
             poll_us: 0,
+            engine: Default::default(),
         })
         .unwrap()
     }
@@ -243,6 +253,7 @@ mod tests {
                 queues,
                 direct: false,
                 poll_us: 0,
+                engine: Default::default(),
             });
             assert!(matches!(r, Err(BlockError::Config(_))), "queues={queues}");
         }
@@ -253,6 +264,7 @@ mod tests {
             queues: 1,
             direct: false,
             poll_us: 0,
+            engine: Default::default(),
         });
         let e = r.err().unwrap().to_string();
         assert!(e.contains("/nonexistent/disk.img"), "{e}");
@@ -263,6 +275,7 @@ mod tests {
             queues: 1,
             direct: false,
             poll_us: 0,
+            engine: Default::default(),
         });
         assert!(matches!(r, Err(BlockError::Config(_))));
     }

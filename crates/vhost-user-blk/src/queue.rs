@@ -1,6 +1,13 @@
 //! Serving one request queue on a vring of vhost-user-backend: the vhost-user twin
 //! of evmm's in-VMM worker (`evmm_virtio::blk` worker), running the same
-//! [`serve_queue`] and reporting to the frontend's call eventfd instead of an irqfd.
+//! [`serve_queue`] and [`complete_finished`] and reporting to the frontend's call
+//! eventfd instead of an irqfd.
+//!
+//! Each queue has its own engine. With io_uring, the engine's completion eventfd is a
+//! listener of the queue's thread ([`QueueServer::completion_fd`]): kicks submit,
+//! completions answer. When the frontend stops the ring (GET_VRING_BASE), the requests
+//! still in flight are waited for and answered first, so the ring base it gets back
+//! leaves none of them behind.
 //!
 //! # Guest faults
 //!
@@ -11,14 +18,16 @@
 //! added to its used ring) until the frontend stops the ring (GET_VRING_BASE, which
 //! QEMU sends when the guest resets the device), resets the device, or reconnects.
 
-use evmm_virtio::blk::backend::BlockBackend;
-use evmm_virtio::blk::chain::{serve_queue, ServeContext};
+use evmm_virtio::blk::chain::{complete_finished, serve_queue, ServeContext};
+use evmm_virtio::blk::engine::{BlockEngine, Finished};
 use evmm_virtio::blk::metrics::BlockQueueMetrics;
-use evmm_virtio::blk::request::RequestLimits;
+use evmm_virtio::blk::request::{Fault, RequestLimits, RequestScratch};
 use evmm_virtio::fault::FaultLog;
+use evmm_virtio::queue::Drained;
+use std::os::unix::io::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
-use vhost_user_backend::{VringMutex, VringT};
+use std::sync::{Arc, Mutex};
+use vhost_user_backend::{VringMutex, VringState, VringT};
 use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 
@@ -27,7 +36,7 @@ pub struct QueueEnv<'a> {
     /// The limits requests are checked against.
     pub limits: &'a RequestLimits,
     /// Whether the driver negotiated VIRTIO_BLK_F_FLUSH (writes may stay in the page
-    /// cache until FLUSH); without it every write is followed by fdatasync.
+    /// cache until FLUSH); without it every write is durable when it completes.
     pub writeback: bool,
     /// The queue's counters.
     pub metrics: &'a BlockQueueMetrics,
@@ -35,22 +44,43 @@ pub struct QueueEnv<'a> {
     pub faults: &'a FaultLog,
 }
 
-/// One request queue's own state: its request executor (with its bounce buffer) and
-/// whether a guest fault stopped it.
+/// A queue's engine and its list of reaped completions (kept so that a wake-up
+/// allocates nothing).
+struct Executor {
+    engine: Box<dyn BlockEngine>,
+    scratch: RequestScratch,
+    finished: Vec<Finished>,
+}
+
+/// One request queue's own state: its engine, the vring it last served (to answer
+/// what is in flight when the ring stops), and whether a guest fault stopped it.
 pub struct QueueServer {
     index: usize,
-    backend: Mutex<BlockBackend>,
+    completion_fd: Option<RawFd>,
+    executor: Mutex<Executor>,
+    vring: Mutex<Option<VringMutex>>,
     stopped: AtomicBool,
 }
 
 impl QueueServer {
-    /// Queue `index`, executing requests with `backend`.
-    pub fn new(index: usize, backend: BlockBackend) -> Self {
+    /// Queue `index`, executing requests with `engine`.
+    pub fn new(index: usize, engine: Box<dyn BlockEngine>) -> Self {
         Self {
             index,
-            backend: Mutex::new(backend),
+            completion_fd: engine.completion_fd(),
+            executor: Mutex::new(Executor {
+                engine,
+                scratch: RequestScratch::default(),
+                finished: Vec::new(),
+            }),
+            vring: Mutex::new(None),
             stopped: AtomicBool::new(false),
         }
+    }
+
+    /// The eventfd the engine signals on completions (none for the sync engine).
+    pub fn completion_fd(&self) -> Option<RawFd> {
+        self.completion_fd
     }
 
     /// Whether a guest fault stopped the queue.
@@ -65,9 +95,15 @@ impl QueueServer {
         }
     }
 
-    /// Drains `vring` (after a kick): serves every available request, then signals
-    /// the call eventfd if the driver wants it. Returns the used entries added.
-    pub fn serve(&self, vring: &VringMutex, mem: &GuestMemoryMmap, env: &QueueEnv<'_>) -> usize {
+    /// Drains `vring` (after a kick): submits every available request, answers those
+    /// already done, then signals the call eventfd if the driver wants it. Returns the
+    /// used entries added.
+    pub fn serve(
+        &self,
+        vring: &VringMutex,
+        mem: &Arc<GuestMemoryMmap>,
+        env: &QueueEnv<'_>,
+    ) -> usize {
         env.metrics.wakeups.inc();
         if self.is_stopped() {
             log::debug!(
@@ -76,11 +112,15 @@ impl QueueServer {
             );
             return 0;
         }
-        let Ok(mut backend) = self.backend.lock() else {
-            log::error!("virtio-blk queue {}: request executor unusable", self.index);
+        self.remember(vring);
+        let Ok(mut exec) = self.executor.lock() else {
+            log::error!("virtio-blk queue {}: engine unusable", self.index);
             return 0;
         };
-        backend.set_writeback(env.writeback);
+        let Executor {
+            engine, scratch, ..
+        } = &mut *exec;
+        engine.set_writeback(env.writeback);
         let mut state = vring.get_mut();
         if !state.get_queue().ready() || !state.is_enabled() {
             return 0;
@@ -90,12 +130,85 @@ impl QueueServer {
             mem,
             ServeContext {
                 index: self.index,
-                backend: &mut backend,
+                engine: engine.as_mut(),
+                scratch,
                 limits: env.limits,
                 metrics: env.metrics,
                 faults: env.faults,
             },
         );
+        self.deliver(&mut state, drained, env)
+    }
+
+    /// Answers what the engine completed (its completion eventfd fired).
+    pub fn complete(&self, vring: &VringMutex, mem: &GuestMemoryMmap, env: &QueueEnv<'_>) -> usize {
+        let Ok(mut exec) = self.executor.lock() else {
+            return 0;
+        };
+        let Executor {
+            engine, finished, ..
+        } = &mut *exec;
+        finished.clear();
+        engine.reap(finished);
+        self.answer(vring, mem, finished, env)
+    }
+
+    /// Waits for every request in flight and answers it on the vring last served (the
+    /// frontend is stopping the ring).
+    pub fn settle(&self, mem: &GuestMemoryMmap, env: &QueueEnv<'_>) -> usize {
+        let Ok(mut exec) = self.executor.lock() else {
+            return 0;
+        };
+        let Executor {
+            engine, finished, ..
+        } = &mut *exec;
+        finished.clear();
+        if engine.in_flight() == 0 {
+            return 0;
+        }
+        log::debug!(
+            "virtio-blk queue {}: waiting for {} request(s) in flight",
+            self.index,
+            engine.in_flight()
+        );
+        engine.wait_idle(finished);
+        let vring = self.vring.lock().ok().and_then(|v| v.clone());
+        match vring {
+            Some(vring) => self.answer(&vring, mem, finished, env),
+            None => 0,
+        }
+    }
+
+    fn answer(
+        &self,
+        vring: &VringMutex,
+        mem: &GuestMemoryMmap,
+        finished: &mut Vec<Finished>,
+        env: &QueueEnv<'_>,
+    ) -> usize {
+        if finished.is_empty() {
+            return 0;
+        }
+        let mut state = vring.get_mut();
+        let drained = complete_finished(state.get_queue_mut(), mem, finished, env.metrics);
+        finished.clear();
+        self.deliver(&mut state, drained, env)
+    }
+
+    fn remember(&self, vring: &VringMutex) {
+        if let Ok(mut slot) = self.vring.lock() {
+            if slot.is_none() {
+                *slot = Some(vring.clone());
+            }
+        }
+    }
+
+    fn deliver(
+        &self,
+        state: &mut VringState,
+        drained: Drained<Fault>,
+        env: &QueueEnv<'_>,
+    ) -> usize {
         drained.count_notification(&env.metrics.interrupts, &env.metrics.interrupts_suppressed);
         if drained.notify {
             if let Err(e) = state.signal_used_queue() {

@@ -12,6 +12,7 @@ use std::time::Duration;
 use vhost::vhost_user::Error as VhostUserError;
 use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
 
 /// The name of each connection's request thread.
 const THREAD_NAME: &str = "evmm-vu-blk";
@@ -74,6 +75,17 @@ impl Server {
         let backend = Arc::new(BlkBackend::new(&self.device, mem.clone()));
         let mut daemon = VhostUserDaemon::new(THREAD_NAME.into(), backend.clone(), mem)
             .map_err(|e| Error::Daemon(e.to_string()))?;
+        let handlers = daemon.get_epoll_handlers();
+        for (thread, fd) in backend.completion_listeners() {
+            let handler = handlers
+                .get(thread)
+                .ok_or_else(|| Error::Daemon(format!("no thread for queue {thread}")))?;
+            handler
+                .register_listener(fd, EventSet::IN, u64::from(backend.completion_event()))
+                .map_err(|e| {
+                    Error::Daemon(format!("cannot watch queue {thread}'s completions: {e}"))
+                })?;
+        }
         let ended = match daemon.start(self.socket.listener()) {
             Ok(()) => {
                 log::info!("frontend connected");
@@ -91,6 +103,12 @@ impl Server {
         // Stops and joins the connection's worker threads.
         drop(daemon);
         backend.exit_events().close_leaked();
+        // The last reference: the queues' engines (io_uring rings and their eventfds)
+        // go with it, after waiting for anything still in flight.
+        if Arc::strong_count(&backend) > 1 {
+            log::warn!("the connection's backend is still referenced after its daemon ended");
+        }
+        drop(backend);
         if let Err(e) = self.device.disk().sync_data() {
             log::error!("fdatasync after the connection failed: {e}");
         }

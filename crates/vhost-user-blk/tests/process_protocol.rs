@@ -117,10 +117,23 @@ fn write_flush_read(s: &mut Session, queue: usize, sector: u64, seed: u8, img: &
 }
 
 #[test]
-fn io_through_each_queue_reaches_the_file_and_reads_back() {
+fn io_through_each_queue_reaches_the_file_and_reads_back_with_io_uring() {
+    io_through_each_queue("io_uring");
+}
+
+#[test]
+fn io_through_each_queue_reaches_the_file_and_reads_back_with_sync() {
+    io_through_each_queue("sync");
+}
+
+fn io_through_each_queue(engine: &str) {
     let dir = tempfile::tempdir().unwrap();
     let img = disk(dir.path(), 4 * MIB);
-    let daemon = Daemon::start(dir.path(), &img, &["--queues", "2", "--id", "vu-test-id"]);
+    let daemon = Daemon::start(
+        dir.path(),
+        &img,
+        &["--queues", "2", "--id", "vu-test-id", "--engine", engine],
+    );
     let mut s = Session::open(&daemon.socket, 2);
     write_flush_read(&mut s, 0, 16, 1, &img);
     write_flush_read(&mut s, 1, 2048, 2, &img);
@@ -151,6 +164,11 @@ fn io_through_each_queue_reaches_the_file_and_reads_back() {
     }
     assert!(
         daemon.stderr().contains("frontend connected"),
+        "{}",
+        daemon.stderr()
+    );
+    assert!(
+        daemon.stderr().contains(&format!("{engine} engine")),
         "{}",
         daemon.stderr()
     );

@@ -1,7 +1,11 @@
 #![allow(missing_docs)] // criterion_group! defines an undocumented public function
 //! Per-request cost of the virtio-blk request path, without a guest: available-ring
-//! pop, [`process_chain`] (request parse, pread/pwrite/fdatasync against a file on
-//! tmpfs, status byte) and the used-ring push, on mock guest memory.
+//! pop, [`process_chain`] (request parse, the engine's preadv/pwritev/fdatasync against
+//! a file on tmpfs, status byte) and the used-ring push, on mock guest memory, with
+//! each engine: `sync`, and `io_uring` one request at a time (submit, wait for the
+//! completion, answer it). A counting allocator checks that serving a request
+//! allocates nothing: the allocations per request of each case are printed after the
+//! warm-up (`allocations per request: 0`), and a case that allocates fails the bench.
 //!
 //! Each benchmark serves one descriptor chain, written once at descriptor 0; every
 //! available-ring slot points at it. The driver's side (publishing `n` more available
@@ -15,14 +19,18 @@
 //! Run with `cargo bench -p evmm-virtio`; criterion reports the time per request.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use evmm_virtio::blk::backend::{BlockBackend, DiskFile};
-use evmm_virtio::blk::request::RequestLimits;
-use evmm_virtio::blk::{config, process_chain, ChainOutcome};
+use evmm_virtio::blk::disk::DiskFile;
+use evmm_virtio::blk::engine::{self, BlockEngine, EngineKind, Finished};
+use evmm_virtio::blk::metrics::BlockQueueMetrics;
+use evmm_virtio::blk::request::{RequestLimits, RequestScratch};
+use evmm_virtio::blk::{complete_finished, config, process_chain, ChainOutcome};
 use evmm_virtio::test_utils::{add_chain, guest_memory, used_idx, Desc, USED_ADDR};
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::io::Write;
 use std::num::Wrapping;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tempfile::NamedTempFile;
@@ -32,6 +40,35 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// Counts allocations, to show that the request path makes none.
+struct CountingAllocator;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is forwarded to the system allocator unchanged; only a counter is
+// added.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract is passed on as it is.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: as above.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAllocator = CountingAllocator;
 
 /// Queue size (the device's own, [`config::QUEUE_SIZE`]).
 const QSIZE: u16 = config::QUEUE_SIZE;
@@ -61,9 +98,12 @@ impl Case {
 /// Everything one benchmark needs: guest memory with the chain in it, the device's
 /// queue, a backend on the disk file.
 struct Rig {
-    mem: GuestMemoryMmap,
+    mem: Arc<GuestMemoryMmap>,
     queue: Queue,
-    backend: BlockBackend,
+    engine: Box<dyn BlockEngine>,
+    scratch: RequestScratch,
+    finished: Vec<Finished>,
+    metrics: BlockQueueMetrics,
     limits: RequestLimits,
     /// The driver's available index (what has been published so far).
     avail_idx: Wrapping<u16>,
@@ -88,14 +128,20 @@ fn disk_file() -> NamedTempFile {
 }
 
 impl Rig {
-    fn new(case: &Case) -> Self {
+    fn new(case: &Case, kind: EngineKind) -> Self {
         let mem = guest_memory();
         let disk = disk_file();
         let disk_file = DiskFile::open(disk.path(), false, false, ID).expect("open the disk");
         let limits = config::limits(disk_file.capacity_sectors());
-        let mut backend = BlockBackend::new(Arc::new(disk_file));
+        let mut engine = match kind {
+            EngineKind::Sync => engine::open(kind, &Arc::new(disk_file), QSIZE),
+            EngineKind::IoUring => Box::new(
+                engine::UringEngine::new(Arc::new(disk_file), QSIZE)
+                    .expect("this host gives no io_uring ring"),
+            ),
+        };
         // The Linux driver negotiates VIRTIO_BLK_F_FLUSH: writes are not synced one by one.
-        backend.set_writeback(true);
+        engine.set_writeback(true);
 
         let mut h = [0u8; 16];
         h[..4].copy_from_slice(&case.request_type.to_le_bytes());
@@ -122,9 +168,12 @@ impl Rig {
         let avail_idx = Wrapping(mem.read_obj::<u16>(avail_idx_addr).expect("avail idx"));
 
         Self {
-            mem,
+            mem: Arc::new(mem),
             queue,
-            backend,
+            engine,
+            scratch: RequestScratch::default(),
+            finished: Vec::with_capacity(usize::from(QSIZE)),
+            metrics: BlockQueueMetrics::default(),
             limits,
             avail_idx,
             avail_idx_addr,
@@ -141,34 +190,53 @@ impl Rig {
             .expect("avail idx");
     }
 
-    /// The device's side for one chain: pop, process, push used. Returns the outcome.
+    /// The device's side for one chain: pop, process, push used (for a request the
+    /// engine keeps in flight: start it, wait for it, answer it). Returns the outcome.
     #[inline]
     fn serve_one(&mut self) -> ChainOutcome {
         let chain = self
             .queue
-            .iter(&self.mem)
+            .iter(&*self.mem)
             .expect("available ring")
             .next()
             .expect("a chain is available");
         let head = chain.head_index();
-        let outcome = process_chain(&mut self.backend, chain, &self.mem, &self.limits);
-        let used_len = outcome.used_len().expect("no NEEDS_RESET");
-        self.queue
-            .add_used(&self.mem, head, used_len)
-            .expect("used ring");
+        let outcome = process_chain(
+            self.engine.as_mut(),
+            &mut self.scratch,
+            chain,
+            &self.mem,
+            &self.limits,
+        );
+        match outcome.used_len() {
+            Some(used_len) => self
+                .queue
+                .add_used(&*self.mem, head, used_len)
+                .expect("used ring"),
+            None => {
+                assert_eq!(outcome, ChainOutcome::InFlight, "NEEDS_RESET");
+                self.engine.start().expect("io_uring submit");
+                self.engine.wait_idle(&mut self.finished);
+                let d =
+                    complete_finished(&mut self.queue, &self.mem, &self.finished, &self.metrics);
+                assert_eq!(d.added, 1, "the request did not complete");
+                self.finished.clear();
+            }
+        }
         outcome
     }
 
     /// Serves the chain published by `new` and checks the answer.
     fn check(&mut self, case: &Case) {
         let outcome = self.serve_one();
-        let ChainOutcome::Done { completion, .. } = outcome else {
-            panic!("{}: request not done: {outcome:?}", case.name);
-        };
-        assert_eq!(completion.status, VIRTIO_BLK_S_OK as u8, "{}", case.name);
         let status: u8 = self.mem.read_obj(GuestAddress(STATUS)).expect("status");
+        if let ChainOutcome::Done { completion, .. } = outcome {
+            assert_eq!(completion.status, status, "{}", case.name);
+        } else {
+            assert_eq!(outcome, ChainOutcome::InFlight, "{}", case.name);
+        }
         assert_eq!(status, VIRTIO_BLK_S_OK as u8, "{}", case.name);
-        assert_eq!(used_idx(&self.mem), 1, "{}", case.name);
+        assert_eq!(used_idx(&*self.mem), 1, "{}", case.name);
         if case.request_type == VIRTIO_BLK_T_GET_ID {
             let mut id = [0u8; 20];
             self.mem
@@ -183,6 +251,16 @@ impl Rig {
                 .expect("data");
             assert_eq!(first, [1, 2], "{}: disk data not read", case.name);
         }
+    }
+
+    /// Allocations per request over `n` requests (after the warm-up of `check`).
+    fn allocations_per_request(&mut self, n: u16) -> f64 {
+        self.publish(n);
+        let before = ALLOCATIONS.load(Ordering::Relaxed);
+        for _ in 0..n {
+            black_box(self.serve_one());
+        }
+        (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / f64::from(n)
     }
 
     /// `iters` requests, `QSIZE` at a time; only the serving is timed.
@@ -250,9 +328,22 @@ fn cases() -> Vec<Case> {
 
 fn blk_request(c: &mut Criterion) {
     let mut group = c.benchmark_group("blk_request");
-    for case in cases() {
-        let mut rig = Rig::new(&case);
+    for (kind, case) in [EngineKind::Sync, EngineKind::IoUring]
+        .into_iter()
+        .flat_map(|k| cases().into_iter().map(move |c| (k, c)))
+    {
+        let mut rig = Rig::new(&case, kind);
         rig.check(&case);
+        let allocations = rig.allocations_per_request(QSIZE - 1);
+        eprintln!(
+            "{kind} {}: allocations per request: {allocations}",
+            case.name
+        );
+        assert_eq!(
+            allocations, 0.0,
+            "{kind} {}: the request path allocates",
+            case.name
+        );
         match case.request_type {
             VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
                 group.throughput(Throughput::Bytes(case.data_bytes()));
@@ -261,7 +352,9 @@ fn blk_request(c: &mut Criterion) {
                 group.throughput(Throughput::Elements(1));
             }
         }
-        group.bench_function(case.name, |b| b.iter_custom(|iters| rig.run(iters)));
+        group.bench_function(format!("{kind}/{}", case.name), |b| {
+            b.iter_custom(|iters| rig.run(iters))
+        });
     }
     group.finish();
 }

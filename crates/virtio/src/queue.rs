@@ -33,6 +33,9 @@ pub enum Served {
     /// Not now (e.g. the tap cannot take a frame): leave it, and the ones after it, in
     /// the available ring and stop draining.
     Later,
+    /// Taken and in progress: its used entry is added when it completes (an
+    /// asynchronous block engine), not by the drain.
+    Pending,
 }
 
 impl From<u32> for Served {
@@ -106,6 +109,7 @@ where
             let head = chain.head_index();
             let used_len = match answer(chain) {
                 Ok(Served::Used(len)) => len,
+                Ok(Served::Pending) => continue,
                 Ok(Served::Later) => {
                     queue.set_next_avail(queue.next_avail().wrapping_sub(1));
                     blocked = true;

@@ -1,5 +1,6 @@
 //! The value of `--disk`:
-//! `path=FILE[,readonly=on][,id=SERIAL][,queues=N][,direct=on][,poll_us=N]`.
+//! `path=FILE[,readonly=on][,id=SERIAL][,queues=N][,direct=on][,poll_us=N]`
+//! `[,engine=io_uring|sync|auto]`.
 //!
 //! Parsing checks the syntax and the ranges only; [`check_disk_file`] looks at
 //! the file without opening it, so a bad command line is reported before
@@ -7,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use evmm_virtio::blk::BlockConfig;
+use evmm_virtio::blk::{BlockConfig, EngineChoice};
 
 /// Most request queues a disk may have.
 pub const MAX_DISK_QUEUES: u16 = evmm_virtio::blk::config::MAX_QUEUES;
@@ -16,7 +17,7 @@ pub const MAX_DISK_ID_BYTES: usize = 20;
 /// Longest polling window after a kick, in microseconds.
 pub const MAX_DISK_POLL_US: u32 = 1000;
 /// The keys `--disk` knows, for error messages.
-const KEYS: &str = "path, readonly, id, queues, direct, poll_us";
+const KEYS: &str = "path, readonly, id, queues, direct, poll_us, engine";
 
 /// Errors in one `--disk` value.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -50,6 +51,9 @@ pub enum DiskOptionError {
     /// `poll_us` is not a number from 0 to [`MAX_DISK_POLL_US`].
     #[error("poll_us={0}: expected microseconds from 0 to {MAX_DISK_POLL_US}")]
     BadPoll(String),
+    /// `engine` is not io_uring, sync or auto.
+    #[error("engine={0}: expected io_uring, sync or auto")]
+    BadEngine(String),
     /// `id` is empty or longer than [`MAX_DISK_ID_BYTES`].
     #[error("id '{0}' must be 1 to {MAX_DISK_ID_BYTES} bytes long")]
     BadId(String),
@@ -119,7 +123,8 @@ fn set_once<T>(slot: &mut Option<T>, key: &'static str, value: T) -> Result<(), 
 }
 
 /// Parses one `--disk` value. Defaults: writable, no id, one queue,
-/// buffered I/O, no polling (the worker blocks as soon as its queues are empty).
+/// buffered I/O, no polling (the worker blocks as soon as its queues are empty),
+/// engine auto (io_uring where the host allows it, else sync).
 pub fn parse_disk(spec: &str) -> Result<BlockConfig, DiskOptionError> {
     let mut path = None;
     let mut readonly = None;
@@ -127,6 +132,7 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, DiskOptionError> {
     let mut queues = None;
     let mut direct = None;
     let mut poll_us = None;
+    let mut engine = None;
     for item in spec.split(',') {
         let (key, value) = item
             .split_once('=')
@@ -159,6 +165,12 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, DiskOptionError> {
                     .ok_or_else(|| DiskOptionError::BadPoll(value.to_string()))?;
                 set_once(&mut poll_us, "poll_us", us)?;
             }
+            "engine" => {
+                let e = value
+                    .parse::<EngineChoice>()
+                    .map_err(|_| DiskOptionError::BadEngine(value.to_string()))?;
+                set_once(&mut engine, "engine", e)?;
+            }
             _ => return Err(DiskOptionError::UnknownKey(key.to_string())),
         }
     }
@@ -169,6 +181,7 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, DiskOptionError> {
         queues: queues.unwrap_or(1),
         direct: direct.unwrap_or(false),
         poll_us: poll_us.unwrap_or(0),
+        engine: engine.unwrap_or_default(),
     })
 }
 
@@ -203,6 +216,7 @@ mod tests {
                 queues: 1,
                 direct: false,
                 poll_us: 0,
+                engine: EngineChoice::Auto,
             }
         );
     }
@@ -210,8 +224,10 @@ mod tests {
     #[test]
     fn every_key_in_any_order() {
         assert_eq!(
-            parse_disk("queues=4,id=serial-01,poll_us=30,direct=on,readonly=on,path=/d/b.raw")
-                .unwrap(),
+            parse_disk(
+                "queues=4,id=serial-01,poll_us=30,engine=sync,direct=on,readonly=on,path=/d/b.raw"
+            )
+            .unwrap(),
             BlockConfig {
                 path: "/d/b.raw".into(),
                 readonly: true,
@@ -219,6 +235,7 @@ mod tests {
                 queues: 4,
                 direct: true,
                 poll_us: 30,
+                engine: EngineChoice::Only(evmm_virtio::blk::EngineKind::Sync),
             }
         );
         let c = parse_disk("path=x,readonly=off,direct=false,queues=16").unwrap();
@@ -264,6 +281,14 @@ mod tests {
             assert_eq!(err(&format!("path=/a,poll_us={us}")), BadPoll(us.into()));
         }
         assert_eq!(err("path=/a,poll_us=1,poll_us=2"), Duplicate("poll_us"));
+        for e in ["aio", "", "IO_URING"] {
+            assert_eq!(err(&format!("path=/a,engine={e}")), BadEngine(e.into()));
+        }
+        assert_eq!(err("path=/a,engine=sync,engine=sync"), Duplicate("engine"));
+        assert_eq!(
+            parse_disk("path=/a,engine=io_uring").unwrap().engine,
+            EngineChoice::Only(evmm_virtio::blk::EngineKind::IoUring)
+        );
         assert_eq!(parse_disk("path=/a,poll_us=1000").unwrap().poll_us, 1000);
         let long = "a".repeat(21);
         assert_eq!(err(&format!("path=/a,id={long}")), BadId(long));

@@ -376,6 +376,7 @@ mod tests {
             queues,
             direct: false,
             poll_us: 0,
+            engine: Default::default(),
         }
     }
 

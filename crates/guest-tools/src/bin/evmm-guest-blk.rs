@@ -2,7 +2,9 @@
 //!   evmm-guest-blk write-pattern DEV      the known pattern, O_DIRECT + fsync
 //!   evmm-guest-blk read-pattern DEV       verify the host's pattern
 //!   evmm-guest-blk readonly DEV           a write to a read-only disk must fail
-//!   evmm-guest-blk random DEV OPS SEED    a verified random workload
+//!   evmm-guest-blk random DEV OPS SEED [THREADS]
+//!                                         a verified random workload (THREADS at once,
+//!                                         each on its own part of the disk)
 //!   evmm-guest-blk qd DEV DEPTH N SEED    N timed random 4 KiB reads, DEPTH in flight
 //! On the host, on the disk file:
 //!   evmm-guest-blk host-write-pattern FILE
@@ -49,10 +51,12 @@ fn run(argv: &[&str]) -> Result<bool, Box<dyn std::error::Error>> {
             );
             Ok(o.refused())
         }
-        ["random", dev, ops, seed] => {
+        ["random", dev, ops, seed, rest @ ..] if rest.len() <= 1 => {
+            let threads = rest.first().map(|t| t.parse()).transpose()?.unwrap_or(1);
             let f = blk::open_direct(Path::new(dev), true)?;
             let len = blk::device_len(&f)?;
-            let report = blk::random_workload(&f, len, ops.parse()?, seed.parse()?)?;
+            let report =
+                blk::random_workload_parallel(&f, len, ops.parse()?, seed.parse()?, threads)?;
             println!("{}", report.line());
             Ok(report.mismatches == 0)
         }
@@ -76,6 +80,6 @@ fn run(argv: &[&str]) -> Result<bool, Box<dyn std::error::Error>> {
             println!("EVMM-BLK-CHECKSUM checksum={:016x}", blk::fnv1a(&std::fs::read(file)?));
             Ok(true)
         }
-        _ => Err("usage: see the top of src/bin/evmm-guest-blk.rs (write-pattern DEV | read-pattern DEV | readonly DEV | random DEV OPS SEED | qd DEV DEPTH N SEED | host-write-pattern FILE | host-verify-pattern FILE | checksum FILE)".into()),
+        _ => Err("usage: see the top of src/bin/evmm-guest-blk.rs (write-pattern DEV | read-pattern DEV | readonly DEV | random DEV OPS SEED [THREADS] | qd DEV DEPTH N SEED | host-write-pattern FILE | host-verify-pattern FILE | checksum FILE)".into()),
     }
 }

@@ -44,6 +44,7 @@ impl Rig {
             queues: 2,
             direct: false,
             poll_us: 0,
+            engine: Default::default(),
         })
         .unwrap();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
@@ -91,8 +92,9 @@ impl Rig {
         self.chain(&descs);
     }
 
+    /// Serves the queue and waits for what the engine has in flight.
     fn serve(&self) -> usize {
-        self.backend.serve_queue(0, &self.vring)
+        self.backend.serve_queue(0, &self.vring) + self.backend.settle_queue(0)
     }
 
     fn status(&self) -> u8 {

@@ -1,21 +1,23 @@
-//! One descriptor chain through the device: parse, execute, answer in the status byte
-//! ([`process_chain`]), and a whole queue served that way ([`serve_queue`]) with the
-//! generic EVENT_IDX drain loop of [`crate::queue`].
+//! One descriptor chain through the device: parse, hand to the engine, answer in the
+//! status byte ([`process_chain`]); a whole queue served that way ([`serve_queue`])
+//! with the generic EVENT_IDX drain loop of [`crate::queue`]; and the requests an
+//! asynchronous engine finished later put in the used ring ([`complete_finished`]).
 //!
 //! It knows guest memory, descriptor chains and queues only: the in-VMM worker (which
 //! signals an irqfd) and the vhost-user-blk daemon (which signals the frontend's call
 //! eventfd) both run it, and each delivers the interrupt its own way.
 
-use std::ops::Deref;
+use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue};
-use vm_memory::{Bytes, GuestMemory};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{Bytes, GuestMemory, GuestMemoryMmap};
 
-use super::backend::{BlockBackend, Completion};
+use super::disk::Completion;
+use super::engine::{BlockEngine, Finished, Submitted};
 use super::metrics::BlockQueueMetrics;
-use super::request::{Fault, ParseError, Request, RequestLimits, RequestType};
+use super::request::{Fault, ParseError, Request, RequestLimits, RequestScratch, RequestType};
 use crate::fault::{FaultKind, FaultLog};
-use crate::queue::{drain_queue, Drained};
+use crate::queue::{drain_queue, driver_wants_interrupt, Drained, QueueFault, Served};
 
 impl FaultKind for Fault {
     fn kind(&self) -> u32 {
@@ -33,6 +35,9 @@ pub enum ChainOutcome {
         /// The result (status, bytes moved).
         completion: Completion,
     },
+    /// The engine has it in flight: it is answered when it completes
+    /// ([`complete_finished`]).
+    InFlight,
     /// The request was refused; `fault.status()` is written in its status byte.
     Rejected {
         /// Why.
@@ -47,34 +52,25 @@ pub enum ChainOutcome {
 }
 
 impl ChainOutcome {
-    /// The length to put in the used ring (`None` for [`ChainOutcome::NeedsReset`]).
+    /// The length to put in the used ring now (`None` for a request in flight or
+    /// [`ChainOutcome::NeedsReset`]).
     pub fn used_len(&self) -> Option<u32> {
         match self {
             Self::Done { completion, .. } => Some(completion.used_len()),
             Self::Rejected { .. } => Some(1),
-            Self::NeedsReset { .. } => None,
+            Self::InFlight | Self::NeedsReset { .. } => None,
         }
     }
 
-    /// Adds this outcome to the queue's counters.
+    /// Adds this outcome to the queue's counters (a request in flight counts when it
+    /// completes).
     pub fn count(&self, m: &BlockQueueMetrics) {
         match self {
             Self::Done {
                 request_type,
                 completion,
-            } => {
-                match request_type {
-                    RequestType::In => m.req_in.inc(),
-                    RequestType::Out => m.req_out.inc(),
-                    RequestType::Flush => m.req_flush.inc(),
-                    RequestType::GetId => m.req_get_id.inc(),
-                    RequestType::Discard => m.req_discard.inc(),
-                    RequestType::WriteZeroes => m.req_write_zeroes.inc(),
-                    RequestType::Unsupported(_) => m.req_unsupported.inc(),
-                }
-                m.bytes_read.add(completion.bytes_read);
-                m.bytes_written.add(completion.bytes_written);
-            }
+            } => count_done(m, *request_type, completion),
+            Self::InFlight => {}
             Self::Rejected { fault } | Self::NeedsReset { fault } => {
                 if fault.is_malformed() {
                     m.malformed_chains.inc();
@@ -86,32 +82,50 @@ impl ChainOutcome {
     }
 }
 
-/// Parses, executes and answers one chain: the whole per-request path, independent of
-/// workers and transports. The caller adds the used entry ([`ChainOutcome::used_len`]).
-pub fn process_chain<C, M>(
-    backend: &mut BlockBackend,
-    chain: DescriptorChain<C>,
-    mem: &M,
+fn count_done(m: &BlockQueueMetrics, request_type: RequestType, completion: &Completion) {
+    match request_type {
+        RequestType::In => m.req_in.inc(),
+        RequestType::Out => m.req_out.inc(),
+        RequestType::Flush => m.req_flush.inc(),
+        RequestType::GetId => m.req_get_id.inc(),
+        RequestType::Discard => m.req_discard.inc(),
+        RequestType::WriteZeroes => m.req_write_zeroes.inc(),
+        RequestType::Unsupported(_) => m.req_unsupported.inc(),
+    }
+    m.bytes_read.add(completion.bytes_read);
+    m.bytes_written.add(completion.bytes_written);
+}
+
+/// Parses one chain (into `scratch`) and hands it to `engine`; answers it now when the
+/// engine finished it (or it was refused). The caller adds the used entry
+/// ([`ChainOutcome::used_len`]).
+pub fn process_chain<M>(
+    engine: &mut dyn BlockEngine,
+    scratch: &mut RequestScratch,
+    chain: DescriptorChain<M>,
+    mem: &Arc<GuestMemoryMmap>,
     limits: &RequestLimits,
 ) -> ChainOutcome
 where
-    C: Deref,
-    C::Target: GuestMemory,
-    M: GuestMemory + ?Sized,
+    M: std::ops::Deref,
+    M::Target: GuestMemory,
 {
-    match Request::parse(chain, mem, limits) {
-        Ok(req) => {
-            let completion = backend.execute(&req, mem);
-            if mem.write_obj(completion.status, req.status_addr).is_err() {
-                return ChainOutcome::NeedsReset {
-                    fault: Fault::StatusOutOfMemory,
-                };
+    let head = chain.head_index();
+    match scratch.parse(chain, &**mem, limits) {
+        Ok(req) => match engine.submit(head, req, mem) {
+            Submitted::InFlight => ChainOutcome::InFlight,
+            Submitted::Done(completion) => {
+                if mem.write_obj(completion.status, req.status_addr).is_err() {
+                    return ChainOutcome::NeedsReset {
+                        fault: Fault::StatusOutOfMemory,
+                    };
+                }
+                ChainOutcome::Done {
+                    request_type: req.request_type,
+                    completion,
+                }
             }
-            ChainOutcome::Done {
-                request_type: req.request_type,
-                completion,
-            }
-        }
+        },
         Err(ParseError::Rejected { status_addr, fault }) => {
             if mem.write_obj(fault.status(), status_addr).is_err() {
                 return ChainOutcome::NeedsReset {
@@ -125,7 +139,7 @@ where
 }
 
 /// Writes `status` into a request's status byte (for backends that run
-/// [`Request::parse`] and [`BlockBackend::execute`] separately).
+/// [`Request::parse`] and an engine separately).
 pub fn complete_request<M: GuestMemory + ?Sized>(
     mem: &M,
     req: &Request,
@@ -139,7 +153,9 @@ pub struct ServeContext<'a> {
     /// The virtio queue index (for logs).
     pub index: usize,
     /// Executes the requests.
-    pub backend: &'a mut BlockBackend,
+    pub engine: &'a mut dyn BlockEngine,
+    /// The queue's parse buffers.
+    pub scratch: &'a mut RequestScratch,
     /// The limits requests are checked against.
     pub limits: &'a RequestLimits,
     /// The queue's counters.
@@ -148,32 +164,70 @@ pub struct ServeContext<'a> {
     pub faults: &'a FaultLog,
 }
 
-/// Serves every available chain of `queue` ([`drain_queue`] around [`process_chain`]).
-/// Chains answered in their status byte ([`ChainOutcome::Rejected`]) are logged here; a
-/// chain without a status byte or a ring fault stops the drain and is returned in
-/// [`Drained::fault`], not yet logged.
-pub fn serve_queue<M: GuestMemory>(
+/// Serves every available chain of `queue` ([`drain_queue`] around [`process_chain`]),
+/// then starts what the engine queued. Chains answered in their status byte
+/// ([`ChainOutcome::Rejected`]) are logged here; a chain without a status byte or a
+/// ring fault stops the drain and is returned in [`Drained::fault`], not yet logged.
+pub fn serve_queue(
     queue: &mut Queue,
-    mem: &M,
+    mem: &Arc<GuestMemoryMmap>,
     ctx: ServeContext<'_>,
 ) -> Drained<Fault> {
     let ServeContext {
         index,
-        backend,
+        engine,
+        scratch,
         limits,
         metrics,
         faults,
     } = ctx;
-    drain_queue(queue, mem, |chain| {
-        let outcome = process_chain(backend, chain, mem, limits);
+    let drained = drain_queue(queue, &**mem, |chain| {
+        let outcome = process_chain(engine, scratch, chain, mem, limits);
         outcome.count(metrics);
         match outcome {
             ChainOutcome::Done { completion, .. } => Ok(completion.used_len().into()),
+            ChainOutcome::InFlight => Ok(Served::Pending),
             ChainOutcome::Rejected { fault } => {
                 faults.report_chain(index, &fault);
                 Ok(1.into())
             }
             ChainOutcome::NeedsReset { fault } => Err(fault),
         }
-    })
+    });
+    if let Err(e) = engine.start() {
+        log::error!("virtio-blk queue {index}: cannot start the queued requests: {e}");
+    }
+    drained
+}
+
+/// Answers requests an engine finished (status byte, counters, used entry, in the
+/// order given) and decides whether the driver wants an interrupt for them.
+pub fn complete_finished(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    finished: &[Finished],
+    metrics: &BlockQueueMetrics,
+) -> Drained<Fault> {
+    let mut added = 0;
+    let mut fault = None;
+    for f in finished {
+        if mem.write_obj(f.completion.status, f.status_addr).is_err() {
+            // Checked at parse time; the memory can only have changed under us.
+            fault.get_or_insert(QueueFault::Chain(Fault::StatusOutOfMemory));
+            continue;
+        }
+        count_done(metrics, f.request_type, &f.completion);
+        match queue.add_used(mem, f.head, f.completion.used_len()) {
+            Ok(()) => added += 1,
+            Err(e) => {
+                fault.get_or_insert(QueueFault::Ring(format!("cannot add a used entry: {e}")));
+            }
+        }
+    }
+    Drained {
+        added,
+        notify: added > 0 && driver_wants_interrupt(queue, mem),
+        fault,
+        blocked: false,
+    }
 }

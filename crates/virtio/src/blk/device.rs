@@ -4,8 +4,10 @@
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
+use virtio_queue::QueueT;
 
-use super::backend::{BlockBackend, DiskFile};
+use super::disk::DiskFile;
+use super::engine::{self, EngineKind};
 use super::metrics::{BlockMetricsSnapshot, BlockQueueMetrics};
 use super::worker::{BlockWorker, WorkerQueue};
 use super::{config, BlockConfig, BlockError, VIRTIO_ID_BLOCK};
@@ -20,13 +22,12 @@ pub struct Block {
     offer: DeviceOffer,
     metrics: Arc<[BlockQueueMetrics]>,
     faults: Arc<FaultLog>,
-    /// A backend handed back by a stopped worker, reused on the next activation.
-    spare_backend: Option<BlockBackend>,
-    worker: Option<WorkerHandle<BlockBackend>>,
+    engine: EngineKind,
+    worker: Option<WorkerHandle<()>>,
 }
 
 impl Block {
-    /// Opens the disk.
+    /// Opens the disk and picks its engine ([`engine::EngineChoice::resolve`]).
     pub fn new(config: BlockConfig) -> Result<Self, BlockError> {
         if config.queues == 0 || config.queues > config::MAX_QUEUES {
             return Err(BlockError::Config(format!(
@@ -43,6 +44,12 @@ impl Block {
             id,
         )?);
         let queues = config.queues;
+        let engine = config.engine.resolve()?;
+        log::info!(
+            "disk {}: {} engine, {queues} queue(s)",
+            config.path.display(),
+            engine
+        );
         Ok(Self {
             offer: DeviceOffer {
                 device_type: VIRTIO_ID_BLOCK,
@@ -52,7 +59,7 @@ impl Block {
             },
             metrics: (0..queues).map(|_| BlockQueueMetrics::default()).collect(),
             faults: Arc::new(FaultLog::new("virtio-blk")),
-            spare_backend: None,
+            engine,
             worker: None,
             disk,
             config,
@@ -62,6 +69,11 @@ impl Block {
     /// The settings the disk was opened with.
     pub fn config(&self) -> &BlockConfig {
         &self.config
+    }
+
+    /// The engine that executes the requests.
+    pub fn engine(&self) -> EngineKind {
+        self.engine
     }
 
     /// Disk size in 512-byte sectors.
@@ -95,28 +107,30 @@ impl VirtioDevice for Block {
         if self.worker.is_some() {
             return Err(ActivateError::BadSetup("device is already active".into()));
         }
+        let writeback = ctx.has_feature(VIRTIO_BLK_F_FLUSH);
         let queues: Vec<WorkerQueue> = ctx
             .take_ready_queues(self.offer.queue_sizes.len())?
             .into_iter()
-            .map(|ready| WorkerQueue {
-                ready,
-                broken: false,
+            .map(|ready| {
+                let mut engine = engine::open(self.engine, &self.disk, ready.queue.size());
+                engine.set_writeback(writeback);
+                WorkerQueue {
+                    ready,
+                    broken: false,
+                    engine,
+                    scratch: Default::default(),
+                }
             })
             .collect();
-        let mut backend = self
-            .spare_backend
-            .take()
-            .unwrap_or_else(|| BlockBackend::new(self.disk.clone()));
-        backend.set_writeback(ctx.has_feature(VIRTIO_BLK_F_FLUSH));
         let worker = BlockWorker {
-            mem: ctx.mem,
+            mem: Arc::new(ctx.mem),
             queues,
-            backend,
             limits: config::limits(self.disk.capacity_sectors()),
             interrupt: ctx.interrupt,
             metrics: self.metrics.clone(),
             faults: self.faults.clone(),
             poll: std::time::Duration::from_micros(u64::from(self.config.poll_us)),
+            finished: Vec::with_capacity(usize::from(config::QUEUE_SIZE)),
         };
         let epoll = worker.epoll().map_err(ActivateError::Worker)?;
         let handle = WorkerHandle::spawn("evmm-blk", move |kill| worker.run(epoll, kill))
@@ -127,11 +141,17 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         if let Some(worker) = self.worker.take() {
-            self.spare_backend = worker.stop();
+            worker.stop();
         }
     }
 
+    /// The per-queue counters and the engine: `{"engine": "io_uring", "queues": [...]}`.
     fn metrics(&self) -> serde_json::Value {
-        serde_json::to_value(self.metrics_snapshot()).unwrap_or(serde_json::Value::Null)
+        let mut v =
+            serde_json::to_value(self.metrics_snapshot()).unwrap_or(serde_json::Value::Null);
+        if let Some(map) = v.as_object_mut() {
+            map.insert("engine".into(), serde_json::json!(self.engine));
+        }
+        v
     }
 }

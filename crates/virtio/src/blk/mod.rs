@@ -5,17 +5,21 @@
 //! writing zeros where the file system cannot). A read-only disk is opened O_RDONLY,
 //! offers VIRTIO_BLK_F_RO, and answers OUT, DISCARD and WRITE_ZEROES with
 //! VIRTIO_BLK_S_IOERR without touching the file. With `direct` the file is opened
-//! O_DIRECT; all disk I/O goes through a page-aligned bounce buffer anyway.
+//! O_DIRECT. Data moves straight between the file and guest memory (see [`engine`]
+//! for the two engines, `sync` and `io_uring`, and what the device promises about
+//! durability).
 //!
-//! The request code ([`request::Request::parse`], [`backend::BlockBackend::execute`],
-//! [`chain::process_chain`], [`chain::serve_queue`]) knows guest memory, descriptor
-//! chains and queues only: the worker and the transport are separate, so the
-//! vhost-user-blk backend (`evmm-vhost-user-blk`) runs the same code.
+//! The request code ([`request::Request::parse`], the [`engine`]s,
+//! [`chain::process_chain`], [`chain::serve_queue`], [`chain::complete_finished`])
+//! knows guest memory, descriptor chains and queues only: the worker and the
+//! transport are separate, so the vhost-user-blk backend (`evmm-vhost-user-blk`) runs
+//! the same code.
 //!
 //! Files: `config` (feature bits, configuration space, limits), `request` (parsing a
-//! chain), `backend` (executing a request on the file), `chain` (one chain and one
-//! queue through both), `worker` (the thread that waits on the kicks), `device` (the
-//! [`VirtioDevice`](crate::VirtioDevice)), `metrics` (per-queue counters).
+//! chain), `disk` (the open file), `engine` (executing requests on it), `chain` (one
+//! chain and one queue through both), `worker` (the thread that waits on the kicks and
+//! the completions), `device` (the [`VirtioDevice`](crate::VirtioDevice)), `metrics`
+//! (per-queue counters).
 //!
 //! # Guest-fault policy
 //!
@@ -44,16 +48,20 @@
 //! Each kind of fault is logged once per device at `warn` (later ones at `debug`),
 //! and counted per queue in `malformed_chains`.
 
-pub mod backend;
 pub mod chain;
 pub mod config;
 pub mod device;
+pub mod disk;
+pub mod engine;
 pub mod metrics;
 pub mod request;
 mod worker;
 
-pub use chain::{complete_request, process_chain, serve_queue, ChainOutcome, ServeContext};
+pub use chain::{
+    complete_finished, complete_request, process_chain, serve_queue, ChainOutcome, ServeContext,
+};
 pub use device::Block;
+pub use engine::{BlockEngine, EngineChoice, EngineKind};
 
 use std::path::PathBuf;
 
@@ -79,6 +87,8 @@ pub struct BlockConfig {
     /// which is costly where waking an idle CPU is an exit of its own (a virtualised
     /// host); the price is up to that much CPU after every burst of requests.
     pub poll_us: u32,
+    /// Which engine executes the requests.
+    pub engine: EngineChoice,
 }
 
 /// Errors of opening a disk.

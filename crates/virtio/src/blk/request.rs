@@ -29,9 +29,10 @@ pub const HEADER_LEN: u32 = 16;
 pub const RANGE_LEN: u32 = 16;
 
 /// The request types this device knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RequestType {
     /// Read sectors into the guest.
+    #[default]
     In,
     /// Write sectors from the guest.
     Out,
@@ -62,6 +63,11 @@ impl From<u32> for RequestType {
 }
 
 impl RequestType {
+    /// Whether the request changes the disk (refused on a read-only one).
+    pub fn writes_disk(self) -> bool {
+        matches!(self, Self::Out | Self::Discard | Self::WriteZeroes)
+    }
+
     /// Whether the data descriptors of this type are written by the device.
     fn data_is_device_writable(self) -> Option<bool> {
         match self {
@@ -213,7 +219,7 @@ pub enum ParseError {
 }
 
 /// A parsed, validated virtio-blk request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Request {
     /// What to do.
     pub request_type: RequestType,
@@ -257,7 +263,8 @@ impl Request {
     }
 
     /// Parses and validates the request in `chain`. `mem` is the guest memory the
-    /// chain's buffers live in.
+    /// chain's buffers live in. (A device parses with [`RequestScratch::parse`], which
+    /// reuses its buffers.)
     pub fn parse<C, M>(
         chain: DescriptorChain<C>,
         mem: &M,
@@ -268,8 +275,36 @@ impl Request {
         C::Target: GuestMemory,
         M: GuestMemory + ?Sized,
     {
-        let descs: Vec<Descriptor> = chain.collect();
-        let status_addr = status_byte(&descs, mem).map_err(ParseError::NoStatus)?;
+        RequestScratch::default().parse(chain, mem, limits).cloned()
+    }
+}
+
+/// The buffers a queue parses its requests into, kept from one request to the next
+/// so that parsing a read or write allocates nothing once they have grown to the
+/// largest chain seen.
+#[derive(Debug, Default)]
+pub struct RequestScratch {
+    descs: Vec<Descriptor>,
+    request: Request,
+}
+
+impl RequestScratch {
+    /// Parses and validates the request in `chain` (see [`Request::parse`]).
+    pub fn parse<C, M>(
+        &mut self,
+        chain: DescriptorChain<C>,
+        mem: &M,
+        limits: &RequestLimits,
+    ) -> Result<&Request, ParseError>
+    where
+        C: Deref,
+        C::Target: GuestMemory,
+        M: GuestMemory + ?Sized,
+    {
+        let Self { descs, request } = self;
+        descs.clear();
+        descs.extend(chain);
+        let status_addr = status_byte(descs, mem).map_err(ParseError::NoStatus)?;
         let rest = &descs[..descs.len() - 1];
         let reject = |fault| ParseError::Rejected { status_addr, fault };
 
@@ -307,7 +342,8 @@ impl Request {
         if data_descs.len() > limits.seg_max as usize {
             return Err(reject(Fault::TooManySegments));
         }
-        let mut data = Vec::with_capacity(data_descs.len());
+        let data = &mut request.data;
+        data.clear();
         let mut total: u64 = 0;
         for d in data_descs {
             if let Some(w) = writable {
@@ -336,7 +372,7 @@ impl Request {
             return Err(reject(Fault::RequestTooLarge));
         }
 
-        let mut ranges = Vec::new();
+        request.ranges.clear();
         match request_type {
             RequestType::In | RequestType::Out => {
                 if !total.is_multiple_of(SECTOR_SIZE) {
@@ -351,8 +387,8 @@ impl Request {
                 } else {
                     (limits.max_write_zeroes_seg, limits.max_write_zeroes_sectors)
                 };
-                ranges = read_ranges(&data, mem, max_seg).map_err(reject)?;
-                for r in &ranges {
+                request.ranges = read_ranges(data, mem, max_seg).map_err(reject)?;
+                for r in &request.ranges {
                     let allowed = if request_type == RequestType::Discard {
                         0
                     } else {
@@ -371,13 +407,10 @@ impl Request {
             RequestType::Flush | RequestType::GetId | RequestType::Unsupported(_) => {}
         }
 
-        Ok(Self {
-            request_type,
-            sector,
-            data,
-            ranges,
-            status_addr,
-        })
+        request.request_type = request_type;
+        request.sector = sector;
+        request.status_addr = status_addr;
+        Ok(request)
     }
 }
 

@@ -1,6 +1,7 @@
 //! The virtio-blk worker: one thread per device, blocked in epoll on the queues' kick
-//! eventfds (the eventfds KVM signals as the queues' ioeventfds) and a kill eventfd.
-//! This is where a disk's worker waits on its kicks.
+//! eventfds (the eventfds KVM signals as the queues' ioeventfds), the completion
+//! eventfds of the queues' engines, and a kill eventfd. This is where a disk's worker
+//! waits on its kicks and its disk.
 
 use std::io;
 use std::os::unix::io::AsRawFd;
@@ -11,15 +12,15 @@ use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::backend::BlockBackend;
-use super::chain::{serve_queue, ServeContext};
+use super::chain::{complete_finished, serve_queue, ServeContext};
+use super::engine::{BlockEngine, Finished};
 use super::metrics::BlockQueueMetrics;
-use super::request::RequestLimits;
+use super::request::{Fault, RequestLimits, RequestScratch};
 use crate::device::ReadyQueue;
 use crate::epoll::{EpollHelper, FixedToken, SlotToken};
 use crate::fault::FaultLog;
 use crate::interrupt::{InterruptKind, InterruptSignal};
-use crate::queue::take_kicks;
+use crate::queue::{take_kicks, Drained};
 
 /// The worker's one named event source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,8 +33,9 @@ impl FixedToken for Stop {
     const ALL: &'static [Self] = &[Stop::Kill];
 }
 
-/// What woke the worker: the kill eventfd, or the kick of the queue in this slot of
-/// [`BlockWorker::queues`].
+/// What woke the worker: the kill eventfd; the kick of the queue in slot `i` of
+/// [`BlockWorker::queues`] (`Indexed(i)`); or its engine's completions
+/// (`Indexed(queues + i)`).
 pub(crate) type Token = SlotToken<Stop>;
 
 /// One queue the worker serves.
@@ -42,50 +44,74 @@ pub(crate) struct WorkerQueue {
     pub ready: ReadyQueue,
     /// A guest fault made the queue unusable until reset.
     pub broken: bool,
+    /// Executes the queue's requests.
+    pub engine: Box<dyn BlockEngine>,
+    /// Where the queue's requests are parsed.
+    pub scratch: RequestScratch,
 }
 
 /// Everything the worker thread owns.
 pub(crate) struct BlockWorker {
-    pub mem: GuestMemoryMmap,
+    pub mem: Arc<GuestMemoryMmap>,
     pub queues: Vec<WorkerQueue>,
-    pub backend: BlockBackend,
     pub limits: RequestLimits,
     pub interrupt: Arc<dyn InterruptSignal>,
     pub metrics: Arc<[BlockQueueMetrics]>,
     pub faults: Arc<FaultLog>,
     /// How long to poll for the next kick before blocking.
     pub poll: Duration,
+    /// Completions reaped and not yet answered (kept to allocate nothing per wake-up).
+    pub finished: Vec<Finished>,
 }
 
 impl BlockWorker {
-    /// Builds the epoll set for the queues' kicks (the kill eventfd is added by `run`).
+    /// Builds the epoll set for the queues' kicks and completions (the kill eventfd is
+    /// added by `run`).
     pub fn epoll(&self) -> io::Result<EpollHelper<Token>> {
-        let epoll = EpollHelper::new(self.queues.len() + 1)?;
+        let n = self.queues.len();
+        let epoll = EpollHelper::new(2 * n + 1)?;
         for (slot, q) in self.queues.iter().enumerate() {
             epoll.add(q.ready.kick.as_raw_fd(), Token::Indexed(slot))?;
+            if let Some(fd) = q.engine.completion_fd() {
+                epoll.add(fd, Token::Indexed(n + slot))?;
+            }
         }
         Ok(epoll)
     }
 
-    /// The thread body: serves kicks until `kill` is written; hands the backend back.
-    pub fn run(mut self, mut epoll: EpollHelper<Token>, kill: EventFd) -> BlockBackend {
+    /// The thread body: serves kicks and completions until `kill` is written, then
+    /// waits for every request still in flight (the driver is resetting the device:
+    /// their answers are dropped).
+    pub fn run(mut self, mut epoll: EpollHelper<Token>, kill: EventFd) {
         if let Err(e) = epoll.add(kill.as_raw_fd(), Token::Fixed(Stop::Kill)) {
             log::error!("virtio-blk worker cannot watch its kill eventfd: {e}");
-            return self.backend;
+            return;
         }
-        let mut ready = Vec::with_capacity(self.queues.len() + 1);
+        let n = self.queues.len();
+        let mut ready = Vec::with_capacity(2 * n + 1);
         loop {
             if let Err(e) = epoll.wait_polling(self.poll, &mut ready) {
                 log::error!("virtio-blk worker: epoll_wait failed: {e}");
-                return self.backend;
+                break;
             }
+            let mut stop = false;
             for &token in &ready {
                 match token {
-                    Token::Fixed(Stop::Kill) => return self.backend,
-                    Token::Indexed(slot) => self.handle_kick(slot),
+                    Token::Fixed(Stop::Kill) => stop = true,
+                    Token::Indexed(slot) if slot < n => self.handle_kick(slot),
+                    Token::Indexed(slot) => {
+                        self.handle_completions(slot - n);
+                    }
                 }
             }
+            if stop {
+                break;
+            }
         }
+        for q in &mut self.queues {
+            q.engine.wait_idle(&mut self.finished);
+        }
+        self.finished.clear();
     }
 
     /// Reads the kick eventfd of `slot` and drains its queue.
@@ -116,12 +142,10 @@ impl BlockWorker {
         let Self {
             mem,
             queues,
-            backend,
             limits,
-            interrupt,
             metrics,
             faults,
-            poll: _,
+            ..
         } = self;
         let Some(wq) = queues.get_mut(slot) else {
             return 0;
@@ -135,25 +159,77 @@ impl BlockWorker {
         };
         let drained = serve_queue(
             &mut wq.ready.queue,
-            &*mem,
+            mem,
             ServeContext {
                 index,
-                backend,
+                engine: wq.engine.as_mut(),
+                scratch: &mut wq.scratch,
                 limits,
                 metrics: m,
                 faults,
             },
         );
+        self.deliver(slot, drained)
+    }
+
+    /// Answers what the engine of `slot` completed.
+    pub fn handle_completions(&mut self, slot: usize) -> usize {
+        let Some(wq) = self.queues.get_mut(slot) else {
+            return 0;
+        };
+        self.finished.clear();
+        wq.engine.reap(&mut self.finished);
+        if self.finished.is_empty() {
+            return 0;
+        }
+        let Some(m) = self.metrics.get(wq.ready.index) else {
+            return 0;
+        };
+        let drained = complete_finished(&mut wq.ready.queue, &self.mem, &self.finished, m);
+        self.finished.clear();
+        self.deliver(slot, drained)
+    }
+
+    /// Waits for every request of `slot` in flight and answers them (for tests, which
+    /// want a request done when they look).
+    #[cfg(test)]
+    pub fn settle(&mut self, slot: usize) -> usize {
+        let Some(wq) = self.queues.get_mut(slot) else {
+            return 0;
+        };
+        self.finished.clear();
+        wq.engine.wait_idle(&mut self.finished);
+        let Some(m) = self.metrics.get(wq.ready.index) else {
+            return 0;
+        };
+        if self.finished.is_empty() {
+            return 0;
+        }
+        let drained = complete_finished(&mut wq.ready.queue, &self.mem, &self.finished, m);
+        self.finished.clear();
+        self.deliver(slot, drained)
+    }
+
+    /// Interrupts the guest for `drained` if the driver wants it, and stops the queue
+    /// after a fault. Returns the used entries added.
+    fn deliver(&mut self, slot: usize, drained: Drained<Fault>) -> usize {
+        let Some(wq) = self.queues.get_mut(slot) else {
+            return 0;
+        };
+        let index = wq.ready.index;
+        let Some(m) = self.metrics.get(index) else {
+            return 0;
+        };
         drained.count_notification(&m.interrupts, &m.interrupts_suppressed);
         if drained.notify {
-            if let Err(e) = interrupt.trigger(InterruptKind::Vring) {
+            if let Err(e) = self.interrupt.trigger(InterruptKind::Vring) {
                 log::error!("virtio-blk queue {index}: cannot signal the guest: {e}");
             }
         }
         if let Some(f) = drained.fault {
-            faults.report(index, &f);
+            self.faults.report(index, &f);
             wq.broken = true;
-            interrupt.set_needs_reset();
+            self.interrupt.set_needs_reset();
         }
         drained.added
     }

@@ -549,6 +549,7 @@ fn block_device_through_the_transport() {
         queues: 1,
         direct: false,
         poll_us: 0,
+        engine: Default::default(),
     })
     .unwrap();
     let mem = guest_memory();
