@@ -70,13 +70,17 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_VCPUS)]
     pub cpus: u32,
 
-    /// Disk parameters "path=<disk_image_path>,readonly=on|off,id=<serial>,queues=<number_of_queues>,direct=on|off,poll_us=<microseconds>".
+    /// Disk parameters "path=<disk_image_path>,readonly=on|off,id=<serial>,queues=<number_of_queues>,direct=on|off,engine=io_uring|sync|auto,poll=off|adaptive|<microseconds>".
     /// path is a raw image file or block device; readonly=on offers a
     /// read-only disk (writes fail in the guest) [default: off]; id is what
     /// the guest reads as the disk's serial, at most 20 bytes; queues is 1
     /// to 16 [default: 1]; direct=on opens the file with O_DIRECT (not on
-    /// tmpfs) [default: off]; poll_us is how long the disk's worker keeps
-    /// polling for the next kick before it sleeps, 0 to 1000 [default: 0].
+    /// tmpfs) [default: off]; engine executes the requests: io_uring (many in
+    /// flight per queue), sync (one at a time), auto (io_uring where the host
+    /// allows it, else sync with a warning) [default: auto]; poll is how the
+    /// disk's worker waits for requests: off (sleep on the kicks), a fixed
+    /// window of 1 to 1000 µs or adaptive (up to 32 µs), polling the rings with
+    /// the guest's kicks turned off [default: off]; poll_us=N is poll=N.
     /// Repeat the option for more disks
     #[arg(long, value_name = "DISK")]
     pub disk: Vec<String>,
@@ -97,7 +101,8 @@ pub struct Cli {
     /// [default: 52:54:00 and three bytes of evmm's pid and the device's slot];
     /// queues is the number of queue pairs, 1 to 8 (more than 1 needs a multi_queue
     /// tap) [default: 1]; mtu is offered to the guest, 68 to 65521 [default: none,
-    /// Linux takes 1500]; poll_us as for --disk; vhost=on hands the queues to the
+    /// Linux takes 1500]; poll_us is how long the worker keeps checking its
+    /// eventfds before it sleeps, 0 to 1000 [default: 0]; vhost=on hands the queues to the
     /// kernel's vhost-net (/dev/vhost-net), whose worker then moves the frames
     /// [default: off]. Repeat the option for more devices; they follow the block
     /// devices

@@ -421,7 +421,15 @@ fn heapsort(v: &mut [u32]) {
 }
 
 /// Prints one `NOTIFY-RESULT` line.
-fn print_series(kind: ReqKind, mode: Mode, samples: &[u32], irqs: u64, errors: u64, raw: bool) {
+fn print_series(
+    kind: ReqKind,
+    mode: Mode,
+    samples: &[u32],
+    irqs: u64,
+    kicks: u64,
+    errors: u64,
+    raw: bool,
+) {
     // SAFETY: SORTED is only used here, by ring-3 code, one call at a time.
     let sorted = unsafe { &mut (&mut *addr_of_mut!(SORTED))[..samples.len()] };
     sorted.copy_from_slice(samples);
@@ -433,11 +441,12 @@ fn print_series(kind: ReqKind, mode: Mode, samples: &[u32], irqs: u64, errors: u
     let o = out();
     let _ = write!(
         o,
-        "NOTIFY-RESULT kind={} mode={} n={} irqs={} errors={} min={} p50={} p90={} p99={} p999={} max={} mean={}",
+        "NOTIFY-RESULT kind={} mode={} n={} irqs={} kicks={} errors={} min={} p50={} p90={} p99={} p999={} max={} mean={}",
         kind.name(),
         mode.name(),
         n,
         irqs,
+        kicks,
         errors,
         sorted[0],
         pct(500),
@@ -533,6 +542,7 @@ pub extern "C" fn guest_main() -> ! {
         drain_interrupts();
         let irqs_before = irq_count();
         let mut errors = 0u64;
+        let mut kicks = 0u64;
         let mut timeouts = 0u32;
         for r in 0..n {
             let sector = if kind == ReqKind::Read {
@@ -541,6 +551,7 @@ pub extern "C" fn guest_main() -> ! {
                 0
             };
             let m = dev.request(kind, sector, irq_mode);
+            kicks += u64::from(m.kicked);
             if !m.ok {
                 errors += 1;
             }
@@ -595,7 +606,7 @@ pub extern "C" fn guest_main() -> ! {
         for (s, &(kind, mode)) in SERIES.iter().enumerate().skip(i).take(series) {
             // SAFETY: ring-3-only storage, no other reference alive.
             let samples = unsafe { &(&*addr_of!(SAMPLES))[s][..n] };
-            print_series(kind, mode, samples, irqs, errors, cfg.raw);
+            print_series(kind, mode, samples, irqs, kicks, errors, cfg.raw);
         }
         i += series;
     }

@@ -2,9 +2,11 @@
 //! one request in flight, requests built in static guest memory (identity
 //! mapped, so guest-virtual = guest-physical).
 //!
-//! Features: only `VIRTIO_F_VERSION_1` is negotiated (no `EVENT_IDX`), so
-//! every request kicks (the driver never reads `used.flags`) and, with
-//! `avail.flags` = 0, every completion interrupts; poll series set
+//! Features: only `VIRTIO_F_VERSION_1` is negotiated (no `EVENT_IDX`). As Linux's
+//! driver does without EVENT_IDX, a request kicks only when the device has not set
+//! `VIRTQ_USED_F_NO_NOTIFY` in `used.flags` (read after a full barrier, once the
+//! available index is published): a polling device that turned kicks off gets none.
+//! With `avail.flags` = 0 every completion interrupts; poll series set
 //! `VIRTQ_AVAIL_F_NO_INTERRUPT` instead.
 
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
@@ -54,6 +56,7 @@ const F_VERSION_1_HIGH: u32 = 1;
 const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
+const USED_F_NO_NOTIFY: u16 = 1;
 
 const BLK_T_IN: u32 = 0;
 const BLK_T_GET_ID: u32 = 8;
@@ -172,6 +175,8 @@ pub struct Measurement {
     pub poll: u32,
     /// Poll mode: the QueueNotify write itself (until the next instruction runs).
     pub kick: u32,
+    /// Whether the request was kicked (the device had not turned kicks off).
+    pub kicked: bool,
     /// Interrupt mode: kick → handler entry.
     pub irq: u32,
     /// Interrupt mode: kick → ring 3 sees the handler ran.
@@ -405,12 +410,20 @@ impl BlkDevice {
         }
         let expect = self.used_idx.wrapping_add(1);
         let notify = self.base + REG_QUEUE_NOTIFY;
+        // As virtqueue_kick_prepare: the available index is published before the
+        // device's flags are read (a full barrier), and the kick is skipped when the
+        // device asked for none.
+        core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+        // SAFETY: q is QMEM; used.flags is a u16 the device writes.
+        let used_flags = unsafe { read_volatile(addr_of!((*q).used.flags)) };
+        let skip_kick = u64::from(used_flags & USED_F_NO_NOTIFY != 0);
         // SAFETY: q is QMEM; used.idx is a u16 the device writes.
         let used_idx_ptr = unsafe { addr_of!((*q).used.idx) };
         let mut m = Measurement {
             ok: false,
             poll: 0,
             kick: 0,
+            kicked: skip_kick == 0,
             irq: 0,
             wake: 0,
             timeout: false,
@@ -432,7 +445,10 @@ impl BlkDevice {
                     "shl rdx, 32",
                     "or rax, rdx",
                     "mov {start}, rax",
+                    "test {skip}, {skip}",
+                    "jnz 4f",
                     "mov dword ptr [{notify}], 0",
+                    "4:",
                     "2:",
                     "cmp qword ptr [{cnt}], {old}",
                     "jne 3f",
@@ -446,6 +462,7 @@ impl BlkDevice {
                     "mov dword ptr [{tpr}], {block:e}",
                     tpr = in(reg) LAPIC_BASE + LAPIC_TPR,
                     notify = in(reg) notify,
+                    skip = in(reg) skip_kick,
                     cnt = in(reg) addr_of!(crate::boot::GUEST_IRQ_COUNT),
                     old = in(reg) old,
                     block = in(reg) TPR_BLOCK_ALL,
@@ -478,7 +495,10 @@ impl BlkDevice {
                     "shl rdx, 32",
                     "or rax, rdx",
                     "mov {start}, rax",
+                    "test {skip}, {skip}",
+                    "jnz 4f",
                     "mov dword ptr [{notify}], 0",
+                    "4:",
                     "rdtsc",
                     "shl rdx, 32",
                     "or rax, rdx",
@@ -497,6 +517,7 @@ impl BlkDevice {
                     "sub rax, {start}",
                     "mov {cycles}, rax",
                     notify = in(reg) notify,
+                    skip = in(reg) skip_kick,
                     used = in(reg) used_idx_ptr,
                     expect = in(reg) u32::from(expect),
                     spin = inout(reg) SPIN_LIMIT => spin_left,

@@ -16,6 +16,9 @@ pub struct Series {
     pub errors: u64,
     /// Interrupts the guest counted during the series.
     pub irqs: u64,
+    /// QueueNotify writes the guest made (it skips the kick while the device has
+    /// turned kicks off); `None` for lines without the field (the raw floor).
+    pub kicks: Option<u64>,
     /// Per-request latency in TSC cycles.
     pub cycles: Vec<u64>,
 }
@@ -51,6 +54,7 @@ impl NotifyRun {
                     mode: f.get("mode").cloned().unwrap_or_default(),
                     errors: num("errors"),
                     irqs: num("irqs"),
+                    kicks: f.get("kicks").and_then(|v| v.parse().ok()),
                     cycles,
                 });
             } else if let Some(f) = marker_fields(line, "NOTIFY-ID") {

@@ -18,6 +18,7 @@ use evmm_virtio::blk::engine;
 use evmm_virtio::blk::metrics::BlockQueueMetrics;
 use evmm_virtio::blk::request::RequestLimits;
 use evmm_virtio::fault::FaultLog;
+use evmm_virtio::poll::PollMetrics;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -38,6 +39,7 @@ pub struct BlkBackend {
     limits: RequestLimits,
     metrics: Arc<[BlockQueueMetrics]>,
     faults: Arc<FaultLog>,
+    poll_metrics: Arc<PollMetrics>,
     queues: Vec<QueueServer>,
     mem: RwLock<GuestMemory>,
     acked: AtomicU64,
@@ -54,9 +56,14 @@ impl BlkBackend {
             limits: *device.limits(),
             metrics: device.metrics().clone(),
             faults: device.faults().clone(),
+            poll_metrics: device.poll_metrics().clone(),
             queues: (0..usize::from(device.queues()))
                 .map(|i| {
-                    QueueServer::new(i, engine::open(device.engine(), device.disk(), QUEUE_SIZE))
+                    QueueServer::new(
+                        i,
+                        engine::open(device.engine(), device.disk(), QUEUE_SIZE),
+                        device.poll(),
+                    )
                 })
                 .collect(),
             mem: RwLock::new(mem),
@@ -97,14 +104,23 @@ impl BlkBackend {
             .collect()
     }
 
-    /// Serves queue `index` on `vring` (a kick, or the vring just enabled).
+    /// Serves queue `index` on `vring` (a kick, or the vring just enabled), then polls
+    /// it for the polling window.
     pub fn serve_queue(&self, index: usize, vring: &VringMutex) -> usize {
-        self.with_queue(index, |queue, mem, env| queue.serve(vring, &mem, env))
+        self.with_queue(index, |queue, mem, env| {
+            let added = queue.serve(vring, &mem, env);
+            queue.poll(vring, &mem, env);
+            added
+        })
     }
 
-    /// Answers what queue `index`'s engine completed.
+    /// Answers what queue `index`'s engine completed, then polls it.
     pub fn complete_queue(&self, index: usize, vring: &VringMutex) -> usize {
-        self.with_queue(index, |queue, mem, env| queue.complete(vring, &mem, env))
+        self.with_queue(index, |queue, mem, env| {
+            let added = queue.complete(vring, &mem, env);
+            queue.poll(vring, &mem, env);
+            added
+        })
     }
 
     /// Waits for what queue `index` has in flight and answers it (as when the ring
@@ -137,6 +153,7 @@ impl BlkBackend {
             writeback: self.acked() & (1 << VIRTIO_BLK_F_FLUSH) != 0,
             metrics,
             faults: &self.faults,
+            poll_metrics: &self.poll_metrics,
         };
         f(queue, mem, &env)
     }

@@ -4,6 +4,7 @@ use crate::Config;
 use clap::Parser;
 use evmm_virtio::blk::config::MAX_QUEUES;
 use evmm_virtio::blk::{BlockConfig, EngineChoice};
+use evmm_virtio::poll::PollMode;
 use std::path::PathBuf;
 
 /// evmm-vhost-user-blk: serves a raw disk file to a vhost-user frontend (QEMU's
@@ -36,6 +37,11 @@ pub struct Args {
     /// it, else sync with a warning).
     #[arg(long, value_name = "ENGINE", default_value = "auto", value_parser = parse_engine)]
     pub engine: EngineChoice,
+    /// How each queue's thread waits for requests: off (on the kicks), a fixed window
+    /// of 1 to 1000 µs, or adaptive (up to 32 µs), polling the ring with the driver's
+    /// kicks turned off.
+    #[arg(long, value_name = "MODE", default_value = "off", value_parser = parse_poll)]
+    pub poll: PollMode,
     /// Diagnostics on stderr: off, error, warn, info, debug, trace (default: RUST_LOG,
     /// else warn).
     #[arg(long, value_name = "LEVEL")]
@@ -53,7 +59,7 @@ impl Args {
                 id: self.id.clone(),
                 queues: self.queues,
                 direct: self.direct,
-                poll_us: 0,
+                poll: self.poll,
                 engine: self.engine,
             },
         }
@@ -61,6 +67,10 @@ impl Args {
 }
 
 fn parse_engine(s: &str) -> Result<EngineChoice, String> {
+    s.parse()
+}
+
+fn parse_poll(s: &str) -> Result<PollMode, String> {
     s.parse()
 }
 
@@ -86,7 +96,7 @@ mod tests {
                 id: None,
                 queues: 1,
                 direct: false,
-                poll_us: 0,
+                poll: Default::default(),
                 engine: EngineChoice::Auto,
             }
         );
@@ -108,6 +118,8 @@ mod tests {
             "--direct",
             "--engine",
             "sync",
+            "--poll",
+            "adaptive",
             "--log-level",
             "debug",
         ])
@@ -115,6 +127,7 @@ mod tests {
         let c = a.config();
         assert!(c.disk.readonly && c.disk.direct);
         assert_eq!(c.disk.queues, 4);
+        assert_eq!(c.disk.poll, PollMode::Adaptive);
         assert_eq!(
             c.disk.engine,
             EngineChoice::Only(evmm_virtio::blk::EngineKind::Sync)
@@ -134,6 +147,7 @@ mod tests {
             &["--socket", "s", "--disk", "d", "--log-level", "loud"],
             &["--socket", "s", "--disk", "d", "--bogus"],
             &["--socket", "s", "--disk", "d", "--engine", "aio"],
+            &["--socket", "s", "--disk", "d", "--poll", "2000"],
         ] {
             let e = parse(bad).expect_err(&format!("{bad:?} was accepted"));
             assert_ne!(e.kind(), ErrorKind::DisplayHelp, "{bad:?}");

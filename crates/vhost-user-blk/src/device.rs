@@ -8,6 +8,7 @@ use evmm_virtio::blk::metrics::{BlockMetricsSnapshot, BlockQueueMetrics};
 use evmm_virtio::blk::request::RequestLimits;
 use evmm_virtio::blk::{BlockConfig, BlockError, EngineKind};
 use evmm_virtio::fault::FaultLog;
+use evmm_virtio::poll::{PollMetrics, PollMode};
 use std::sync::Arc;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 
@@ -55,6 +56,8 @@ pub struct BlockDevice {
     metrics: Arc<[BlockQueueMetrics]>,
     faults: Arc<FaultLog>,
     engine: EngineKind,
+    poll: PollMode,
+    poll_metrics: Arc<PollMetrics>,
 }
 
 impl BlockDevice {
@@ -75,9 +78,11 @@ impl BlockDevice {
         let capacity = disk.capacity_sectors();
         let queues = config.queues;
         let engine = config.engine.resolve()?;
-        log::info!("{engine} engine");
+        log::info!("{engine} engine, poll={}", config.poll);
         Ok(Self {
             engine,
+            poll: config.poll,
+            poll_metrics: Arc::default(),
             disk: Arc::new(disk),
             queues,
             features: virtio_features(config.readonly, queues),
@@ -96,6 +101,16 @@ impl BlockDevice {
     /// What executes the requests.
     pub fn engine(&self) -> EngineKind {
         self.engine
+    }
+
+    /// How the queue threads wait for requests.
+    pub fn poll(&self) -> PollMode {
+        self.poll
+    }
+
+    /// What polling did (kept across connections).
+    pub fn poll_metrics(&self) -> &Arc<PollMetrics> {
+        &self.poll_metrics
     }
 
     /// Number of request queues.
@@ -159,7 +174,7 @@ mod tests {
             id: Some("vu-disk".into()),
             queues,
             direct: false,
-            poll_us: 0,
+            poll: Default::default(),
             engine: Default::default(),
         })
         .unwrap()
@@ -252,7 +267,7 @@ mod tests {
                 id: None,
                 queues,
                 direct: false,
-                poll_us: 0,
+                poll: Default::default(),
                 engine: Default::default(),
             });
             assert!(matches!(r, Err(BlockError::Config(_))), "queues={queues}");
@@ -263,7 +278,7 @@ mod tests {
             id: None,
             queues: 1,
             direct: false,
-            poll_us: 0,
+            poll: Default::default(),
             engine: Default::default(),
         });
         let e = r.err().unwrap().to_string();
@@ -274,7 +289,7 @@ mod tests {
             id: Some("x".repeat(21)),
             queues: 1,
             direct: false,
-            poll_us: 0,
+            poll: Default::default(),
             engine: Default::default(),
         });
         assert!(matches!(r, Err(BlockError::Config(_))));

@@ -9,6 +9,11 @@
 //! still in flight are waited for and answered first, so the ring base it gets back
 //! leaves none of them behind.
 //!
+//! With polling on, a queue's thread does not go back to its epoll loop after serving:
+//! it looks at the ring (with the driver's kicks off) and the engine's completions for
+//! the polling window ([`evmm_virtio::poll`]), and turns kicks back on before it
+//! returns. The wait until the next event tunes an adaptive window.
+//!
 //! # Guest faults
 //!
 //! A chain answered in its status byte (IOERR/UNSUPP) is logged once per kind and the
@@ -23,10 +28,18 @@ use evmm_virtio::blk::engine::{BlockEngine, Finished};
 use evmm_virtio::blk::metrics::BlockQueueMetrics;
 use evmm_virtio::blk::request::{Fault, RequestLimits, RequestScratch};
 use evmm_virtio::fault::FaultLog;
+use evmm_virtio::poll::{
+    allow_kicks, has_available, suppress_kicks, PollMetrics, PollMode, PollWindow,
+};
 use evmm_virtio::queue::Drained;
 use std::os::unix::io::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// Windows in a row that found work before the thread goes back to its event loop
+/// (after re-arming its kick itself), so that its exit event is looked at.
+const FOUND_WINDOWS_PER_RETURN: u32 = 64;
 use vhost_user_backend::{VringMutex, VringState, VringT};
 use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
@@ -42,6 +55,14 @@ pub struct QueueEnv<'a> {
     pub metrics: &'a BlockQueueMetrics,
     /// The device's once-per-kind fault log.
     pub faults: &'a FaultLog,
+    /// What polling did.
+    pub poll_metrics: &'a PollMetrics,
+}
+
+/// A queue's polling window and when its last (idle) poll began.
+struct PollState {
+    window: PollWindow,
+    idle_since: Option<Instant>,
 }
 
 /// A queue's engine and its list of reaped completions (kept so that a wake-up
@@ -60,11 +81,12 @@ pub struct QueueServer {
     executor: Mutex<Executor>,
     vring: Mutex<Option<VringMutex>>,
     stopped: AtomicBool,
+    poll: Mutex<PollState>,
 }
 
 impl QueueServer {
-    /// Queue `index`, executing requests with `engine`.
-    pub fn new(index: usize, engine: Box<dyn BlockEngine>) -> Self {
+    /// Queue `index`, executing requests with `engine`, waiting per `poll`.
+    pub fn new(index: usize, engine: Box<dyn BlockEngine>, poll: PollMode) -> Self {
         Self {
             index,
             completion_fd: engine.completion_fd(),
@@ -75,6 +97,10 @@ impl QueueServer {
             }),
             vring: Mutex::new(None),
             stopped: AtomicBool::new(false),
+            poll: Mutex::new(PollState {
+                window: PollWindow::new(poll),
+                idle_since: None,
+            }),
         }
     }
 
@@ -105,6 +131,12 @@ impl QueueServer {
         env: &QueueEnv<'_>,
     ) -> usize {
         env.metrics.wakeups.inc();
+        self.woke();
+        self.drain(vring, mem, env)
+    }
+
+    /// Serves what is available (a kick, or a poll that saw it).
+    fn drain(&self, vring: &VringMutex, mem: &Arc<GuestMemoryMmap>, env: &QueueEnv<'_>) -> usize {
         if self.is_stopped() {
             log::debug!(
                 "virtio-blk queue {}: kick on a stopped queue ignored",
@@ -142,6 +174,11 @@ impl QueueServer {
 
     /// Answers what the engine completed (its completion eventfd fired).
     pub fn complete(&self, vring: &VringMutex, mem: &GuestMemoryMmap, env: &QueueEnv<'_>) -> usize {
+        self.woke();
+        self.reap(vring, mem, env)
+    }
+
+    fn reap(&self, vring: &VringMutex, mem: &GuestMemoryMmap, env: &QueueEnv<'_>) -> usize {
         let Ok(mut exec) = self.executor.lock() else {
             return 0;
         };
@@ -193,6 +230,105 @@ impl QueueServer {
         let drained = complete_finished(state.get_queue_mut(), mem, finished, env.metrics);
         finished.clear();
         self.deliver(&mut state, drained, env)
+    }
+
+    /// The thread woke up for an event: an idle poll that ended before it tells the
+    /// adaptive window how long the wait was.
+    fn woke(&self) {
+        if let Ok(mut p) = self.poll.lock() {
+            if let Some(since) = p.idle_since.take() {
+                p.window.after_wait(since.elapsed());
+            }
+        }
+    }
+
+    /// After serving an event: polls the ring and the engine for the window (kicks
+    /// off), serving what it finds, until a window passes idle; then turns kicks back
+    /// on (serving what came meanwhile) and returns to the event loop.
+    pub fn poll(&self, vring: &VringMutex, mem: &Arc<GuestMemoryMmap>, env: &QueueEnv<'_>) {
+        let window = match self.poll.lock() {
+            Ok(p) => p.window.current(),
+            Err(_) => return,
+        };
+        if window.is_zero() || self.is_stopped() {
+            return;
+        }
+        let mut found_windows = 0u32;
+        loop {
+            let started = Instant::now();
+            if !self.with_ready_queue(vring, |q| suppress_kicks(q, &**mem).is_ok()) {
+                return;
+            }
+            let found = loop {
+                let available = self.with_ready_queue(vring, |q| has_available(q, &**mem));
+                if available {
+                    let before = self.next_avail(vring);
+                    self.drain(vring, mem, env);
+                    env.poll_metrics.polled_drains.inc();
+                    env.poll_metrics
+                        .polled_requests
+                        .add(u64::from(self.next_avail(vring).wrapping_sub(before)));
+                    break true;
+                }
+                let completions = self
+                    .executor
+                    .lock()
+                    .map(|mut e| e.engine.has_completions())
+                    .unwrap_or(false);
+                if completions {
+                    env.poll_metrics.polled_completions.inc();
+                    self.reap(vring, mem, env);
+                    break true;
+                }
+                if started.elapsed() >= window {
+                    break false;
+                }
+                std::hint::spin_loop();
+            };
+            env.poll_metrics
+                .poll_ns
+                .add(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
+            if found && !self.is_stopped() {
+                found_windows += 1;
+                if found_windows < FOUND_WINDOWS_PER_RETURN {
+                    continue;
+                }
+            }
+            // Kicks back on, and one more look: what came meanwhile is served now (the
+            // drain itself ends with kicks on and looks again), so nothing waits for a
+            // kick that will not come.
+            let more = self.with_ready_queue(vring, |q| allow_kicks(q, &**mem).unwrap_or(false));
+            if more {
+                self.drain(vring, mem, env);
+                if found_windows < FOUND_WINDOWS_PER_RETURN {
+                    continue;
+                }
+            }
+            if !found {
+                env.poll_metrics.idle_polls.inc();
+                if let Ok(mut p) = self.poll.lock() {
+                    p.idle_since = Some(started);
+                }
+            }
+            return;
+        }
+    }
+
+    /// Calls `f` on the vring's queue when it is ready and enabled; false otherwise.
+    fn with_ready_queue(
+        &self,
+        vring: &VringMutex,
+        f: impl FnOnce(&mut virtio_queue::Queue) -> bool,
+    ) -> bool {
+        let mut state = vring.get_mut();
+        if !state.get_queue().ready() || !state.is_enabled() {
+            return false;
+        }
+        f(state.get_queue_mut())
+    }
+
+    fn next_avail(&self, vring: &VringMutex) -> u16 {
+        vring.get_ref().get_queue().next_avail()
     }
 
     fn remember(&self, vring: &VringMutex) {

@@ -9,6 +9,7 @@
 //!
 //! * the device layer: [`device`] (the trait the transport drives, activation),
 //!   [`interrupt`], [`status`], [`queue`] (the drain/notify loop every device runs),
+//!   [`poll`] (polling the rings with the driver's kicks turned off),
 //!   [`epoll`] and [`worker`] (every thread's wait and lifetime), [`fault`] (guest
 //!   faults, logged once per kind), [`metrics`];
 //! * [`transport::mmio`]: the virtio-mmio register file and status machine;
@@ -22,6 +23,7 @@ pub mod fault;
 pub mod interrupt;
 pub mod metrics;
 pub mod net;
+pub mod poll;
 pub mod queue;
 pub mod status;
 pub mod transport;

@@ -1,6 +1,6 @@
 //! The value of `--disk`:
-//! `path=FILE[,readonly=on][,id=SERIAL][,queues=N][,direct=on][,poll_us=N]`
-//! `[,engine=io_uring|sync|auto]`.
+//! `path=FILE[,readonly=on][,id=SERIAL][,queues=N][,direct=on]`
+//! `[,engine=io_uring|sync|auto][,poll=off|adaptive|N]` (`poll_us=N` is `poll=N`).
 //!
 //! Parsing checks the syntax and the ranges only; [`check_disk_file`] looks at
 //! the file without opening it, so a bad command line is reported before
@@ -9,15 +9,16 @@
 use std::path::{Path, PathBuf};
 
 use evmm_virtio::blk::{BlockConfig, EngineChoice};
+use evmm_virtio::poll::PollMode;
 
 /// Most request queues a disk may have.
 pub const MAX_DISK_QUEUES: u16 = evmm_virtio::blk::config::MAX_QUEUES;
 /// Longest `id` (what VIRTIO_BLK_T_GET_ID returns), in bytes.
 pub const MAX_DISK_ID_BYTES: usize = 20;
-/// Longest polling window after a kick, in microseconds.
-pub const MAX_DISK_POLL_US: u32 = 1000;
+/// Longest fixed polling window, in microseconds.
+pub const MAX_DISK_POLL_US: u32 = evmm_virtio::poll::MAX_POLL_US;
 /// The keys `--disk` knows, for error messages.
-const KEYS: &str = "path, readonly, id, queues, direct, poll_us, engine";
+const KEYS: &str = "path, readonly, id, queues, direct, engine, poll, poll_us";
 
 /// Errors in one `--disk` value.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -48,8 +49,8 @@ pub enum DiskOptionError {
     /// `queues` is not a number between 1 and [`MAX_DISK_QUEUES`].
     #[error("queues={0}: expected a number from 1 to {MAX_DISK_QUEUES}")]
     BadQueues(String),
-    /// `poll_us` is not a number from 0 to [`MAX_DISK_POLL_US`].
-    #[error("poll_us={0}: expected microseconds from 0 to {MAX_DISK_POLL_US}")]
+    /// `poll` is not off, adaptive or microseconds up to [`MAX_DISK_POLL_US`].
+    #[error("poll={0}: expected off, adaptive or microseconds from 0 to {MAX_DISK_POLL_US}")]
     BadPoll(String),
     /// `engine` is not io_uring, sync or auto.
     #[error("engine={0}: expected io_uring, sync or auto")]
@@ -131,7 +132,7 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, DiskOptionError> {
     let mut id = None;
     let mut queues = None;
     let mut direct = None;
-    let mut poll_us = None;
+    let mut poll = None;
     let mut engine = None;
     for item in spec.split(',') {
         let (key, value) = item
@@ -157,13 +158,20 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, DiskOptionError> {
                     .ok_or_else(|| DiskOptionError::BadQueues(value.to_string()))?;
                 set_once(&mut queues, "queues", n)?;
             }
-            "poll_us" => {
-                let us = value
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|us| *us <= MAX_DISK_POLL_US)
-                    .ok_or_else(|| DiskOptionError::BadPoll(value.to_string()))?;
-                set_once(&mut poll_us, "poll_us", us)?;
+            "poll" | "poll_us" => {
+                let mode = if key == "poll_us" {
+                    value.parse::<u32>().ok().and_then(|us| {
+                        (us <= MAX_DISK_POLL_US).then_some(if us == 0 {
+                            PollMode::Off
+                        } else {
+                            PollMode::Fixed(us)
+                        })
+                    })
+                } else {
+                    value.parse::<PollMode>().ok()
+                };
+                let mode = mode.ok_or_else(|| DiskOptionError::BadPoll(value.to_string()))?;
+                set_once(&mut poll, "poll", mode)?;
             }
             "engine" => {
                 let e = value
@@ -180,7 +188,7 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, DiskOptionError> {
         id,
         queues: queues.unwrap_or(1),
         direct: direct.unwrap_or(false),
-        poll_us: poll_us.unwrap_or(0),
+        poll: poll.unwrap_or_default(),
         engine: engine.unwrap_or_default(),
     })
 }
@@ -215,7 +223,7 @@ mod tests {
                 id: None,
                 queues: 1,
                 direct: false,
-                poll_us: 0,
+                poll: Default::default(),
                 engine: EngineChoice::Auto,
             }
         );
@@ -225,7 +233,7 @@ mod tests {
     fn every_key_in_any_order() {
         assert_eq!(
             parse_disk(
-                "queues=4,id=serial-01,poll_us=30,engine=sync,direct=on,readonly=on,path=/d/b.raw"
+                "queues=4,id=serial-01,poll=30,engine=sync,direct=on,readonly=on,path=/d/b.raw"
             )
             .unwrap(),
             BlockConfig {
@@ -234,7 +242,7 @@ mod tests {
                 id: Some("serial-01".into()),
                 queues: 4,
                 direct: true,
-                poll_us: 30,
+                poll: PollMode::Fixed(30),
                 engine: EngineChoice::Only(evmm_virtio::blk::EngineKind::Sync),
             }
         );
@@ -277,10 +285,20 @@ mod tests {
         for q in ["0", "17", "x", "-1", "", "65536"] {
             assert_eq!(err(&format!("path=/a,queues={q}")), BadQueues(q.into()));
         }
-        for us in ["1001", "x", "-1", ""] {
+        for us in ["1001", "x", "-1", "", "adaptive"] {
             assert_eq!(err(&format!("path=/a,poll_us={us}")), BadPoll(us.into()));
         }
-        assert_eq!(err("path=/a,poll_us=1,poll_us=2"), Duplicate("poll_us"));
+        for p in ["1001", "x", "-1", "", "fast"] {
+            assert_eq!(err(&format!("path=/a,poll={p}")), BadPoll(p.into()));
+        }
+        assert_eq!(err("path=/a,poll_us=1,poll_us=2"), Duplicate("poll"));
+        assert_eq!(err("path=/a,poll=1,poll_us=2"), Duplicate("poll"));
+        assert_eq!(
+            parse_disk("path=/a,poll=adaptive").unwrap().poll,
+            PollMode::Adaptive
+        );
+        assert_eq!(parse_disk("path=/a,poll=off").unwrap().poll, PollMode::Off);
+        assert_eq!(parse_disk("path=/a,poll_us=0").unwrap().poll, PollMode::Off);
         for e in ["aio", "", "IO_URING"] {
             assert_eq!(err(&format!("path=/a,engine={e}")), BadEngine(e.into()));
         }
@@ -289,7 +307,10 @@ mod tests {
             parse_disk("path=/a,engine=io_uring").unwrap().engine,
             EngineChoice::Only(evmm_virtio::blk::EngineKind::IoUring)
         );
-        assert_eq!(parse_disk("path=/a,poll_us=1000").unwrap().poll_us, 1000);
+        assert_eq!(
+            parse_disk("path=/a,poll_us=1000").unwrap().poll,
+            PollMode::Fixed(1000)
+        );
         let long = "a".repeat(21);
         assert_eq!(err(&format!("path=/a,id={long}")), BadId(long));
         assert_eq!(err("path=/a,id="), BadId("".into()));

@@ -394,7 +394,7 @@ mod tests {
         assert!(matches!(err, ConfigError::Disk { .. }));
         assert_eq!(
             err.to_string(),
-            "--disk path=/a,x=1: unknown key 'x' (known: path, readonly, id, queues, direct, poll_us, engine)"
+            "--disk path=/a,x=1: unknown key 'x' (known: path, readonly, id, queues, direct, engine, poll, poll_us)"
         );
         let missing = format!("path={}", dir.path().join("nope.img").display());
         let err = DeviceConfig::new(&[missing], NotifyMode::Exit, None).unwrap_err();

@@ -375,7 +375,7 @@ mod tests {
             id: Some(format!("q{queues}")),
             queues,
             direct: false,
-            poll_us: 0,
+            poll: Default::default(),
             engine: Default::default(),
         }
     }

@@ -35,6 +35,10 @@ struct Rig {
 
 impl Rig {
     fn new(readonly: bool) -> Self {
+        Self::with_poll(readonly, evmm_virtio::poll::PollMode::Off)
+    }
+
+    fn with_poll(readonly: bool, poll: evmm_virtio::poll::PollMode) -> Self {
         let mut file = NamedTempFile::new().unwrap();
         file.write_all(&vec![0u8; SECTORS * 512]).unwrap();
         let device = BlockDevice::open(&BlockConfig {
@@ -43,7 +47,7 @@ impl Rig {
             id: Some("rig".into()),
             queues: 2,
             direct: false,
-            poll_us: 0,
+            poll,
             engine: Default::default(),
         })
         .unwrap();
@@ -336,4 +340,52 @@ fn every_worker_thread_gets_an_exit_event() {
         notifier.notify().unwrap();
         consumer.consume().unwrap();
     }
+}
+
+#[test]
+fn a_polling_queue_finds_requests_that_were_not_kicked() {
+    // A 1 s window: far longer than the test needs between its two requests.
+    let mut rig = Rig::with_poll(false, evmm_virtio::poll::PollMode::Fixed(1_000_000));
+    let data = pattern(512);
+    rig.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+    rig.request(VIRTIO_BLK_T_OUT, 4, &[Desc(DATA, 512, false)]);
+    // The driver's side of the ring stays here; the rig goes to the serving thread.
+    let mut ring = std::mem::replace(&mut rig.ring, DriverRing::at(0, QSIZE));
+    let rig = std::sync::Arc::new(rig);
+    let serving = {
+        let rig = rig.clone();
+        std::thread::spawn(move || rig.backend.serve_queue(0, &rig.vring))
+    };
+    let waited = std::time::Instant::now();
+    while rig.used_idx() != 1 {
+        assert!(waited.elapsed().as_secs() < 10, "first request not served");
+        std::thread::yield_now();
+    }
+    // Kicks are off while the thread polls.
+    let flags: u16 = rig.mem.read_obj(GuestAddress(rig.ring.used)).unwrap();
+    assert_eq!(flags, 1, "VRING_USED_F_NO_NOTIFY");
+    // A second request, made available without a kick.
+    ring.add_chain(
+        &rig.mem,
+        &[
+            Desc(HDR, 16, false),
+            Desc(DATA, 512, false),
+            Desc(STATUS, 1, true),
+        ],
+    );
+    while rig.used_idx() != 2 {
+        assert!(
+            waited.elapsed().as_secs() < 10,
+            "second request not found by polling"
+        );
+        std::thread::yield_now();
+    }
+    serving.join().unwrap();
+    // Back in its event loop, the thread has turned kicks on again.
+    let flags: u16 = rig.mem.read_obj(GuestAddress(rig.ring.used)).unwrap();
+    assert_eq!(flags, 0);
+    let p = rig.backend.poll_metrics.snapshot();
+    assert!(p.polled_drains >= 1 && p.polled_requests >= 1, "{p:?}");
+    assert_eq!(p.idle_polls, 1, "{p:?}");
+    assert_eq!(rig.metrics().wakeups, 1);
 }

@@ -13,6 +13,7 @@ use super::worker::{BlockWorker, WorkerQueue};
 use super::{config, BlockConfig, BlockError, VIRTIO_ID_BLOCK};
 use crate::device::{ActivateContext, ActivateError, DeviceOffer, VirtioDevice};
 use crate::fault::FaultLog;
+use crate::poll::{PollMetrics, PollWindow};
 use crate::worker::WorkerHandle;
 
 /// A virtio-blk device.
@@ -22,6 +23,7 @@ pub struct Block {
     offer: DeviceOffer,
     metrics: Arc<[BlockQueueMetrics]>,
     faults: Arc<FaultLog>,
+    poll_metrics: Arc<PollMetrics>,
     engine: EngineKind,
     worker: Option<WorkerHandle<()>>,
 }
@@ -46,9 +48,10 @@ impl Block {
         let queues = config.queues;
         let engine = config.engine.resolve()?;
         log::info!(
-            "disk {}: {} engine, {queues} queue(s)",
+            "disk {}: {} engine, {queues} queue(s), poll={}",
             config.path.display(),
-            engine
+            engine,
+            config.poll
         );
         Ok(Self {
             offer: DeviceOffer {
@@ -60,6 +63,7 @@ impl Block {
             metrics: (0..queues).map(|_| BlockQueueMetrics::default()).collect(),
             faults: Arc::new(FaultLog::new("virtio-blk")),
             engine,
+            poll_metrics: Arc::default(),
             worker: None,
             disk,
             config,
@@ -129,7 +133,9 @@ impl VirtioDevice for Block {
             interrupt: ctx.interrupt,
             metrics: self.metrics.clone(),
             faults: self.faults.clone(),
-            poll: std::time::Duration::from_micros(u64::from(self.config.poll_us)),
+            poll: PollWindow::new(self.config.poll),
+            poll_metrics: self.poll_metrics.clone(),
+            checks: 0,
             finished: Vec::with_capacity(usize::from(config::QUEUE_SIZE)),
         };
         let epoll = worker.epoll().map_err(ActivateError::Worker)?;
@@ -145,12 +151,21 @@ impl VirtioDevice for Block {
         }
     }
 
-    /// The per-queue counters and the engine: `{"engine": "io_uring", "queues": [...]}`.
+    /// The per-queue counters, the engine and polling:
+    /// `{"engine": "io_uring", "poll": "adaptive", "polling": {...}, "queues": [...]}`.
     fn metrics(&self) -> serde_json::Value {
         let mut v =
             serde_json::to_value(self.metrics_snapshot()).unwrap_or(serde_json::Value::Null);
         if let Some(map) = v.as_object_mut() {
             map.insert("engine".into(), serde_json::json!(self.engine));
+            map.insert(
+                "poll".into(),
+                serde_json::json!(self.config.poll.to_string()),
+            );
+            map.insert(
+                "polling".into(),
+                serde_json::to_value(self.poll_metrics.snapshot()).unwrap_or_default(),
+            );
         }
         v
     }

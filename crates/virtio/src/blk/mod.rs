@@ -63,6 +63,7 @@ pub use chain::{
 pub use device::Block;
 pub use engine::{BlockEngine, EngineChoice, EngineKind};
 
+use crate::poll::PollMode;
 use std::path::PathBuf;
 
 /// The virtio device ID of a block device.
@@ -81,12 +82,10 @@ pub struct BlockConfig {
     pub queues: u16,
     /// Open with O_DIRECT.
     pub direct: bool,
-    /// After serving a kick, the worker polls its kick eventfds for this many
-    /// microseconds before it blocks (0: block at once). A worker still polling when
-    /// the next kick comes spares the guest's kick the wake-up of a sleeping thread,
-    /// which is costly where waking an idle CPU is an exit of its own (a virtualised
-    /// host); the price is up to that much CPU after every burst of requests.
-    pub poll_us: u32,
+    /// How the worker waits for the next request: sleep at once, or poll the
+    /// available rings (with the driver's kicks turned off) for a fixed or adaptive
+    /// window first ([`crate::poll`]).
+    pub poll: PollMode,
     /// Which engine executes the requests.
     pub engine: EngineChoice,
 }

@@ -117,7 +117,9 @@ impl Harness {
             interrupt: irq.clone(),
             metrics: Arc::from(vec![BlockQueueMetrics::default()]),
             faults: Arc::new(FaultLog::new("virtio-blk")),
-            poll: std::time::Duration::ZERO,
+            poll: crate::poll::PollWindow::new(crate::poll::PollMode::Off),
+            poll_metrics: Arc::default(),
+            checks: 0,
             finished: Vec::new(),
         };
         Self {
@@ -289,7 +291,7 @@ fn id_longer_than_20_bytes_is_refused() {
         id: Some("x".repeat(21)),
         queues: 1,
         direct: false,
-        poll_us: 0,
+        poll: Default::default(),
         engine: EngineChoice::Only(EngineKind::Sync),
     };
     assert!(matches!(Block::new(cfg), Err(BlockError::Config(_))));
@@ -453,7 +455,7 @@ fn readonly_device_offers_ro_and_opens_rdonly() {
         id: None,
         queues: 1,
         direct: false,
-        poll_us: 0,
+        poll: Default::default(),
         engine: EngineChoice::Only(EngineKind::Sync),
     };
     let b = Block::new(cfg).unwrap();
@@ -470,7 +472,7 @@ fn features_and_config_space() {
         id: None,
         queues: 4,
         direct: false,
-        poll_us: 0,
+        poll: Default::default(),
         engine: EngineChoice::Only(EngineKind::Sync),
     };
     let b = Block::new(cfg).unwrap();
@@ -519,7 +521,7 @@ fn bad_queue_count_is_refused() {
         id: None,
         queues: 0,
         direct: false,
-        poll_us: 0,
+        poll: Default::default(),
         engine: EngineChoice::Only(EngineKind::Sync),
     };
     assert!(matches!(Block::new(cfg), Err(BlockError::Config(_))));
@@ -944,7 +946,7 @@ fn worker_end_to_end() {
         id: None,
         queues: 1,
         direct: false,
-        poll_us: 0,
+        poll: Default::default(),
         engine: EngineChoice::Only(EngineKind::Sync),
     };
     let mut blk = Block::new(cfg).unwrap();
@@ -1026,7 +1028,7 @@ fn activate_refuses_a_wrong_queue_count() {
         id: None,
         queues: 2,
         direct: false,
-        poll_us: 0,
+        poll: Default::default(),
         engine: EngineChoice::Only(EngineKind::Sync),
     };
     let mut blk = Block::new(cfg).unwrap();
@@ -1378,7 +1380,7 @@ fn the_worker_serves_io_uring_completions_end_to_end() {
         id: None,
         queues: 1,
         direct: false,
-        poll_us: 0,
+        poll: Default::default(),
         engine: EngineChoice::Only(EngineKind::IoUring),
     })
     .unwrap();
@@ -1453,4 +1455,91 @@ fn an_engine_dropped_with_requests_in_flight_waits_for_them() {
     let mut back = vec![0u8; 1 << 20];
     mem.read_slice(&mut back, GuestAddress(0x80_0000)).unwrap();
     assert!(back.iter().all(|&b| b == 0x11));
+}
+
+#[test]
+fn a_polling_worker_turns_kicks_off_and_finds_requests_without_them() {
+    for kind in ENGINES {
+        let (mem, f, bytes) = setup();
+        let vq = MockSplitQueue::new(&mem, QSIZE);
+        let mut blk = Block::new(BlockConfig {
+            path: f.path().into(),
+            readonly: false,
+            id: None,
+            queues: 1,
+            direct: false,
+            // A window far longer than the test needs (no option allows this much).
+            poll: crate::poll::PollMode::Fixed(5_000_000),
+            engine: EngineChoice::Only(kind),
+        })
+        .unwrap();
+        let mut ring = DriverRing::of_mock(&vq);
+        header(&mem, HDR, VIRTIO_BLK_T_IN, 2);
+        ring.add_chain(
+            &mem,
+            &[
+                Desc(HDR, 16, false),
+                Desc(DATA, 512, true),
+                Desc(STATUS, 1, true),
+            ],
+        );
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let irq = Arc::new(RecordingInterrupt::new());
+        kick.write(1).unwrap();
+        let ctx = ActivateContext {
+            mem: mem.clone(),
+            acked_features: 1 << 32,
+            queues: vec![make_queue(&vq)],
+            kicks: vec![kick.try_clone().unwrap()],
+            interrupt: irq.clone(),
+        };
+        blk.activate(ctx).unwrap();
+        assert!(eventually(|| used_idx(&mem) == 1), "{kind}: first request");
+        // Polling: the driver is asked not to kick.
+        assert!(
+            eventually(|| mem.read_obj::<u16>(GuestAddress(USED_ADDR)).unwrap() == 1),
+            "{kind}: VRING_USED_F_NO_NOTIFY not set while polling"
+        );
+        // A second request, not kicked, as a driver that honours the flag does.
+        header(&mem, HDR + 0x100, VIRTIO_BLK_T_IN, 3);
+        ring.add_chain(
+            &mem,
+            &[
+                Desc(HDR + 0x100, 16, false),
+                Desc(DATA + 0x1000, 512, true),
+                Desc(STATUS + 1, 1, true),
+            ],
+        );
+        assert!(
+            eventually(|| used_idx(&mem) == 2),
+            "{kind}: not found by polling"
+        );
+        let mut back = vec![0u8; 512];
+        mem.read_slice(&mut back, GuestAddress(DATA + 0x1000))
+            .unwrap();
+        assert_eq!(back, bytes[3 * 512..4 * 512], "{kind}");
+        let m = blk.metrics();
+        // The first request may itself have been found by polling, before its kick.
+        assert!(
+            m["queues"][0]["kicks"].as_u64().unwrap() <= 1,
+            "{kind}: {m}"
+        );
+        assert!(
+            m["polling"]["polled_drains"].as_u64().unwrap() >= 1,
+            "{kind}: {m}"
+        );
+        assert!(
+            m["polling"]["polled_requests"].as_u64().unwrap() >= 1,
+            "{kind}: {m}"
+        );
+        assert_eq!(m["poll"], "5000000");
+        // A reset stops a worker in the middle of its window.
+        let stopping = std::time::Instant::now();
+        blk.reset();
+        assert!(!blk.is_active());
+        assert!(
+            stopping.elapsed() < std::time::Duration::from_secs(4),
+            "{kind}: the reset waited for the window to end"
+        );
+    }
 }

@@ -95,6 +95,12 @@ pub trait BlockEngine: Send {
     /// Requests submitted and not yet reaped.
     fn in_flight(&self) -> usize;
 
+    /// Whether completions are waiting to be reaped, without a system call (for a
+    /// polling worker).
+    fn has_completions(&mut self) -> bool {
+        false
+    }
+
     /// Blocks until nothing is in flight, appending every completion to `done`.
     fn wait_idle(&mut self, done: &mut Vec<Finished>);
 }

@@ -339,6 +339,10 @@ impl BlockEngine for UringEngine {
         self.in_flight
     }
 
+    fn has_completions(&mut self) -> bool {
+        self.in_flight > 0 && !self.ring.completion().is_empty()
+    }
+
     fn wait_idle(&mut self, done: &mut Vec<Finished>) {
         while self.in_flight > 0 {
             match self.ring.submit_and_wait(1) {

@@ -548,7 +548,7 @@ fn block_device_through_the_transport() {
         id: None,
         queues: 1,
         direct: false,
-        poll_us: 0,
+        poll: Default::default(),
         engine: Default::default(),
     })
     .unwrap();
