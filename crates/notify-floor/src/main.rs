@@ -17,6 +17,12 @@
 //!      irqfd (GSI [`IRQ_GSI`], IOAPIC pin programmed edge-triggered to vector
 //!      [`IRQ_VECTOR`]); the ring-0 handler's first instruction is `rdtsc`.
 //!
+//! and a third mode without the kick: `shm`, where step 2 is a store of the
+//! request number into guest memory ([`DATA_SHM_REQUEST`]) that a host thread
+//! spinning on it sees, answering through the same counter as `poll`. No eventfd,
+//! no exit, no system call: the physical floor of a polled round trip, what a
+//! polling device with the guest's kicks turned off could reach at best.
+//!
 //! It prints the same machine-readable lines as the notify guest
 //! (`crates/notify-guest`), so the benchmark parses both alike:
 //!
@@ -71,6 +77,8 @@ const DATA_ADDR: u64 = 0xa000;
 const DATA_IRQ_COUNT: u64 = DATA_ADDR;
 /// Poll-mode answer count, incremented by the host thread.
 const DATA_POLL_FLAG: u64 = DATA_ADDR + 0x10;
+/// Shared-memory mode: the guest's request number, which the host thread polls.
+const DATA_SHM_REQUEST: u64 = DATA_ADDR + 0x18;
 /// Ring-0 stack top (TSS.RSP0).
 const KSTACK_TOP: u64 = 0xc000;
 const USTACK_TOP: u64 = 0xe000;
@@ -109,7 +117,7 @@ const RFLAGS_IF: u64 = 1 << 9;
 // addressed through absolute addresses below 2 GiB (the DATA_* constants)
 // and registers set by the host:
 //   rdi = samples (series 1), r14 = samples (series 2), rcx = N,
-//   rsi = KICK_ADDR, r12 = DONE_ADDR, r13 = mode (0 poll, 1 irq).
+//   rsi = KICK_ADDR, r12 = DONE_ADDR, r13 = mode (0 poll, 1 irq, 2 shm).
 // Guest entry (ring 3) is at offset 0; the interrupt handler and the
 // exception handler are at the offsets of their labels.
 std::arch::global_asm!(
@@ -121,6 +129,8 @@ evmm_floor_guest_start:
     xor r9d, r9d
     test rcx, rcx
     jz 9f
+    cmp r13, 2
+    je 7f
     test r13, r13
     jnz 5f
 1:
@@ -169,6 +179,27 @@ evmm_floor_guest_start:
     inc r9
     cmp r9, rcx
     jne 5b
+    jmp 9f
+7:
+    mov r10, qword ptr [0xa010]
+    lfence
+    rdtsc
+    shl rdx, 32
+    or rax, rdx
+    mov r8, rax
+    lea rax, [r9 + 1]
+    mov qword ptr [0xa018], rax
+8:
+    cmp qword ptr [0xa010], r10
+    je 8b
+    rdtsc
+    shl rdx, 32
+    or rax, rdx
+    sub rax, r8
+    mov qword ptr [rdi + r9*8], rax
+    inc r9
+    cmp r9, rcx
+    jne 7b
 9:
     mov dword ptr [r12], 0x656e6f64
     jmp 9b
@@ -238,6 +269,9 @@ enum Mode {
     /// The host thread writes an irqfd; the guest's interrupt handler records
     /// the TSC.
     Irq,
+    /// No kick: the guest stores a request number in memory, a host thread spinning
+    /// on it answers through the poll counter.
+    Shm,
 }
 
 /// The raw KVM notify-path floor: ioeventfd kick, answer through guest
@@ -249,7 +283,7 @@ struct Args {
     /// Number of round trips to measure.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=MAX_REQUESTS))]
     requests: u64,
-    /// How the host answers; without it both modes run, poll first.
+    /// How the host answers; without it every mode runs: poll, irq, shm.
     #[arg(long, value_enum)]
     mode: Option<Mode>,
     /// Print only the summary statistics, not every sample.
@@ -491,6 +525,7 @@ fn run_mode(floor: &mut Floor, mode: Mode, requests: u64) -> Result<(Vec<Series>
         .map_err(ctx("KVM_IRQFD"))?;
 
     let irq_count_before = floor.mem.read_u64(DATA_IRQ_COUNT);
+    floor.mem.write_u64(DATA_SHM_REQUEST, 0);
     let stop = Arc::new(AtomicBool::new(false));
     let answerer = {
         let kick = kick.try_clone().map_err(ctx("eventfd clone"))?;
@@ -501,9 +536,23 @@ fn run_mode(floor: &mut Floor, mode: Mode, requests: u64) -> Result<(Vec<Series>
             .name("floor-answer".into())
             .spawn(move || {
                 let flag = mem.atomic_u64(DATA_POLL_FLAG);
+                if mode == Mode::Shm {
+                    let request = mem.atomic_u64(DATA_SHM_REQUEST);
+                    let mut seen = request.load(Ordering::Acquire);
+                    while !stop.load(Ordering::Acquire) {
+                        let now = request.load(Ordering::Acquire);
+                        if now != seen {
+                            seen = now;
+                            flag.fetch_add(1, Ordering::Release);
+                        } else {
+                            std::hint::spin_loop();
+                        }
+                    }
+                    return;
+                }
                 while kick.read().is_ok() && !stop.load(Ordering::Acquire) {
                     match mode {
-                        Mode::Poll => {
+                        Mode::Poll | Mode::Shm => {
                             flag.fetch_add(1, Ordering::Release);
                         }
                         Mode::Irq => {
@@ -524,7 +573,11 @@ fn run_mode(floor: &mut Floor, mode: Mode, requests: u64) -> Result<(Vec<Series>
         rcx: requests,
         rsi: KICK_ADDR,
         r12: DONE_ADDR,
-        r13: u64::from(mode == Mode::Irq),
+        r13: match mode {
+            Mode::Poll => 0,
+            Mode::Irq => 1,
+            Mode::Shm => 2,
+        },
         rsp: USTACK_TOP,
         rflags: RFLAGS_FIXED | RFLAGS_IF,
         ..Default::default()
@@ -561,6 +614,7 @@ fn run_mode(floor: &mut Floor, mode: Mode, requests: u64) -> Result<(Vec<Series>
     let irqs = floor.mem.read_u64(DATA_IRQ_COUNT) - irq_count_before;
     let series = match mode {
         Mode::Poll => vec![("poll", read(SAMPLES_ADDR))],
+        Mode::Shm => vec![("shm", read(SAMPLES_ADDR))],
         Mode::Irq => vec![
             ("irq", read(SAMPLES_ADDR)),
             ("irq_wake", read(SAMPLES_ADDR + 8 * requests)),
@@ -620,7 +674,7 @@ fn run(args: &Args) -> Result<(), Error> {
     );
     let modes = match args.mode {
         Some(m) => vec![m],
-        None => vec![Mode::Poll, Mode::Irq],
+        None => vec![Mode::Poll, Mode::Irq, Mode::Shm],
     };
     for mode in modes {
         let (series, irqs) = run_mode(&mut floor, mode, args.requests)?;

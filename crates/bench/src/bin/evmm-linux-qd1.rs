@@ -1,8 +1,8 @@
 //! `evmm-linux-qd1 [--reads N] [--qd32-reads M] [--rounds R] [--disk-mib D]`: 4 KiB
 //! O_DIRECT random reads on virtio-blk in Debian's stock guest: latency and IOPS at
 //! queue depth 1, IOPS at queue depth 32. Side by side in one run, alternating, same
-//! kernel, initramfs, disk file and memory: evmm's in-VMM device (without and with a
-//! 30 µs polling window), evmm as a vhost-user
+//! kernel, initramfs, disk file and memory: evmm's in-VMM device (the sync engine, the
+//! io_uring engine, and io_uring with adaptive polling), evmm as a vhost-user
 //! frontend to `evmm-vhost-user-blk` and to `qemu-storage-daemon`, and QEMU
 //! `-M microvm`'s own virtio-blk. Prints a markdown table. It runs itself in the nested
 //! test host where this host's /dev/kvm cannot boot Linux (every row in the same L1).
@@ -94,13 +94,24 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     .collect();
     let rows = [
         Row {
-            name: "evmm, in-VMM virtio-blk".into(),
-            argv: evmm_with(vec!["--disk".into(), format!("path={disk}")]),
+            name: "evmm, in-VMM virtio-blk, engine=sync".into(),
+            argv: evmm_with(vec!["--disk".into(), format!("path={disk},engine=sync")]),
             backend: None,
         },
         Row {
-            name: "evmm, in-VMM virtio-blk, poll_us=30".into(),
-            argv: evmm_with(vec!["--disk".into(), format!("path={disk},poll_us=30")]),
+            name: "evmm, in-VMM virtio-blk, engine=io_uring".into(),
+            argv: evmm_with(vec![
+                "--disk".into(),
+                format!("path={disk},engine=io_uring"),
+            ]),
+            backend: None,
+        },
+        Row {
+            name: "evmm, in-VMM virtio-blk, engine=io_uring, poll=adaptive".into(),
+            argv: evmm_with(vec![
+                "--disk".into(),
+                format!("path={disk},engine=io_uring,poll=adaptive"),
+            ]),
             backend: None,
         },
         Row {

@@ -1,15 +1,20 @@
 //! `evmm-notify-bench [--guest notify-guest.elf] [--requests N] [--out DIR]`: the
 //! notify-latency benchmark. Runs the notify guest (crates/notify-guest, built here
 //! unless `--guest` names one) under evmm (ioeventfd + irqfd; and again with the
-//! disk worker polling 30 µs for the next kick before it sleeps), evmm `--notify exit`,
-//! evmm as a vhost-user frontend to `evmm-vhost-user-blk` and to `qemu-storage-daemon`
-//! (the kick and call eventfds handed to the backend process) and QEMU `-M microvm`, all
-//! on the same disk file, and the raw KVM floor program, one after the other in one
-//! run; prints a markdown table (p50, p90, p99, p99.9, mean and
-//! the ratio to the floor, in µs; series: poll = kick → used ring seen by polling, kick =
-//! the QueueNotify write alone, irq = kick → interrupt handler, irq_wake = kick → the
-//! guest's loop sees the interrupt) and evmm's counters per request, and writes
-//! `notify-latency.json` and a latency histogram `notify-latency.svg` into DIR.
+//! disk worker polling the ring, with the guest's kicks off, for a fixed 30 µs window
+//! and for an adaptive one), evmm `--notify exit`, evmm as a vhost-user frontend to
+//! `evmm-vhost-user-blk` (its queue thread sleeping on the kick, and polling
+//! adaptively) and to `qemu-storage-daemon` (the kick and call eventfds handed to the
+//! backend process) and QEMU `-M microvm`, all on the same disk file, and the raw KVM
+//! floor program (ioeventfd → host thread → guest memory or irqfd, and the
+//! shared-memory floor without any kick), one after the other in one run; prints a
+//! markdown table (p50, p90, p99, p99.9, mean, the ratio to the floor of the same wait
+//! and, for polled waits, to the shared-memory floor, in µs; series: poll = kick →
+//! used ring seen by polling, kick = the QueueNotify write alone (0 when the device
+//! had kicks turned off), irq = kick → interrupt handler, irq_wake = kick → the
+//! guest's loop sees the interrupt; the guest's kicks per request) and evmm's counters
+//! per request, and writes `notify-latency.json` and a latency histogram
+//! `notify-latency.svg` into DIR.
 //! The guest measures in its ring 3, which runs natively even where ring 0 is
 //! emulated, so this runs on this host's /dev/kvm. benches/notify-latency runs it.
 
@@ -45,8 +50,9 @@ struct NotifyPath {
     name: String,
     argv: Vec<String>,
     metrics: Option<PathBuf>,
-    /// The vhost-user backend serving the disk during this run, if any.
-    backend: Option<BackendKind>,
+    /// The vhost-user backend serving the disk during this run, if any, and the
+    /// options it gets beyond [`BackendKind::argv`].
+    backend: Option<(BackendKind, Vec<String>)>,
 }
 
 #[derive(Serialize)]
@@ -56,6 +62,10 @@ struct Row {
     mode: String,
     stats_us: Stats,
     p50_vs_floor: Option<f64>,
+    /// For polled waits: p50 over the shared-memory floor's.
+    p50_vs_shm_floor: Option<f64>,
+    /// QueueNotify writes per request (the guest skips them while the device polls).
+    guest_kicks_per_request: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -66,6 +76,10 @@ struct Counters {
     wakeups_per_request: f64,
     interrupts_per_request: f64,
     notify_exits_per_request: f64,
+    /// Requests the device found by polling its ring, per request.
+    polled_per_request: f64,
+    /// Time the device spent polling, per request, µs.
+    poll_us_per_request: f64,
 }
 
 #[derive(Serialize)]
@@ -84,8 +98,8 @@ const GUEST_ID: &str = "notify-id";
 const DISK_MIB: u64 = 64;
 /// Longest one path's run may take.
 const RUN_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
-/// The polling window of the polling row (keep its name in step).
-const POLL_US: u32 = 30;
+/// The fixed polling window of the fixed-window row, µs.
+const POLL_FIXED: &str = "30";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -125,7 +139,16 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
         );
         let _backend = p
             .backend
-            .map(|kind| Backend::start(kind, &disk, &socket, 1))
+            .as_ref()
+            .map(|(kind, extra)| {
+                let mut argv = kind.argv(
+                    &disk.display().to_string(),
+                    &socket.display().to_string(),
+                    1,
+                );
+                argv.extend(extra.iter().cloned());
+                Backend::spawn(*kind, &argv, &socket, None)
+            })
             .transpose()?;
         let out = run_with_limit(&p.argv, RUN_LIMIT)?;
         let console = out.stdout;
@@ -176,12 +199,15 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
             let Some(stats) = Stats::of(&s.cycles) else {
                 continue;
             };
+            let polled = s.mode == "poll" || s.mode == "shm";
             rows.push(Row {
                 path: p.name.clone(),
                 kind: s.kind.clone(),
                 mode: s.mode.clone(),
                 stats_us: stats.scaled(tsc_mhz),
                 p50_vs_floor: floor_p50(&s.mode).map(|f| stats.p50 / f),
+                p50_vs_shm_floor: floor_p50("shm").filter(|_| polled).map(|f| stats.p50 / f),
+                guest_kicks_per_request: s.kicks.map(|k| k as f64 / s.cycles.len().max(1) as f64),
             });
         }
     }
@@ -228,10 +254,10 @@ fn paths(cli: &Cli, guest: &Path, disk: &Path, socket: &Path, qemu_cpu: &str) ->
     let guest = guest.display().to_string();
     let disk = disk.display().to_string();
     let requests = format!("notify.requests={}", cli.requests);
-    let evmm = |notify: &str, poll_us: u32| {
+    let evmm = |notify: &str, poll: &str| {
         let metrics = cli
             .out
-            .join(format!("evmm-{notify}-poll{poll_us}.metrics.json"));
+            .join(format!("evmm-{notify}-poll-{poll}.metrics.json"));
         let argv = [
             "evmm",
             "--kernel",
@@ -239,7 +265,7 @@ fn paths(cli: &Cli, guest: &Path, disk: &Path, socket: &Path, qemu_cpu: &str) ->
             "--memory",
             "256",
             "--disk",
-            &format!("path={disk},id={GUEST_ID},poll_us={poll_us}"),
+            &format!("path={disk},id={GUEST_ID},poll={poll}"),
             "--notify",
             notify,
             "--cmdline",
@@ -252,9 +278,10 @@ fn paths(cli: &Cli, guest: &Path, disk: &Path, socket: &Path, qemu_cpu: &str) ->
         .collect();
         (argv, Some(metrics))
     };
-    let (a, am) = evmm("ioeventfd", 0);
-    let (p, pm) = evmm("ioeventfd", POLL_US);
-    let (b, bm) = evmm("exit", 0);
+    let (a, am) = evmm("ioeventfd", "off");
+    let (p, pm) = evmm("ioeventfd", POLL_FIXED);
+    let (ad, adm) = evmm("ioeventfd", "adaptive");
+    let (b, bm) = evmm("exit", "off");
     // The backends' GET_ID answers are their own; the guest reports what it got.
     let frontend: Vec<String> = [
         "evmm",
@@ -276,49 +303,47 @@ fn paths(cli: &Cli, guest: &Path, disk: &Path, socket: &Path, qemu_cpu: &str) ->
         "--requests".into(),
         cli.requests.to_string(),
     ];
+    let path = |name: String, argv: Vec<String>, metrics, backend| NotifyPath {
+        name,
+        argv,
+        metrics,
+        backend,
+    };
     vec![
-        NotifyPath {
-            name: "evmm ioeventfd + irqfd".into(),
-            argv: a,
-            metrics: am,
-            backend: None,
-        },
-        NotifyPath {
-            name: "evmm ioeventfd + irqfd, poll_us=30".into(),
-            argv: p,
-            metrics: pm,
-            backend: None,
-        },
-        NotifyPath {
-            name: "evmm --notify exit".into(),
-            argv: b,
-            metrics: bm,
-            backend: None,
-        },
-        NotifyPath {
-            name: "evmm + evmm-vhost-user-blk".into(),
-            argv: frontend.clone(),
-            metrics: None,
-            backend: Some(BackendKind::Evmm),
-        },
-        NotifyPath {
-            name: "evmm + qemu-storage-daemon".into(),
-            argv: frontend,
-            metrics: None,
-            backend: Some(BackendKind::QemuStorageDaemon),
-        },
-        NotifyPath {
-            name: format!("QEMU microvm (-cpu {qemu_cpu})"),
-            argv: qemu,
-            metrics: None,
-            backend: None,
-        },
-        NotifyPath {
-            name: "raw KVM floor".into(),
-            argv: floor,
-            metrics: None,
-            backend: None,
-        },
+        path("evmm ioeventfd + irqfd".into(), a, am, None),
+        path(
+            format!("evmm ioeventfd + irqfd, poll={POLL_FIXED}"),
+            p,
+            pm,
+            None,
+        ),
+        path(
+            "evmm ioeventfd + irqfd, poll=adaptive".into(),
+            ad,
+            adm,
+            None,
+        ),
+        path("evmm --notify exit".into(), b, bm, None),
+        path(
+            "evmm + evmm-vhost-user-blk".into(),
+            frontend.clone(),
+            None,
+            Some((BackendKind::Evmm, vec![])),
+        ),
+        path(
+            "evmm + evmm-vhost-user-blk --poll adaptive".into(),
+            frontend.clone(),
+            None,
+            Some((BackendKind::Evmm, vec!["--poll".into(), "adaptive".into()])),
+        ),
+        path(
+            "evmm + qemu-storage-daemon".into(),
+            frontend,
+            None,
+            Some((BackendKind::QemuStorageDaemon, vec![])),
+        ),
+        path(format!("QEMU microvm (-cpu {qemu_cpu})"), qemu, None, None),
+        path("raw KVM floor".into(), floor, None, None),
     ]
 }
 
@@ -329,6 +354,7 @@ fn counters(
 ) -> Result<Counters, Box<dyn std::error::Error>> {
     let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(metrics)?)?;
     let t = &m["devices"][0]["transport"];
+    let polling = &t["device"]["polling"];
     let sum = |k: &str| {
         t["device"]["queues"]
             .as_array()
@@ -345,38 +371,52 @@ fn counters(
         wakeups_per_request: per(sum("wakeups")),
         interrupts_per_request: per(sum("interrupts")),
         notify_exits_per_request: per(t["notify_exits"].as_u64().unwrap_or(0)),
+        polled_per_request: per(polling["polled_requests"].as_u64().unwrap_or(0)),
+        poll_us_per_request: per(polling["poll_ns"].as_u64().unwrap_or(0)) / 1000.0,
     })
 }
 
 fn print_tables(r: &Report) {
     println!("Notify latency, {} requests per series, TSC {:.0} MHz, µs (p50 × floor: against the floor's series of the same mode)\n", r.requests, r.tsc_mhz);
-    println!("| path | request | wait | p50 | p90 | p99 | p99.9 | mean | p50 × floor |");
-    println!("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| path | request | wait | p50 | p90 | p99 | p99.9 | mean | p50 × floor | p50 × shm floor | guest kicks/request |");
+    println!("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let or_dash = |v: Option<f64>, digits: usize| {
+        v.map(|v| format!("{v:.digits$}"))
+            .unwrap_or_else(|| "–".into())
+    };
     for row in &r.rows {
         let s = &row.stats_us;
-        let ratio = row
-            .p50_vs_floor
-            .map(|v| format!("{v:.2}"))
-            .unwrap_or_else(|| "–".into());
         println!(
-            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
-            row.path, row.kind, row.mode, s.p50, s.p90, s.p99, s.p999, s.mean, ratio
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} |",
+            row.path,
+            row.kind,
+            row.mode,
+            s.p50,
+            s.p90,
+            s.p99,
+            s.p999,
+            s.mean,
+            or_dash(row.p50_vs_floor, 2),
+            or_dash(row.p50_vs_shm_floor, 1),
+            or_dash(row.guest_kicks_per_request, 3)
         );
     }
     if let Some(x) = r.kick_exit_over_ioeventfd {
         println!("\nThe kick itself (QueueNotify write → next guest instruction, GET_ID, p50): an exit to evmm costs {x:.1}× an ioeventfd signal.");
     }
-    println!("\n| path | requests | kicks/request | wake-ups/request | interrupts/request | QueueNotify exits/request |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    println!("\n| path | requests | kicks/request | wake-ups/request | interrupts/request | QueueNotify exits/request | found by polling/request | polling µs/request |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for c in &r.counters {
         println!(
-            "| {} | {} | {:.3} | {:.3} | {:.3} | {:.3} |",
+            "| {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} |",
             c.path,
             c.requests,
             c.kicks_per_request,
             c.wakeups_per_request,
             c.interrupts_per_request,
-            c.notify_exits_per_request
+            c.notify_exits_per_request,
+            c.polled_per_request,
+            c.poll_us_per_request
         );
     }
 }
