@@ -5,7 +5,9 @@
 
 mod common;
 
-use common::{dd_zero, evmm_cmd, guest_passed, marker, metrics, queue_sum, run_script, MIB};
+use common::{
+    dd_zero, evmm_cmd, evmm_line, guest_passed, marker, metrics, queue_sum, run_script, MIB,
+};
 use evmm_testhost::guest::all_marker_fields;
 use evmm_testhost::RunOutput;
 
@@ -187,4 +189,57 @@ fn random_workload_with_notify_exit_and_sync_takes_every_kick_as_an_exit() {
         exits, kicks,
         "every kick must have come through a QueueNotify exit: {m}"
     );
+}
+
+/// The shell lines that boot the guest writing and flushing `blocks` blocks under evmm
+/// with `engine`, kill evmm with SIGKILL once the guest reports the flush done (and
+/// has gone on writing for a second), and check the file.
+fn flush_then_kill(engine: &str, blocks: u32) -> String {
+    let disk = format!("path=$D/a.img,engine={engine}");
+    let evmm = evmm_line(
+        "blk",
+        &["flush-and-keep-writing", "/dev/vda", &blocks.to_string()],
+        &["--disk", &disk],
+    );
+    format!(
+        "{evmm} > \"$D/console-{engine}\" 2>&1 &\n\
+         PID=$!\n\
+         i=0; until grep -q EVMM-BLK-FLUSHED \"$D/console-{engine}\"; do\n\
+           i=$((i+1)); [ $i -lt 1500 ] || {{ cat \"$D/console-{engine}\"; echo 'no flush reported'; exit 1; }}\n\
+           kill -0 $PID || {{ cat \"$D/console-{engine}\"; echo 'evmm ended early'; exit 1; }}\n\
+           sleep 0.2\n\
+         done\n\
+         sleep 1\n\
+         kill -KILL $PID\n\
+         wait $PID || true\n\
+         echo \"EVMM-FLUSH-KILL engine={engine}\"\n\
+         evmm-guest-blk host-verify-flushed \"$D/a.img\" {blocks}"
+    )
+}
+
+#[test]
+fn flush_then_sigkill_leaves_every_acknowledged_write_in_the_file() {
+    const BLOCKS: u32 = 2048;
+    let body = [
+        dd_zero("a.img", 64),
+        flush_then_kill("io_uring", BLOCKS),
+        dd_zero("a.img", 64),
+        flush_then_kill("sync", BLOCKS),
+    ]
+    .join("\n");
+    let out = run_script(&body);
+    let verdicts = all_marker_fields(&out.output, "EVMM-BLK-FLUSH-VERIFY");
+    assert_eq!(verdicts.len(), 2, "output:\n{}", out.output);
+    for (v, engine) in verdicts.iter().zip(["io_uring", "sync"]) {
+        assert_eq!(
+            v["bad_blocks"], "0",
+            "{engine}: acknowledged writes are missing after SIGKILL; output:\n{}",
+            out.output
+        );
+    }
+    let killed: Vec<String> = all_marker_fields(&out.output, "EVMM-FLUSH-KILL")
+        .iter()
+        .map(|f| f["engine"].clone())
+        .collect();
+    assert_eq!(killed, ["io_uring", "sync"], "output:\n{}", out.output);
 }

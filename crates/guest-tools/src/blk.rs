@@ -92,6 +92,61 @@ pub fn write_guest_pattern(dev: &Path) -> io::Result<()> {
     f.sync_all()
 }
 
+/// Size of the blocks of [`write_flush_and_keep_writing`].
+pub const FLUSHED_BLOCK: usize = 4096;
+
+/// Block `i` of [`write_flush_and_keep_writing`]'s acknowledged writes.
+pub fn flushed_block(i: u64) -> Vec<u8> {
+    pattern(i * FLUSHED_BLOCK as u64, FLUSHED_BLOCK, 0x3c)
+}
+
+/// Writes `blocks` distinct 4 KiB blocks from the start of `dev` (O_DIRECT, one write
+/// each), makes them durable (fdatasync: a FLUSH), calls `flushed`, then writes random
+/// data past them without end, so that requests are in flight whenever the VMM is
+/// killed. Returns only on an error.
+pub fn write_flush_and_keep_writing(
+    dev: &Path,
+    blocks: u64,
+    flushed: impl FnOnce(),
+) -> io::Result<()> {
+    let f = open_direct(dev, true)?;
+    let len = device_len(&f)?;
+    let end = blocks * FLUSHED_BLOCK as u64;
+    if end + 64 * FLUSHED_BLOCK as u64 > len {
+        return Err(io::Error::other(
+            "the disk is too small for that many blocks",
+        ));
+    }
+    let mut buf = AlignedBuf::new(FLUSHED_BLOCK);
+    for i in 0..blocks {
+        buf.slice(FLUSHED_BLOCK).copy_from_slice(&flushed_block(i));
+        f.write_all_at(buf.slice(FLUSHED_BLOCK), i * FLUSHED_BLOCK as u64)?;
+    }
+    f.sync_data()?;
+    flushed();
+    let mut rng = Rng::new(blocks);
+    let spare = (len - end) / FLUSHED_BLOCK as u64;
+    loop {
+        for b in buf.slice(FLUSHED_BLOCK).iter_mut() {
+            *b = rng.next_u64() as u8;
+        }
+        let at = end + rng.range(0, spare - 1) * FLUSHED_BLOCK as u64;
+        f.write_all_at(buf.slice(FLUSHED_BLOCK), at)?;
+    }
+}
+
+/// The blocks among the first `blocks` of `file` that differ from what
+/// [`write_flush_and_keep_writing`] wrote and flushed.
+pub fn verify_flushed_file(file: &Path, blocks: u64) -> io::Result<u64> {
+    let data = std::fs::read(file)?;
+    Ok((0..blocks)
+        .filter(|&i| {
+            let at = (i as usize) * FLUSHED_BLOCK;
+            data.get(at..at + FLUSHED_BLOCK) != Some(flushed_block(i).as_slice())
+        })
+        .count() as u64)
+}
+
 /// Reads [`HOST_PATTERN`] with O_DIRECT; the number of bytes that differ.
 pub fn verify_host_pattern(dev: &Path) -> io::Result<usize> {
     let f = open_direct(dev, false)?;
@@ -483,6 +538,26 @@ mod tests {
         assert_eq!(verify_guest_pattern_file(&file).unwrap(), 0);
         f.write_all_at(&[1], 10 << 20).unwrap();
         assert_eq!(verify_guest_pattern_file(&file).unwrap(), 1);
+    }
+
+    #[test]
+    fn flushed_blocks_are_verified_block_by_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        let mut data = vec![0u8; 8 * FLUSHED_BLOCK];
+        for i in 0..8u64 {
+            let at = i as usize * FLUSHED_BLOCK;
+            data[at..at + FLUSHED_BLOCK].copy_from_slice(&flushed_block(i));
+        }
+        std::fs::write(&path, &data).unwrap();
+        assert_eq!(verify_flushed_file(&path, 8).unwrap(), 0);
+        data[3 * FLUSHED_BLOCK + 17] ^= 1;
+        data[5 * FLUSHED_BLOCK] ^= 1;
+        std::fs::write(&path, &data).unwrap();
+        assert_eq!(verify_flushed_file(&path, 8).unwrap(), 2);
+        // A file cut short: the missing blocks count as lost.
+        std::fs::write(&path, &data[..6 * FLUSHED_BLOCK]).unwrap();
+        assert_eq!(verify_flushed_file(&path, 8).unwrap(), 4);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod boottime;
 pub mod cpio;
+pub mod cputime;
 pub mod error;
 pub mod evmm;
 pub mod guest;

@@ -65,6 +65,11 @@ pub struct Backend {
 }
 
 impl Backend {
+    /// The backend process's id (while it runs).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Starts `kind` (found on PATH) on `disk`, listening on `socket`, its messages on
     /// this process's stderr, and waits until the socket exists (at most 10 s).
     pub fn start(kind: BackendKind, disk: &Path, socket: &Path, queues: u16) -> Result<Self> {

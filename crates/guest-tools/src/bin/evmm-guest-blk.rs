@@ -6,10 +6,14 @@
 //!                                         a verified random workload (THREADS at once,
 //!                                         each on its own part of the disk)
 //!   evmm-guest-blk qd DEV DEPTH N SEED    N timed random 4 KiB reads, DEPTH in flight
+//!   evmm-guest-blk flush-and-keep-writing DEV BLOCKS
+//!                                         BLOCKS 4 KiB writes, a flush, a marker line, then
+//!                                         writes without end (the VMM is killed meanwhile)
 //! On the host, on the disk file:
 //!   evmm-guest-blk host-write-pattern FILE
 //!   evmm-guest-blk host-verify-pattern FILE
 //!   evmm-guest-blk checksum FILE
+//!   evmm-guest-blk host-verify-flushed FILE BLOCKS
 //! Each prints one `EVMM-BLK...` line; the exit status is 0 when the check passed.
 
 use evmm_guest_tools::blk;
@@ -67,6 +71,20 @@ fn run(argv: &[&str]) -> Result<bool, Box<dyn std::error::Error>> {
             println!("{}", report.line());
             Ok(true)
         }
+        ["flush-and-keep-writing", dev, blocks] => {
+            let blocks: u64 = blocks.parse()?;
+            blk::write_flush_and_keep_writing(Path::new(dev), blocks, || {
+                println!("EVMM-BLK-FLUSHED blocks={blocks}");
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+            })?;
+            Ok(false)
+        }
+        ["host-verify-flushed", file, blocks] => {
+            let bad = blk::verify_flushed_file(Path::new(file), blocks.parse()?)?;
+            println!("EVMM-BLK-FLUSH-VERIFY bad_blocks={bad}");
+            Ok(bad == 0)
+        }
         ["host-write-pattern", file] => {
             blk::write_host_pattern(Path::new(file))?;
             Ok(true)
@@ -80,6 +98,6 @@ fn run(argv: &[&str]) -> Result<bool, Box<dyn std::error::Error>> {
             println!("EVMM-BLK-CHECKSUM checksum={:016x}", blk::fnv1a(&std::fs::read(file)?));
             Ok(true)
         }
-        _ => Err("usage: see the top of src/bin/evmm-guest-blk.rs (write-pattern DEV | read-pattern DEV | readonly DEV | random DEV OPS SEED [THREADS] | qd DEV DEPTH N SEED | host-write-pattern FILE | host-verify-pattern FILE | checksum FILE)".into()),
+        _ => Err("usage: see the top of src/bin/evmm-guest-blk.rs (write-pattern DEV | read-pattern DEV | readonly DEV | random DEV OPS SEED [THREADS] | qd DEV DEPTH N SEED | flush-and-keep-writing DEV BLOCKS | host-write-pattern FILE | host-verify-pattern FILE | checksum FILE | host-verify-flushed FILE BLOCKS)".into()),
     }
 }
