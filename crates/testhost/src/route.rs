@@ -6,6 +6,7 @@ use crate::images::target_dir;
 use crate::nested::{NestedHost, RunOutput};
 use std::fmt;
 use std::io::Read;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -59,6 +60,12 @@ impl Route {
 /// (inside the nested host too), returns `None` and the caller goes on here. Prints
 /// the route on stderr either way.
 pub fn rerun_where_guests_boot(limit: Duration) -> Result<Option<i32>> {
+    rerun_where_guests_boot_with(limit, &[])
+}
+
+/// As [`rerun_where_guests_boot`], with `files` of this host also in the nested host,
+/// at the same paths (files the guest images folder does not carry).
+pub fn rerun_where_guests_boot_with(limit: Duration, files: &[PathBuf]) -> Result<Option<i32>> {
     let route = Route::detect()?;
     eprintln!("{route}");
     if let Route::Direct { .. } = route {
@@ -73,10 +80,13 @@ pub fn rerun_where_guests_boot(limit: Duration) -> Result<Option<i32>> {
     {
         argv[0] = name;
     }
-    let out = NestedHost::new()?
+    let mut host = NestedHost::new()?
         .timeout(limit)
-        .on_line(|line| println!("{line}"))
-        .run(&argv)?;
+        .on_line(|line| println!("{line}"));
+    for f in files {
+        host = host.file(f, f.display().to_string());
+    }
+    let out = host.run(&argv)?;
     eprintln!(
         "nested host: {} exited {} ({})",
         argv[0],
@@ -93,8 +103,21 @@ pub fn bench_main(
     nested_limit: Option<Duration>,
     run: impl FnOnce() -> std::result::Result<(), Box<dyn std::error::Error>>,
 ) -> std::process::ExitCode {
+    bench_main_with(nested_limit, &[], run)
+}
+
+/// As [`bench_main`], with `files` also in the nested host
+/// ([`rerun_where_guests_boot_with`]).
+pub fn bench_main_with(
+    nested_limit: Option<Duration>,
+    files: &[PathBuf],
+    run: impl FnOnce() -> std::result::Result<(), Box<dyn std::error::Error>>,
+) -> std::process::ExitCode {
     use std::process::ExitCode;
-    let result = match nested_limit.map(rerun_where_guests_boot).transpose() {
+    let result = match nested_limit
+        .map(|limit| rerun_where_guests_boot_with(limit, files))
+        .transpose()
+    {
         Ok(Some(Some(status))) => return ExitCode::from(u8::try_from(status).unwrap_or(1)),
         Ok(_) => run(),
         Err(e) => Err(e.into()),

@@ -18,8 +18,9 @@
 use clap::Parser;
 use evmm_testhost::cputime::tree_cpu;
 use evmm_testhost::guest::marker_fields;
+use evmm_testhost::images::repo_root;
 use evmm_testhost::qemu_cpu::kvm_cpu_model;
-use evmm_testhost::route::bench_main;
+use evmm_testhost::route::bench_main_with;
 use evmm_testhost::{Backend, BackendKind, EvmmGuest, GuestImages, QemuGuest};
 use plotters::prelude::*;
 use serde::Serialize;
@@ -100,15 +101,21 @@ struct Report {
     failures: Vec<String>,
 }
 
+/// The guest image with fio, in a folder of its own so that other nested runs do not
+/// carry it.
+fn fio_image() -> PathBuf {
+    repo_root().join("guest-images/out/fio/initramfs.cpio.gz")
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    bench_main(Some(NESTED_LIMIT), || run(&cli))
+    bench_main_with(Some(NESTED_LIMIT), &[fio_image()], || run(&cli))
 }
 
 fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&cli.out)?;
     let mut images = GuestImages::existing()?;
-    let fio_image = images.dir.join("initramfs-fio.cpio.gz");
+    let fio_image = fio_image();
     if !fio_image.is_file() {
         return Err(format!(
             "{} is missing: build it with guest-images/build --fio (benches/fio does)",
