@@ -29,6 +29,8 @@ use std::sync::Arc;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+/// The iovecs a slot starts with (a 4 KiB request spanning two regions at most).
+const SLOT_IOVECS: usize = 4;
 /// Most iovecs one readv/writev takes (UIO_MAXIOV).
 const IOV_MAX: usize = 1024;
 
@@ -98,7 +100,9 @@ impl UringEngine {
         let slots = (0..queue_size)
             .map(|_| Slot {
                 busy: false,
-                iov: IoVecs::with_capacity(super::IOVECS_PER_REQUEST),
+                // Grown by the first request that needs more, then kept: a queue's
+                // slots do not take 256 × the largest request's room up front.
+                iov: IoVecs::with_capacity(SLOT_IOVECS),
                 mem: None,
                 request_type: RequestType::In,
                 status_addr: GuestAddress(0),
