@@ -9,17 +9,18 @@ use std::time::Duration;
 
 /// Boots `guest` under evmm and returns its console; evmm must exit 0 within the limit.
 fn boot(guest: &EvmmGuest) -> String {
-    try_boot(guest).unwrap_or_else(|e| panic!("{e}"))
+    try_boot(guest, 3).unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn try_boot(guest: &EvmmGuest) -> Result<String, String> {
+/// One boot, with at most `attempts` nested attempts (1 where the caller retries).
+fn try_boot(guest: &EvmmGuest, attempts: u32) -> Result<String, String> {
     let route = Route::detect().map_err(|e| e.to_string())?;
     eprintln!("{route}");
     let images = GuestImages::build().map_err(|e| e.to_string())?;
     let argv = guest.argv(&images);
     // A hang (the guest never ends, or evmm never exits) hits this limit and fails.
     let out = route
-        .run(&argv, Duration::from_secs(240))
+        .run_attempts(&argv, Duration::from_secs(240), attempts)
         .map_err(|e| format!("evmm run failed: {e}"))?;
     eprintln!("evmm ran: {}", out.timing());
     if out.status != 0 {
@@ -40,7 +41,7 @@ fn try_boot(guest: &EvmmGuest) -> Result<String, String> {
 fn boot_smp(guest: &EvmmGuest) -> String {
     let mut failures = Vec::new();
     for attempt in 1..=3 {
-        match try_boot(guest) {
+        match try_boot(guest, 1) {
             Ok(console) => return console,
             Err(e) => {
                 eprintln!("attempt {attempt} of an SMP boot failed: {e}");

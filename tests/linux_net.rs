@@ -37,6 +37,7 @@ fn run(
         plan,
         tap_mtu,
         false,
+        3,
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let m = metrics_in(&text);
@@ -133,6 +134,7 @@ fn evmm_virtio_net_two_queue_pairs_both_carry_traffic() {
             &plan,
             1500,
             true,
+            1,
         )
     });
     let m = metrics_in(&text);

@@ -37,7 +37,7 @@ fn evmm_vhost_net_passes_the_network_checks_on_the_kernels_data_path() {
         .ping(Side::L1, 3, Some(8000))
         .stats(DEFAULT_TAP);
     let vmm = evmm_vmm(&plan, MAC, &["vhost=on", "mtu=9000"], &[], 1);
-    let (text, net) = try_run(vmm, &plan, 9000, false).unwrap_or_else(|e| panic!("{e}"));
+    let (text, net) = try_run(vmm, &plan, 9000, false, 3).unwrap_or_else(|e| panic!("{e}"));
     let m = metrics_in(&text);
 
     assert_pings(&net, &text, Side::Guest, None, 3);
@@ -113,7 +113,7 @@ fn evmm_vhost_net_two_queue_pairs_with_notify_exit() {
             &["--notify", "exit"],
             2,
         );
-        try_run(vmm, &plan, 1500, true)
+        try_run(vmm, &plan, 1500, true, 1)
     });
     let m = metrics_in(&text);
     let dev = &m["devices"][0];

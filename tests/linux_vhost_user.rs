@@ -80,7 +80,7 @@ fn checked_random(out: &RunOutput, report: &std::collections::BTreeMap<String, S
 /// problems"); an attempt that completes is checked in full by the caller.
 fn run_on_qemu_storage_daemon(body: &str) -> RunOutput {
     up_to_three_attempts("evmm on qemu-storage-daemon", || {
-        try_run_script(body, Duration::from_secs(240))
+        try_run_script(body, Duration::from_secs(240), 1)
     })
 }
 

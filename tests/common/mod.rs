@@ -16,17 +16,17 @@ pub const MIB: u64 = 1024 * 1024;
 
 /// Runs a shell script where guests boot; `$D` is a fresh folder for disk files.
 pub fn run_script(body: &str) -> RunOutput {
-    try_run_script(body, Duration::from_secs(600)).unwrap_or_else(|e| panic!("{e}"))
+    try_run_script(body, Duration::from_secs(600), 3).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// As [`run_script`], with a time limit, returning what went wrong instead of
-/// panicking (for a caller that retries).
-pub fn try_run_script(body: &str, limit: Duration) -> Result<RunOutput, String> {
+/// As [`run_script`], with a time limit and at most `attempts` nested attempts (1 for
+/// a caller that retries itself), returning what went wrong instead of panicking.
+pub fn try_run_script(body: &str, limit: Duration, attempts: u32) -> Result<RunOutput, String> {
     let route = Route::detect().map_err(|e| e.to_string())?;
     eprintln!("{route}");
     let script = format!("set -e\nD=$(mktemp -d)\n{body}\nrm -rf \"$D\"\n");
     let out = route
-        .run(&["sh", "-c", &script], limit)
+        .run_attempts(&["sh", "-c", &script], limit, attempts)
         .map_err(|e| format!("run failed: {e}"))?;
     eprintln!("ran: {}", out.timing());
     if out.status != 0 {

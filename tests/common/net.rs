@@ -23,16 +23,17 @@ pub fn run(
     tap_mtu: u32,
     multi_queue: bool,
 ) -> (String, NetOutput) {
-    try_run(vmm, plan, tap_mtu, multi_queue).unwrap_or_else(|e| panic!("{e}"))
+    try_run(vmm, plan, tap_mtu, multi_queue, 3).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// As [`run`], returning what went wrong instead of panicking (for a caller that
-/// retries).
+/// As [`run`] with at most `attempts` nested attempts (1 for a caller that retries
+/// itself), returning what went wrong instead of panicking.
 pub fn try_run(
     vmm: Vec<String>,
     plan: &NetPlan,
     tap_mtu: u32,
     multi_queue: bool,
+    attempts: u32,
 ) -> Result<(String, NetOutput), String> {
     let _one = ONE_TAP.lock().unwrap_or_else(|e| e.into_inner());
     let route = Route::detect().map_err(|e| e.to_string())?;
@@ -42,7 +43,11 @@ pub fn try_run(
     run.tap.multi_queue = multi_queue;
     let started = Instant::now();
     let out = route
-        .run(&["sh", "-c", &run.script()], Duration::from_secs(900))
+        .run_attempts(
+            &["sh", "-c", &run.script()],
+            Duration::from_secs(900),
+            attempts,
+        )
         .map_err(|e| format!("the run failed: {e}"))?;
     eprintln!(
         "network run: {:.1} s in all ({})",

@@ -45,11 +45,26 @@ impl Route {
     }
 
     /// Runs `argv` where guests boot: on this host (in the repository, release binaries on
-    /// PATH) or in the nested host, stopping it after `limit`.
+    /// PATH) or in the nested host, stopping it after `limit`. A nested run that loses
+    /// the nested host is made again, up to three attempts ([`NestedHost::attempts`]).
     pub fn run<S: AsRef<str>>(&self, argv: &[S], limit: Duration) -> Result<RunOutput> {
+        self.run_attempts(argv, limit, 3)
+    }
+
+    /// As [`Route::run`] with at most `attempts` nested attempts (1 for a caller that
+    /// makes attempts of its own).
+    pub fn run_attempts<S: AsRef<str>>(
+        &self,
+        argv: &[S],
+        limit: Duration,
+        attempts: u32,
+    ) -> Result<RunOutput> {
         match self {
             Route::Direct { .. } => run_here(argv, limit),
-            Route::Nested { .. } => NestedHost::new()?.timeout(limit).run(argv),
+            Route::Nested { .. } => NestedHost::new()?
+                .timeout(limit)
+                .attempts(attempts)
+                .run(argv),
         }
     }
 }
