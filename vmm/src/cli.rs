@@ -79,7 +79,7 @@ pub struct Cli {
     /// flight per queue), sync (one at a time), auto (io_uring where the host
     /// allows it, else sync with a warning) [default: auto]; poll is how the
     /// disk's worker waits for requests: off (sleep on the kicks), a fixed
-    /// window of 1 to 1000 µs or adaptive (up to 32 µs), polling the rings with
+    /// window of 1 to 1000 µs or adaptive (up to 64 µs), polling the rings with
     /// the guest's kicks turned off [default: off]; poll_us=N is poll=N.
     /// Repeat the option for more disks
     #[arg(long, value_name = "DISK")]

@@ -538,7 +538,9 @@ fn run_mode(floor: &mut Floor, mode: Mode, requests: u64) -> Result<(Vec<Series>
                 let flag = mem.atomic_u64(DATA_POLL_FLAG);
                 if mode == Mode::Shm {
                     let request = mem.atomic_u64(DATA_SHM_REQUEST);
-                    let mut seen = request.load(Ordering::Acquire);
+                    // Not what the counter holds when this thread starts: the guest may
+                    // already have written its first request (it was reset to 0).
+                    let mut seen = 0;
                     while !stop.load(Ordering::Acquire) {
                         let now = request.load(Ordering::Acquire);
                         if now != seen {

@@ -38,7 +38,7 @@ pub struct Args {
     #[arg(long, value_name = "ENGINE", default_value = "auto", value_parser = parse_engine)]
     pub engine: EngineChoice,
     /// How each queue's thread waits for requests: off (on the kicks), a fixed window
-    /// of 1 to 1000 µs, or adaptive (up to 32 µs), polling the ring with the driver's
+    /// of 1 to 1000 µs, or adaptive (up to 64 µs), polling the ring with the driver's
     /// kicks turned off.
     #[arg(long, value_name = "MODE", default_value = "off", value_parser = parse_poll)]
     pub poll: PollMode,

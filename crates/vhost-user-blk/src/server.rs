@@ -106,7 +106,7 @@ impl Server {
         // The last reference: the queues' engines (io_uring rings and their eventfds)
         // go with it, after waiting for anything still in flight.
         if Arc::strong_count(&backend) > 1 {
-            log::warn!("the connection's backend is still referenced after its daemon ended");
+            log::debug!("the connection's backend is still referenced after its daemon ended");
         }
         drop(backend);
         if let Err(e) = self.device.disk().sync_data() {
