@@ -80,7 +80,7 @@ pub struct Cli {
     /// allows it, else sync with a warning) [default: auto]; poll is how the
     /// disk's worker waits for requests: off (sleep on the kicks), a fixed
     /// window of 1 to 1000 µs or adaptive (up to 64 µs), polling the rings with
-    /// the guest's kicks turned off [default: off]; poll_us=N is poll=N.
+    /// the guest's kicks turned off [default: adaptive]; poll_us=N is poll=N.
     /// Repeat the option for more disks
     #[arg(long, value_name = "DISK")]
     pub disk: Vec<String>,

@@ -40,7 +40,7 @@ pub struct Args {
     /// How each queue's thread waits for requests: off (on the kicks), a fixed window
     /// of 1 to 1000 µs, or adaptive (up to 64 µs), polling the ring with the driver's
     /// kicks turned off.
-    #[arg(long, value_name = "MODE", default_value = "off", value_parser = parse_poll)]
+    #[arg(long, value_name = "MODE", default_value = "adaptive", value_parser = parse_poll)]
     pub poll: PollMode,
     /// Diagnostics on stderr: off, error, warn, info, debug, trace (default: RUST_LOG,
     /// else warn).
@@ -96,7 +96,7 @@ mod tests {
                 id: None,
                 queues: 1,
                 direct: false,
-                poll: Default::default(),
+                poll: PollMode::Adaptive,
                 engine: EngineChoice::Auto,
             }
         );

@@ -247,7 +247,14 @@ impl QueueServer {
     /// on (serving what came meanwhile) and returns to the event loop.
     pub fn poll(&self, vring: &VringMutex, mem: &Arc<GuestMemoryMmap>, env: &QueueEnv<'_>) {
         let window = match self.poll.lock() {
-            Ok(p) => p.window.current(),
+            Ok(mut p) => {
+                if p.window.enabled() && p.window.current().is_zero() {
+                    // Not polling now, but an adaptive window learns from how long the
+                    // thread sleeps until the next event.
+                    p.idle_since = Some(Instant::now());
+                }
+                p.window.current()
+            }
             Err(_) => return,
         };
         if window.is_zero() || self.is_stopped() {

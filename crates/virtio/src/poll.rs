@@ -33,15 +33,17 @@ pub const ADAPTIVE_START: Duration = Duration::from_micros(4);
 /// the window could never grow past the kick it is meant to spare.
 pub const ADAPTIVE_MAX: Duration = Duration::from_micros(64);
 
-/// How a worker waits for the next request.
+/// How a worker waits for the next request. The default is adaptive: it polls only
+/// while requests come closer together than [`ADAPTIVE_MAX`], so an idle disk costs
+/// nothing (README, "Disks: engines and polling", has the measurements).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum PollMode {
     /// Sleep at once.
-    #[default]
     Off,
     /// Poll this many microseconds after the last request found.
     Fixed(u32),
     /// Poll for a window that follows the gaps between requests.
+    #[default]
     Adaptive,
 }
 

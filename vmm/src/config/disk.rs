@@ -124,8 +124,8 @@ fn set_once<T>(slot: &mut Option<T>, key: &'static str, value: T) -> Result<(), 
 }
 
 /// Parses one `--disk` value. Defaults: writable, no id, one queue,
-/// buffered I/O, no polling (the worker blocks as soon as its queues are empty),
-/// engine auto (io_uring where the host allows it, else sync).
+/// buffered I/O, adaptive polling, engine auto (io_uring where the host allows it,
+/// else sync).
 pub fn parse_disk(spec: &str) -> Result<BlockConfig, DiskOptionError> {
     let mut path = None;
     let mut readonly = None;
@@ -223,7 +223,7 @@ mod tests {
                 id: None,
                 queues: 1,
                 direct: false,
-                poll: Default::default(),
+                poll: PollMode::Adaptive,
                 engine: EngineChoice::Auto,
             }
         );

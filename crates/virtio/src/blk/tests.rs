@@ -1543,3 +1543,56 @@ fn a_polling_worker_turns_kicks_off_and_finds_requests_without_them() {
         );
     }
 }
+
+#[test]
+fn an_idle_disk_with_adaptive_polling_does_not_spin() {
+    let (mem, f, _) = setup();
+    let vq = MockSplitQueue::new(&mem, QSIZE);
+    let mut blk = Block::new(BlockConfig {
+        path: f.path().into(),
+        readonly: false,
+        id: None,
+        queues: 1,
+        direct: false,
+        poll: crate::poll::PollMode::Adaptive,
+        engine: EngineChoice::Only(EngineKind::IoUring),
+    })
+    .unwrap();
+    let mut ring = DriverRing::of_mock(&vq);
+    let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+    let irq = Arc::new(RecordingInterrupt::new());
+    let ctx = ActivateContext {
+        mem: mem.clone(),
+        acked_features: 1 << 32,
+        queues: vec![make_queue(&vq)],
+        kicks: vec![kick.try_clone().unwrap()],
+        interrupt: irq.clone(),
+    };
+    blk.activate(ctx).unwrap();
+    // A few requests 20 ms apart, then nothing for half a second.
+    for i in 0..5u16 {
+        header(&mem, HDR, VIRTIO_BLK_T_GET_ID, 0);
+        ring.add_chain(
+            &mem,
+            &[
+                Desc(HDR, 16, false),
+                Desc(DATA, 20, true),
+                Desc(STATUS, 1, true),
+            ],
+        );
+        kick.write(1).unwrap();
+        assert!(eventually(|| used_idx(&mem) == i + 1));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let before = blk.metrics()["polling"]["poll_ns"].as_u64().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let m = blk.metrics();
+    let idle = m["polling"]["poll_ns"].as_u64().unwrap() - before;
+    assert_eq!(idle, 0, "polled {idle} ns while idle: {m}");
+    // Gaps of 20 ms never grow the window past its first step (4 µs): five requests
+    // cost a few windows at most (generous for a thread descheduled while it polls).
+    assert!(
+        before <= 5 * 4 * crate::poll::ADAPTIVE_MAX.as_nanos() as u64,
+        "polled {before} ns for 5 requests 20 ms apart: {m}"
+    );
+}
