@@ -224,8 +224,8 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
             .find(|r| r.path == path && r.kind == "get_id" && r.mode == "kick")
             .map(|r| r.stats_us.p50)
     };
-    let kick_exit_over_ioeventfd = kick_p50("evmm --notify exit")
-        .zip(kick_p50("evmm ioeventfd + irqfd"))
+    let kick_exit_over_ioeventfd = kick_p50("evmm --notify exit, poll=off")
+        .zip(kick_p50("evmm ioeventfd + irqfd, poll=off"))
         .map(|(e, i)| e / i);
     let report = Report {
         requests: cli.requests,
@@ -310,7 +310,7 @@ fn paths(cli: &Cli, guest: &Path, disk: &Path, socket: &Path, qemu_cpu: &str) ->
         backend,
     };
     vec![
-        path("evmm ioeventfd + irqfd".into(), a, am, None),
+        path("evmm ioeventfd + irqfd, poll=off".into(), a, am, None),
         path(
             format!("evmm ioeventfd + irqfd, poll={POLL_FIXED}"),
             p,
@@ -318,20 +318,20 @@ fn paths(cli: &Cli, guest: &Path, disk: &Path, socket: &Path, qemu_cpu: &str) ->
             None,
         ),
         path(
-            "evmm ioeventfd + irqfd, poll=adaptive".into(),
+            "evmm ioeventfd + irqfd, poll=adaptive (default)".into(),
             ad,
             adm,
             None,
         ),
-        path("evmm --notify exit".into(), b, bm, None),
+        path("evmm --notify exit, poll=off".into(), b, bm, None),
         path(
-            "evmm + evmm-vhost-user-blk".into(),
+            "evmm + evmm-vhost-user-blk --poll off".into(),
             frontend.clone(),
             None,
-            Some((BackendKind::Evmm, vec![])),
+            Some((BackendKind::Evmm, vec!["--poll".into(), "off".into()])),
         ),
         path(
-            "evmm + evmm-vhost-user-blk --poll adaptive".into(),
+            "evmm + evmm-vhost-user-blk --poll adaptive (default)".into(),
             frontend.clone(),
             None,
             Some((BackendKind::Evmm, vec!["--poll".into(), "adaptive".into()])),
