@@ -78,6 +78,59 @@ pub fn rerun_where_guests_boot(limit: Duration) -> Result<Option<i32>> {
     rerun_where_guests_boot_with(limit, &[])
 }
 
+/// Set in the environment of a program [`rerun_where_guests_boot`] runs in the nested
+/// host: [`write_output`] then sends its files back.
+const SEND_BACK_ENV: &str = "EVMM_SEND_BACK";
+/// The line that carries a file back from the nested host.
+const SEND_BACK_MARKER: &str = "EVMM-NESTED-FILE";
+
+/// Writes a benchmark's output file `path`; in a program that
+/// [`rerun_where_guests_boot`] runs in the nested host, also sends it back to the same
+/// path on this host (as one line of its output), since L1's files end with L1.
+pub fn write_output(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    std::fs::write(path, bytes)?;
+    if std::env::var_os(SEND_BACK_ENV).is_some() {
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        println!(
+            "{SEND_BACK_MARKER} path={} hex={hex}",
+            crate::nested::shell_quote(&path.display().to_string())
+        );
+    }
+    Ok(())
+}
+
+/// Writes the file a [`SEND_BACK_MARKER`] line carries into `root`; `None` for any other
+/// line. Only a relative path under `target/` without `..` is taken: the line comes
+/// from another machine's output, which a guest's console may end up in.
+fn received_file(root: &std::path::Path, line: &str) -> Option<std::io::Result<PathBuf>> {
+    use std::path::Component;
+    let rest = line.strip_prefix(SEND_BACK_MARKER)?.trim_start();
+    let (path, hex) = rest.strip_prefix("path=")?.split_once(" hex=")?;
+    let relative = PathBuf::from(path.trim_matches('\''));
+    let plain = relative
+        .components()
+        .all(|c| matches!(c, Component::Normal(_)));
+    if !plain || !relative.starts_with("target") {
+        return Some(Err(std::io::Error::other(format!(
+            "refused {}: not a relative path under target/",
+            relative.display()
+        ))));
+    }
+    let path = root.join(relative);
+    let bytes: Option<Vec<u8>> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect();
+    Some(match bytes {
+        Some(b) => path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&path, b))
+            .map(|()| path),
+        None => Err(std::io::Error::other("bad hex")),
+    })
+}
+
 /// As [`rerun_where_guests_boot`], with `files` of this host also in the nested host,
 /// at the same paths (files the guest images folder does not carry).
 pub fn rerun_where_guests_boot_with(limit: Duration, files: &[PathBuf]) -> Result<Option<i32>> {
@@ -95,16 +148,23 @@ pub fn rerun_where_guests_boot_with(limit: Duration, files: &[PathBuf]) -> Resul
     {
         argv[0] = name;
     }
-    let mut host = NestedHost::new()?
-        .timeout(limit)
-        .on_line(|line| println!("{line}"));
+    // The program runs in the repository's folder in L1, as here: relative paths agree.
+    argv.insert(0, format!("{SEND_BACK_ENV}=1"));
+    argv.insert(0, "env".into());
+    let mut host = NestedHost::new()?.timeout(limit).on_line(|line| {
+        match received_file(&crate::images::repo_root(), line) {
+            Some(Ok(path)) => eprintln!("received {} from the nested host", path.display()),
+            Some(Err(e)) => eprintln!("a file from the nested host could not be written: {e}"),
+            None => println!("{line}"),
+        }
+    });
     for f in files {
         host = host.file(f, f.display().to_string());
     }
     let out = host.run(&argv)?;
     eprintln!(
         "nested host: {} exited {} ({})",
-        argv[0],
+        argv[2],
         out.status,
         out.timing()
     );
@@ -231,6 +291,21 @@ mod tests {
         let r = Route::from_probe_line("ring 0 native: 0.3 ns/iteration at CPL0").unwrap();
         assert!(matches!(r, Route::Direct { .. }));
         assert!(Route::from_probe_line("error: no /dev/kvm").is_err());
+    }
+
+    #[test]
+    fn files_come_back_only_under_target() {
+        let root = tempfile::tempdir().unwrap();
+        let line = format!("{SEND_BACK_MARKER} path=target/x/out.json hex=7b7d0a");
+        let path = received_file(root.path(), &line).unwrap().unwrap();
+        assert_eq!(std::fs::read(path).unwrap(), b"{}\n");
+        for bad in ["/etc/passwd", "target/../../x", "src/lib.rs", "../target/y"] {
+            let line = format!("{SEND_BACK_MARKER} path={bad} hex=00");
+            assert!(received_file(root.path(), &line).unwrap().is_err(), "{bad}");
+        }
+        assert!(received_file(root.path(), "an ordinary line").is_none());
+        let bad_hex = format!("{SEND_BACK_MARKER} path=target/z hex=0g");
+        assert!(received_file(root.path(), &bad_hex).unwrap().is_err());
     }
 
     #[test]

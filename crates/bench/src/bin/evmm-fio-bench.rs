@@ -20,7 +20,7 @@ use evmm_testhost::cputime::tree_cpu;
 use evmm_testhost::guest::marker_fields;
 use evmm_testhost::images::repo_root;
 use evmm_testhost::qemu_cpu::kvm_cpu_model;
-use evmm_testhost::route::bench_main_with;
+use evmm_testhost::route::{bench_main_with, write_output};
 use evmm_testhost::{Backend, BackendKind, EvmmGuest, GuestImages, QemuGuest};
 use plotters::prelude::*;
 use serde::Serialize;
@@ -169,6 +169,9 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
                         row.name,
                         console.display()
                     );
+                    if let Ok(text) = std::fs::read(&console) {
+                        write_output(&console, &text)?;
+                    }
                     failures.push(format!("{} (round {round}): {e}", row.name));
                 }
             }
@@ -192,12 +195,13 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
         rows: reports,
         failures: failures.clone(),
     };
-    std::fs::write(
-        cli.out.join("fio.json"),
-        serde_json::to_string_pretty(&report)?,
+    write_output(
+        &cli.out.join("fio.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
     let svg = cli.out.join("fio.svg");
     plot(&svg, &report)?;
+    write_output(&svg, &std::fs::read(&svg)?)?;
     eprintln!(
         "wrote {} and {}",
         cli.out.join("fio.json").display(),
