@@ -405,7 +405,13 @@ fn run_row(
     let mut ended = false;
     while !ended {
         let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
+        // A guest that keeps printing must not keep the row alive past its limit.
+        let next = if left.is_zero() {
+            Err(mpsc::RecvTimeoutError::Timeout)
+        } else {
+            rx.recv_timeout(left)
+        };
+        match next {
             Ok(line) => {
                 if let Some(f) = marker_fields(&line, "EVMM-FIO-START") {
                     started_cpu.insert(f.get("job").cloned().unwrap_or_default(), cpu());
