@@ -100,39 +100,7 @@ fn tree_pids(pid: u32) -> Vec<u32> {
 /// that already ended are not counted (their time went to their parent's `cutime`
 /// only when reaped).
 pub fn tree_cpu(pid: u32) -> Duration {
-    let mut parent_of = HashMap::new();
-    let mut ticks = HashMap::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(p) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        if let Some((ppid, t)) = parse_stat(&stat) {
-            parent_of.insert(p, ppid);
-            ticks.insert(p, t);
-        }
-    }
-    let in_tree = |mut p: u32| loop {
-        if p == pid {
-            return true;
-        }
-        match parent_of.get(&p) {
-            Some(&pp) if pp != p && pp != 0 => p = pp,
-            _ => return false,
-        }
-    };
-    let total: u64 = ticks
-        .iter()
-        .filter(|(p, _)| in_tree(**p))
-        .map(|(_, t)| *t)
-        .sum();
-    ticks_to_duration(total)
+    tree_cpu_split(pid).total
 }
 
 /// (ppid, utime + stime) from a `/proc/PID/stat` line. The command name may hold

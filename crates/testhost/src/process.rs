@@ -82,3 +82,17 @@ mod tests {
         assert!(run_with_limit(&["/nonexistent/program"], Duration::from_secs(1)).is_err());
     }
 }
+
+/// A row name as a file name: ASCII letters and digits, lower case, everything else
+/// `-` (for a benchmark's per-row files).
+pub fn slug(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}

@@ -19,6 +19,7 @@ use clap::Parser;
 use evmm_testhost::cputime::{tree_cpu_split, CpuSplit};
 use evmm_testhost::guest::marker_fields;
 use evmm_testhost::images::repo_root;
+use evmm_testhost::process::slug;
 use evmm_testhost::qemu_cpu::kvm_cpu_model;
 use evmm_testhost::route::{bench_main_with, write_output};
 use evmm_testhost::{Backend, BackendKind, EvmmGuest, GuestImages, QemuGuest};
@@ -629,16 +630,4 @@ fn plot(svg: &Path, report: &Report) -> Result<(), Box<dyn std::error::Error>> {
     }
     root.present()?;
     Ok(())
-}
-
-fn slug(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '-'
-            }
-        })
-        .collect()
 }

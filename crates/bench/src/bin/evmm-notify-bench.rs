@@ -22,6 +22,7 @@ use clap::Parser;
 use evmm_testhost::images::notify_guest;
 use evmm_testhost::notify_output::{NotifyRun, Stats};
 use evmm_testhost::process::run_with_limit;
+use evmm_testhost::process::slug;
 use evmm_testhost::qemu::notify_guest_microvm_argv;
 use evmm_testhost::qemu_cpu::kvm_cpu_model;
 use evmm_testhost::route::bench_main;
@@ -504,18 +505,6 @@ fn plot(
         .draw()?;
     root.present()?;
     Ok(())
-}
-
-fn slug(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '-'
-            }
-        })
-        .collect()
 }
 
 struct RemoveOnDrop(PathBuf);
