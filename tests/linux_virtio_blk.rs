@@ -107,16 +107,17 @@ fn a_readonly_disk_refuses_writes_and_stays_byte_identical() {
     );
 }
 
-/// The verified random workload on the disk engine `engine`, `threads` of the guest at
+/// The verified random workload on the disk options `disk` (engine and polling),
+/// `threads` of the guest at
 /// once (each on its own part of the disk: that many requests in flight, which an
 /// asynchronous engine may complete in any order); returns the run and its metrics.
 fn random_workload(
     notify: &str,
-    engine: &str,
+    (engine, poll): (&str, &str),
     ops: u32,
     threads: u32,
 ) -> (RunOutput, serde_json::Value) {
-    let disk = format!("path=$D/a.img,engine={engine}");
+    let disk = format!("path=$D/a.img,engine={engine},poll={poll}");
     let body = [
         dd_zero("a.img", 64),
         evmm_cmd(
@@ -151,6 +152,10 @@ fn random_workload(
         m["devices"][0]["transport"]["device"]["engine"], engine,
         "metrics: {m}"
     );
+    assert_eq!(
+        m["devices"][0]["transport"]["device"]["poll"], poll,
+        "metrics: {m}"
+    );
     let kicks = queue_sum(&m, 0, "/kicks");
     let wakeups = queue_sum(&m, 0, "/wakeups");
     let requests_in = queue_sum(&m, 0, "/req_in");
@@ -170,7 +175,7 @@ fn random_workload(
 
 #[test]
 fn random_workload_with_ioeventfd_and_io_uring_never_exits_on_queue_notify() {
-    let (_, m) = random_workload("ioeventfd", "io_uring", 10_000, 4);
+    let (_, m) = random_workload("ioeventfd", ("io_uring", "adaptive"), 10_000, 4);
     assert_eq!(
         m["devices"][0]["transport"]["notify_exits"], 0,
         "metrics: {m}"
@@ -179,7 +184,7 @@ fn random_workload_with_ioeventfd_and_io_uring_never_exits_on_queue_notify() {
 
 #[test]
 fn random_workload_with_notify_exit_and_sync_takes_every_kick_as_an_exit() {
-    let (_, m) = random_workload("exit", "sync", 10_000, 1);
+    let (_, m) = random_workload("exit", ("sync", "off"), 10_000, 1);
     let exits = m["devices"][0]["transport"]["notify_exits"]
         .as_u64()
         .unwrap();

@@ -152,12 +152,21 @@ impl EngineChoice {
     /// `Auto` falls back to sync with one `warn` line; an explicit `io_uring` that the
     /// host refuses is an error.
     pub fn resolve(self) -> Result<EngineKind, BlockError> {
+        self.resolve_with(uring::probe)
+    }
+
+    /// [`EngineChoice::resolve`] with `probe` standing for this host's io_uring check
+    /// (so that both branches are tested on every host).
+    fn resolve_with(
+        self,
+        probe: impl FnOnce() -> io::Result<()>,
+    ) -> Result<EngineKind, BlockError> {
         match self {
             EngineChoice::Only(EngineKind::Sync) => Ok(EngineKind::Sync),
-            EngineChoice::Only(EngineKind::IoUring) => uring::probe()
+            EngineChoice::Only(EngineKind::IoUring) => probe()
                 .map(|()| EngineKind::IoUring)
                 .map_err(|e| BlockError::Config(format!("engine=io_uring: {}", why(&e)))),
-            EngineChoice::Auto => match uring::probe() {
+            EngineChoice::Auto => match probe() {
                 Ok(()) => Ok(EngineKind::IoUring),
                 Err(e) => {
                     log::warn!(
@@ -199,5 +208,73 @@ pub fn open(kind: EngineKind, disk: &Arc<DiskFile>, queue_size: u16) -> Box<dyn 
                 Box::new(SyncEngine::new(disk.clone()))
             }
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(errno: i32) -> impl FnOnce() -> io::Result<()> {
+        move || Err(io::Error::from_raw_os_error(errno))
+    }
+
+    #[test]
+    fn auto_falls_back_to_sync_where_io_uring_is_refused_and_says_why() {
+        for errno in [libc::ENOSYS, libc::EPERM, libc::ENOMEM] {
+            assert_eq!(
+                EngineChoice::Auto.resolve_with(refused(errno)).unwrap(),
+                EngineKind::Sync
+            );
+            let e = EngineChoice::Only(EngineKind::IoUring)
+                .resolve_with(refused(errno))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("engine=io_uring"), "{e}");
+        }
+        let e = EngineChoice::Only(EngineKind::IoUring)
+            .resolve_with(refused(libc::EPERM))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not permitted"), "{e}");
+        let e = EngineChoice::Only(EngineKind::IoUring)
+            .resolve_with(refused(libc::ENOSYS))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no io_uring"), "{e}");
+        // Where the probe passes, auto takes io_uring; sync never probes.
+        assert_eq!(
+            EngineChoice::Auto.resolve_with(|| Ok(())).unwrap(),
+            EngineKind::IoUring
+        );
+        assert_eq!(
+            EngineChoice::Only(EngineKind::Sync)
+                .resolve_with(|| panic!("sync must not probe io_uring"))
+                .unwrap(),
+            EngineKind::Sync
+        );
+    }
+
+    #[test]
+    fn this_host_gives_io_uring_or_auto_says_why_not() {
+        match uring::probe() {
+            Ok(()) => assert_eq!(EngineChoice::Auto.resolve().unwrap(), EngineKind::IoUring),
+            Err(e) => {
+                eprintln!("io_uring refused here ({e}): auto takes the sync engine");
+                assert_eq!(EngineChoice::Auto.resolve().unwrap(), EngineKind::Sync);
+            }
+        }
+    }
+
+    #[test]
+    fn choices_parse() {
+        assert_eq!("auto".parse(), Ok(EngineChoice::Auto));
+        assert_eq!("sync".parse(), Ok(EngineChoice::Only(EngineKind::Sync)));
+        assert_eq!(
+            "io_uring".parse(),
+            Ok(EngineChoice::Only(EngineKind::IoUring))
+        );
+        assert!("aio".parse::<EngineChoice>().is_err());
+        assert_eq!(EngineKind::IoUring.to_string(), "io_uring");
     }
 }
