@@ -52,6 +52,20 @@ pub fn run_with_limit<S: AsRef<str>>(argv: &[S], limit: Duration) -> io::Result<
     })
 }
 
+/// A row name as a file name: ASCII letters and digits, lower case, everything else
+/// `-` (for a benchmark's per-row files).
+pub fn slug(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,18 +95,4 @@ mod tests {
     fn a_missing_program_is_an_error() {
         assert!(run_with_limit(&["/nonexistent/program"], Duration::from_secs(1)).is_err());
     }
-}
-
-/// A row name as a file name: ASCII letters and digits, lower case, everything else
-/// `-` (for a benchmark's per-row files).
-pub fn slug(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '-'
-            }
-        })
-        .collect()
 }
