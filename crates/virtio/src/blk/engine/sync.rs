@@ -55,8 +55,8 @@ impl SyncEngine {
             return Completion::ioerr();
         }
         let result = match req.request_type {
-            RequestType::In => self.read(req, mem),
-            RequestType::Out => self.write(req, mem),
+            RequestType::In => self.transfer(Direction::Read, req, mem),
+            RequestType::Out => self.transfer(Direction::Write, req, mem),
             RequestType::Flush => self.disk.sync_data().map(|_| Completion::ok()),
             RequestType::GetId => get_id(&self.disk, req, mem),
             RequestType::Discard | RequestType::WriteZeroes => self.zero_ranges(req),
@@ -88,26 +88,22 @@ impl SyncEngine {
         transfer_all(self.disk.file(), dir, iov, offset)
     }
 
-    fn read(&mut self, req: &Request, mem: &GuestMemoryMmap) -> io::Result<Completion> {
+    /// An IN (`Read`) or OUT (`Write`) request's data, straight or through the bounce
+    /// buffer where O_DIRECT cannot take the guest's buffers.
+    fn transfer(
+        &mut self,
+        dir: Direction,
+        req: &Request,
+        mem: &GuestMemoryMmap,
+    ) -> io::Result<Completion> {
         let total = self.iov.fill(mem, &req.data)?;
         let offset = disk_offset(req.sector)?;
         if self.needs_bounce() {
-            self.bounced(Direction::Read, req, mem, offset)?;
+            self.bounced(dir, req, mem, offset)?;
         } else {
-            transfer_all(self.disk.file(), Direction::Read, &mut self.iov, offset)?;
+            transfer_all(self.disk.file(), dir, &mut self.iov, offset)?;
         }
-        Ok(Completion::read(total))
-    }
-
-    fn write(&mut self, req: &Request, mem: &GuestMemoryMmap) -> io::Result<Completion> {
-        let total = self.iov.fill(mem, &req.data)?;
-        let offset = disk_offset(req.sector)?;
-        if self.needs_bounce() {
-            self.bounced(Direction::Write, req, mem, offset)?;
-        } else {
-            transfer_all(self.disk.file(), Direction::Write, &mut self.iov, offset)?;
-        }
-        Ok(Completion::written(total))
+        Ok(transferred(dir, total))
     }
 
     /// O_DIRECT and guest buffers that it cannot take as they are.
@@ -241,6 +237,14 @@ pub(super) fn get_id(
         written_to_guest: total as u32,
         ..Completion::ok()
     })
+}
+
+/// The completion of a transfer of `len` bytes in direction `dir`.
+pub(super) fn transferred(dir: Direction, len: u64) -> Completion {
+    match dir {
+        Direction::Read => Completion::read(len),
+        Direction::Write => Completion::written(len),
+    }
 }
 
 /// The byte offset of `sector`.

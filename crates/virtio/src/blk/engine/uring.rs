@@ -20,7 +20,7 @@
 use super::super::disk::{Completion, DiskFile};
 use super::super::request::{Request, RequestType, SECTOR_SIZE};
 use super::iovec::{Direction, IoVecs};
-use super::sync::{disk_offset, SyncEngine};
+use super::sync::{disk_offset, transferred, SyncEngine};
 use super::{BlockEngine, EngineKind, Finished, Submitted};
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 use std::io;
@@ -253,13 +253,6 @@ impl UringEngine {
         slot.mem = Some(mem.clone());
         slot.busy = true;
         Ok(Some(entry.user_data(u64::from(head))))
-    }
-}
-
-fn transferred(dir: Direction, len: u64) -> Completion {
-    match dir {
-        Direction::Read => Completion::read(len),
-        Direction::Write => Completion::written(len),
     }
 }
 
