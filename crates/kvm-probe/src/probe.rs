@@ -69,6 +69,9 @@ const START_ITERATIONS: u64 = 1024;
 /// Each of the N and 2N runs is repeated this many times; the minimum counts.
 const REPEATS: usize = 3;
 
+/// How often a calibrated measurement that noise swamped is made again with more iterations.
+const NOISE_RETRIES: usize = 3;
+
 /// How often a `KVM_RUN` interrupted by a signal (EINTR) is retried.
 const MAX_EINTR_RETRIES: usize = 10;
 
@@ -314,6 +317,72 @@ struct Measurement {
     ns_per_iteration: f64,
 }
 
+/// Time `run` (one guest run of N iterations) for N and 2N iterations and return the cost of
+/// one iteration. A calibrated N that noise swamped (the 2N runs were not slower) is tried
+/// again with 4x the iterations, up to [`NOISE_RETRIES`] times; an N the caller chose is not.
+fn measure_with(
+    mut run: impl FnMut(u64) -> Result<Duration, ProbeError>,
+    cpl: u8,
+    iterations: Option<u64>,
+) -> Result<Measurement, ProbeError> {
+    let (mut n, retries) = match iterations {
+        Some(n) => (n, 0),
+        None => (calibrate_with(&mut run, cpl)?, NOISE_RETRIES),
+    };
+    let mut attempt = 0;
+    loop {
+        let mut t1 = Duration::MAX;
+        let mut t2 = Duration::MAX;
+        // Interleave the N and 2N runs so slow drift affects both alike.
+        for _ in 0..REPEATS {
+            t1 = t1.min(run(n)?);
+            t2 = t2.min(run(2 * n)?);
+        }
+        debug!("CPL{cpl}: N = {n}: {t1:?}, 2N: {t2:?}");
+        if t2 > t1 {
+            let ns_per_iteration = (t2 - t1).as_nanos() as f64 / n as f64;
+            return Ok(Measurement {
+                iterations: n,
+                ns_per_iteration,
+            });
+        }
+        if attempt == retries || n >= MAX_CALIBRATED_ITERATIONS {
+            return Err(ProbeError::Noise {
+                cpl,
+                iterations: n,
+                t1_ns: t1.as_nanos(),
+                t2_ns: t2.as_nanos(),
+            });
+        }
+        attempt += 1;
+        n = n.saturating_mul(4).min(MAX_CALIBRATED_ITERATIONS);
+        debug!("CPL{cpl}: noise swamped the loop; trying again with N = {n}");
+    }
+}
+
+/// Grow N until one run takes at least [`TARGET_RUN_TIME`]. The first run of a fresh vCPU
+/// pays for faulting in its memory (far more under nested paging), so it is a warm-up, not a
+/// measurement; each step then takes the faster of two runs, so that one run delayed by the
+/// host cannot end the calibration early.
+fn calibrate_with(
+    run: &mut impl FnMut(u64) -> Result<Duration, ProbeError>,
+    cpl: u8,
+) -> Result<u64, ProbeError> {
+    let target = TARGET_RUN_TIME.as_secs_f64();
+    run(START_ITERATIONS)?;
+    let mut n = START_ITERATIONS;
+    loop {
+        let t = run(n)?.min(run(n)?);
+        debug!("CPL{cpl} calibration: {n} iterations in {t:?}");
+        if t >= TARGET_RUN_TIME || n >= MAX_CALIBRATED_ITERATIONS {
+            return Ok(n);
+        }
+        // Aim 25% past the target; grow at least 10%, at most 16x a step.
+        let scale = (target / t.as_secs_f64().max(1e-9) * 1.25).clamp(1.1, 16.0);
+        n = ((n as f64 * scale).ceil() as u64).min(MAX_CALIBRATED_ITERATIONS);
+    }
+}
+
 /// The probe guest. Field order matters for drop order: the vCPU and VM go
 /// before the memory that backs the memslot.
 struct ProbeVm {
@@ -376,47 +445,7 @@ impl ProbeVm {
 
     /// Time the loop at `cpl` for N and 2N iterations.
     fn measure(&mut self, cpl: u8, iterations: Option<u64>) -> Result<Measurement, ProbeError> {
-        let n = match iterations {
-            Some(n) => n,
-            None => self.calibrate(cpl)?,
-        };
-        let mut t1 = Duration::MAX;
-        let mut t2 = Duration::MAX;
-        // Interleave the N and 2N runs so slow drift affects both alike.
-        for _ in 0..REPEATS {
-            t1 = t1.min(self.run_loop(cpl, n)?);
-            t2 = t2.min(self.run_loop(cpl, 2 * n)?);
-        }
-        debug!("CPL{cpl}: N = {n}: {t1:?}, 2N: {t2:?}");
-        if t2 <= t1 {
-            return Err(ProbeError::Noise {
-                cpl,
-                iterations: n,
-                t1_ns: t1.as_nanos(),
-                t2_ns: t2.as_nanos(),
-            });
-        }
-        let ns_per_iteration = (t2 - t1).as_nanos() as f64 / n as f64;
-        Ok(Measurement {
-            iterations: n,
-            ns_per_iteration,
-        })
-    }
-
-    /// Grow N until one run takes at least [`TARGET_RUN_TIME`].
-    fn calibrate(&mut self, cpl: u8) -> Result<u64, ProbeError> {
-        let target = TARGET_RUN_TIME.as_secs_f64();
-        let mut n = START_ITERATIONS;
-        loop {
-            let t = self.run_loop(cpl, n)?;
-            debug!("CPL{cpl} calibration: {n} iterations in {t:?}");
-            if t >= TARGET_RUN_TIME || n >= MAX_CALIBRATED_ITERATIONS {
-                return Ok(n);
-            }
-            // Aim 25% past the target; grow at least 10%, at most 16x a step.
-            let scale = (target / t.as_secs_f64().max(1e-9) * 1.25).clamp(1.1, 16.0);
-            n = ((n as f64 * scale).ceil() as u64).min(MAX_CALIBRATED_ITERATIONS);
-        }
+        measure_with(|n| self.run_loop(cpl, n), cpl, iterations)
     }
 
     /// Run the loop once at `cpl` for `n` iterations; returns the time spent
@@ -506,6 +535,79 @@ fn long_mode_sregs(base: &kvm_sregs, cpl: u8) -> kvm_sregs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A guest loop costing `ns_per_iteration` plus a fixed entry/exit cost, whose runs listed
+    /// in `slow` (by call number) are delayed by 30 ms as a descheduled or faulting run is.
+    fn fake_loop(
+        ns_per_iteration: f64,
+        slow: &'static [usize],
+    ) -> impl FnMut(u64) -> Result<Duration, ProbeError> {
+        let mut call = 0;
+        move |n| {
+            let mut ns = 10_000.0 + ns_per_iteration * n as f64;
+            if slow.contains(&call) {
+                ns += 30_000_000.0;
+            }
+            call += 1;
+            Ok(Duration::from_nanos(ns as u64))
+        }
+    }
+
+    #[test]
+    fn a_slow_first_run_does_not_end_the_calibration() {
+        // The first run (the warm-up) and one run of the first step are slow: calibration
+        // still grows N until a run really takes the target time.
+        let mut run = fake_loop(2.0, &[0, 1]);
+        let n = calibrate_with(&mut run, 0).unwrap();
+        assert!(
+            Duration::from_nanos((2.0 * n as f64) as u64)
+                >= TARGET_RUN_TIME - Duration::from_micros(10),
+            "calibrated N {n} is too small"
+        );
+    }
+
+    #[test]
+    fn noise_at_a_calibrated_n_is_measured_again_with_more_iterations() {
+        // Calibration: warm-up + two runs per step. Find how many calls it makes, then slow
+        // down every N run of the first measurement so that the 2N runs are not slower.
+        let mut probe_run = fake_loop(2.0, &[]);
+        let mut calls = 0;
+        let mut counting = |n| {
+            calls += 1;
+            probe_run(n)
+        };
+        calibrate_with(&mut counting, 0).unwrap();
+        let first_n_runs: Vec<usize> = (0..REPEATS).map(|r| calls + 2 * r).collect();
+        let slow: &'static [usize] = Vec::leak(first_n_runs);
+        let m = measure_with(fake_loop(2.0, slow), 0, None).unwrap();
+        assert!(
+            (m.ns_per_iteration - 2.0).abs() < 0.01,
+            "{}",
+            m.ns_per_iteration
+        );
+        let calibrated = {
+            let mut run = fake_loop(2.0, &[]);
+            calibrate_with(&mut run, 0).unwrap()
+        };
+        assert_eq!(m.iterations, calibrated * 4);
+    }
+
+    #[test]
+    fn noise_at_the_callers_n_is_reported() {
+        // Runs 0, 2, 4 are the N runs: slow them all.
+        let err = measure_with(fake_loop(2.0, &[0, 2, 4]), 3, Some(1000)).err();
+        assert!(
+            matches!(
+                err,
+                Some(ProbeError::Noise {
+                    cpl: 3,
+                    iterations: 1000,
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+    }
 
     #[test]
     fn classify_pvm_is_emulated() {
