@@ -19,6 +19,7 @@ use evmm_virtio::blk::metrics::BlockQueueMetrics;
 use evmm_virtio::blk::request::RequestLimits;
 use evmm_virtio::fault::FaultLog;
 use evmm_virtio::poll::PollMetrics;
+use evmm_virtio::vhost::shared_memory::check_memory_table;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -41,15 +42,15 @@ pub struct BlkBackend {
     faults: Arc<FaultLog>,
     poll_metrics: Arc<PollMetrics>,
     queues: Vec<QueueServer>,
-    mem: RwLock<GuestMemory>,
+    mem: RwLock<Arc<GuestMemoryMmap>>,
     acked: AtomicU64,
     exit_events: ExitEvents,
 }
 
 impl BlkBackend {
-    /// A backend for `device`, on the guest memory `mem` (the same
-    /// [`GuestMemoryAtomic`] the daemon is built with, which SET_MEM_TABLE fills).
-    pub fn new(device: &BlockDevice, mem: GuestMemory) -> Self {
+    /// A backend for `device`, with no guest memory until the frontend's memory table
+    /// passes [`VhostUserBackend::update_memory`]'s checks.
+    pub fn new(device: &BlockDevice) -> Self {
         Self {
             features: device.features(),
             config_space: device.config_space().to_vec(),
@@ -66,7 +67,7 @@ impl BlkBackend {
                     )
                 })
                 .collect(),
-            mem: RwLock::new(mem),
+            mem: RwLock::new(Arc::new(GuestMemoryMmap::new())),
             acked: AtomicU64::new(0),
             exit_events: ExitEvents::default(),
         }
@@ -142,7 +143,7 @@ impl BlkBackend {
             return 0;
         };
         let mem = match self.mem.read() {
-            Ok(m) => m.memory().into_inner(),
+            Ok(m) => m.clone(),
             Err(_) => {
                 log::error!("guest memory lock poisoned");
                 return 0;
@@ -217,12 +218,25 @@ impl VhostUserBackend for BlkBackend {
         Ok(())
     }
 
+    /// SET_MEM_TABLE, after vhost-user-backend mapped the frontend's regions. The queues
+    /// use the new table only if every region's file holds the whole region and is sealed
+    /// against shrinking: otherwise the first access past the end of a file the frontend
+    /// shortened would kill the daemon with SIGBUS. A refused table is answered with an
+    /// error, which ends the connection; the queues never see it.
     fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
+        let table = mem.memory().into_inner();
+        if let Err((at, e)) = check_memory_table(&table) {
+            log::warn!(
+                "memory table refused: region at guest address {:#x}: {e}",
+                at.0
+            );
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, e));
+        }
         let mut slot = self
             .mem
             .write()
             .map_err(|_| io::Error::other("guest memory lock poisoned"))?;
-        *slot = mem;
+        *slot = table;
         Ok(())
     }
 

@@ -72,7 +72,7 @@ impl Server {
     /// or shutdown is requested. Only a failure to build the daemon is an error.
     fn serve_connection(&mut self) -> Result<(), Error> {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = Arc::new(BlkBackend::new(&self.device, mem.clone()));
+        let backend = Arc::new(BlkBackend::new(&self.device));
         let mut daemon = VhostUserDaemon::new(THREAD_NAME.into(), backend.clone(), mem)
             .map_err(|e| Error::Daemon(e.to_string()))?;
         let handlers = daemon.get_epoll_handlers();

@@ -225,6 +225,56 @@ fn an_out_of_order_message_is_refused_and_the_next_connection_works() {
     assert_eq!(log.matches("frontend connection ended").count(), 2, "{log}");
 }
 
+/// A memory table whose region the daemon must not map: `file` with the region's size
+/// `size` at offset 0, offered by a frontend that completed the handshake. Returns
+/// whether SET_MEM_TABLE was accepted.
+fn offer_memory_table(socket: &std::path::Path, file: &std::fs::File, size: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut fe = connect(socket, 1);
+    let hs = handshake(&mut fe);
+    fe.set_features(driver_features(hs.features)).unwrap();
+    let region = vhost::VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: size,
+        userspace_addr: 0x7f00_0000_0000,
+        mmap_offset: 0,
+        mmap_handle: file.as_raw_fd(),
+    };
+    fe.set_mem_table(&[region]).is_ok()
+}
+
+#[test]
+fn a_memory_table_the_frontend_could_shrink_or_that_outruns_its_file_is_refused() {
+    use evmm_virtio::vhost::shared_memory::sealed_memfd;
+    let dir = tempfile::tempdir().unwrap();
+    let img = disk(dir.path(), MIB);
+    let mut daemon = Daemon::start(dir.path(), &img, &[]);
+
+    // 4 KiB of sealed file described as 16 MiB of guest RAM: mapping it works, the first
+    // access past 4 KiB would raise SIGBUS in the daemon.
+    let short = sealed_memfd(c"short", 4096).unwrap();
+    assert!(
+        !offer_memory_table(&daemon.socket, &short, 16 * MIB),
+        "a region past the end of its file was accepted"
+    );
+    // A whole file, but one the frontend may truncate at any time.
+    let unsealed = tempfile::tempfile().unwrap();
+    unsealed.set_len(16 * MIB).unwrap();
+    assert!(
+        !offer_memory_table(&daemon.socket, &unsealed, 16 * MIB),
+        "a region of a file that may shrink was accepted"
+    );
+
+    // The daemon serves the next frontend in full.
+    let mut s = Session::open(&daemon.socket, 1);
+    write_flush_read(&mut s, 0, 0, 5, &img);
+    assert!(daemon.is_running());
+    let log = daemon.stderr();
+    assert!(log.contains("ends past the end of its file"), "{log}");
+    assert!(log.contains("not sealed against shrinking"), "{log}");
+    assert_eq!(log.matches("memory table refused").count(), 2, "{log}");
+}
+
 #[test]
 fn random_bytes_on_the_socket_end_that_connection_only() {
     let dir = tempfile::tempdir().unwrap();

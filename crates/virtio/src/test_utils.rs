@@ -21,15 +21,11 @@ pub fn guest_memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
 }
 
-/// `size` bytes of guest memory at 0 backed by a memfd, as a VMM shares it with a
+/// `size` bytes of guest memory at 0 backed by a sealed memfd, as a VMM shares it with a
 /// vhost-user backend.
 pub fn memfd_memory(size: usize) -> GuestMemoryMmap {
-    // SAFETY: the name is a NUL-terminated string; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"evmm-test-ram".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: `fd` is a new descriptor owned by nobody else.
-    let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    file.set_len(size as u64).unwrap();
+    let file = crate::vhost::shared_memory::sealed_memfd(c"evmm-test-ram", size as u64)
+        .expect("a sealed memfd");
     GuestMemoryMmap::from_ranges_with_files(&[(
         GuestAddress(0),
         size,

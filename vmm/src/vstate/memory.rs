@@ -4,12 +4,11 @@
 //! The memfd makes the RAM shareable: a vhost-user backend can later map the
 //! same pages from the file descriptor and offsets of the regions.
 
-use std::ffi::CStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::FromRawFd;
 use std::sync::Arc;
 
+use evmm_virtio::vhost::shared_memory::sealed_memfd;
 use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
 
 use crate::arch::layout::{
@@ -22,18 +21,9 @@ pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 /// Errors while creating guest memory.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    /// `memfd_create` failed.
-    #[error("cannot create the memfd for guest RAM: {0}")]
+    /// Creating, sizing or sealing the memfd failed.
+    #[error("cannot create the sealed memfd for guest RAM: {0}")]
     Memfd(#[source] io::Error),
-    /// Sizing the memfd failed.
-    #[error("cannot size the guest RAM memfd to {size} bytes: {source}")]
-    Truncate {
-        /// Requested size.
-        size: u64,
-        /// Underlying error.
-        #[source]
-        source: io::Error,
-    },
     /// Mapping a region failed.
     #[error("cannot map guest RAM: {0}")]
     Mmap(#[from] vm_memory::mmap::FromRangesError),
@@ -112,17 +102,9 @@ impl GuestRam {
 }
 
 fn create_memfd(size: u64) -> Result<File, MemoryError> {
-    const NAME: &CStr = c"evmm-guest-ram";
-    // SAFETY: NAME is a valid NUL-terminated string and the flags are valid.
-    let fd = unsafe { libc::memfd_create(NAME.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(MemoryError::Memfd(io::Error::last_os_error()));
-    }
-    // SAFETY: fd was just returned by memfd_create and nothing else owns it.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size)
-        .map_err(|source| MemoryError::Truncate { size, source })?;
-    Ok(file)
+    // Sealed against resizing: a vhost-user backend that receives the fd cannot pull
+    // guest RAM out from under evmm's mappings.
+    sealed_memfd(c"evmm-guest-ram", size).map_err(MemoryError::Memfd)
 }
 
 /// Splits `size` bytes of RAM into guest-physical ranges: everything below
@@ -262,5 +244,33 @@ mod tests {
             use vm_memory::GuestMemoryRegion;
             r.file_offset().is_some()
         }));
+    }
+
+    #[test]
+    fn whoever_holds_the_memfd_cannot_resize_guest_ram() {
+        use evmm_virtio::vhost::shared_memory::SIZE_SEALS;
+        use std::os::fd::AsRawFd;
+        let ram = GuestRam::new(16 * MIB).unwrap();
+        // What a vhost-user backend receives: a duplicate of the fd.
+        let peer = ram.memfd().try_clone().unwrap();
+        for len in [0, 4096, 15 * MIB, 32 * MIB] {
+            let err = peer.set_len(len).unwrap_err();
+            assert_eq!(
+                err.raw_os_error(),
+                Some(libc::EPERM),
+                "set_len({len}): {err}"
+            );
+        }
+        // SAFETY: F_GET_SEALS on an fd this test owns.
+        let seals = unsafe { libc::fcntl(peer.as_raw_fd(), libc::F_GET_SEALS) };
+        assert_eq!(seals & SIZE_SEALS, SIZE_SEALS);
+        // SAFETY: F_ADD_SEALS on an fd this test owns; the seals are sealed, so it fails.
+        let lift = unsafe { libc::fcntl(peer.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_WRITE) };
+        assert_eq!(lift, -1);
+        // Guest RAM is still all there.
+        ram.memory()
+            .write_obj(0x1234_5678u32, GuestAddress(16 * MIB - 4))
+            .unwrap();
+        assert_eq!(peer.metadata().unwrap().len(), 16 * MIB);
     }
 }

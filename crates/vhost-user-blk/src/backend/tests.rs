@@ -51,9 +51,10 @@ impl Rig {
             engine: Default::default(),
         })
         .unwrap();
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let mem = evmm_virtio::test_utils::memfd_memory(MEM_SIZE);
         let atomic = GuestMemoryAtomic::new(mem.clone());
-        let backend = BlkBackend::new(&device, atomic.clone());
+        let backend = BlkBackend::new(&device);
+        backend.update_memory(atomic.clone()).unwrap();
         let vring = VringMutex::new(atomic, QSIZE).unwrap();
         let ring = DriverRing::at(0, QSIZE);
         vring.set_queue_size(QSIZE);

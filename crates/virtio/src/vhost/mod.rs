@@ -10,6 +10,8 @@
 //!   handshake, the monitor that notices a dead backend, the takeover that answers the
 //!   guest's requests with errors from then on, and the generic device;
 //! * [`kernel`]: the kernel's vhost-net (`/dev/vhost-net`), one descriptor per queue pair;
+//! * [`shared_memory`]: guest memory both sides map: sealed against resizing by the VMM,
+//!   checked before a backend maps it;
 //! * per device, the small parts: [`blk`] (vhost-user-blk: configuration space, feature
 //!   mask, what the takeover answers), [`net`] (vhost-net: the rings of each pair to the
 //!   kernel, the control queue kept).
@@ -18,6 +20,7 @@ pub mod blk;
 pub mod frontend;
 pub mod kernel;
 pub mod net;
+pub mod shared_memory;
 pub mod user;
 
 pub use blk::{VhostUserBlk, VhostUserBlkConfig};
