@@ -139,10 +139,8 @@ mod tests {
         }
         // The seals are sealed too.
         // SAFETY: F_ADD_SEALS on a descriptor this test owns.
-        assert_eq!(
-            unsafe { libc::fcntl(peer.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_WRITE) },
-            -1
-        );
+        let added = unsafe { libc::fcntl(peer.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_WRITE) };
+        assert_eq!(added, -1);
         check_region_file(&f, 0, 1 << 20).unwrap();
         check_region_file(&f, 4096, (1 << 20) - 4096).unwrap();
     }
@@ -214,10 +212,8 @@ mod tests {
         ));
         // Grow-sealed only: still may shrink.
         // SAFETY: F_ADD_SEALS on a descriptor this test owns.
-        assert_eq!(
-            unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_GROW) },
-            0
-        );
+        let added = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_GROW) };
+        assert_eq!(added, 0);
         assert!(matches!(
             check_region_file(&f, 0, 1 << 20),
             Err(SharedRegionError::NotSealed { .. })
