@@ -201,7 +201,7 @@ impl VhostUserBackend for BlkBackend {
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let data = device::read_config(&self.config_space, offset, size);
         if data.len() != size as usize {
-            log::warn!("GET_CONFIG offset {offset} size {size} refused");
+            evmm_virtio::guest_warn!("GET_CONFIG offset {offset} size {size} refused");
         }
         data
     }
@@ -211,7 +211,7 @@ impl VhostUserBackend for BlkBackend {
     /// read-only fields. It is acknowledged: an error would make vhost's request
     /// handler drop the whole connection.
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        log::warn!(
+        evmm_virtio::guest_warn!(
             "SET_CONFIG offset {offset} size {} ignored: the configuration space is read-only",
             buf.len()
         );

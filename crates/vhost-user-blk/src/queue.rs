@@ -364,7 +364,7 @@ impl QueueServer {
         if let Some(fault) = drained.fault {
             env.faults.report(self.index, &fault);
             self.stopped.store(true, Ordering::Release);
-            log::warn!(
+            evmm_virtio::guest_warn!(
                 "virtio-blk queue {}: stopped after a guest fault until the frontend restarts the ring",
                 self.index
             );

@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod net;
 pub mod poll;
 pub mod queue;
+pub mod ratelimit;
 pub mod status;
 pub mod transport;
 pub mod vhost;

@@ -378,3 +378,43 @@ pub mod mmio_driver {
         w32(t, STATUS, LIVE);
     }
 }
+
+/// Counting the log lines a piece of code emits, per thread (tests run in parallel and
+/// share one logger).
+pub mod log_lines {
+    use std::cell::Cell;
+
+    thread_local! {
+        static WARN_OR_WORSE: Cell<u64> = const { Cell::new(0) };
+    }
+
+    struct Counter;
+
+    impl log::Log for Counter {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+        fn log(&self, record: &log::Record<'_>) {
+            if record.level() <= log::Level::Warn {
+                WARN_OR_WORSE.with(|c| c.set(c.get() + 1));
+            }
+        }
+        fn flush(&self) {}
+    }
+
+    static COUNTER: Counter = Counter;
+
+    /// Runs `f` and returns how many lines at `warn` or above it logged on this thread.
+    /// Installs a counting logger for the whole test binary on first use; it fails (and
+    /// so does the test) if the binary installed another logger.
+    pub fn warnings_of(f: impl FnOnce()) -> u64 {
+        static INSTALL: std::sync::Once = std::sync::Once::new();
+        INSTALL.call_once(|| {
+            log::set_logger(&COUNTER).expect("another logger is installed");
+            log::set_max_level(log::LevelFilter::Warn);
+        });
+        let before = WARN_OR_WORSE.with(Cell::get);
+        f();
+        WARN_OR_WORSE.with(Cell::get) - before
+    }
+}

@@ -41,7 +41,9 @@ impl BusDevice for AcpiSleep {
         }
         match data.first().copied().and_then(sleep_type) {
             Some(S5_SLEEP_TYPE) => self.exit.request(ExitReason::PowerOff),
-            Some(other) => log::warn!("guest asked for unsupported ACPI sleep type {other}"),
+            Some(other) => {
+                evmm_virtio::guest_warn!("guest asked for unsupported ACPI sleep type {other}")
+            }
             None => {}
         }
     }

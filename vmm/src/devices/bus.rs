@@ -1,7 +1,13 @@
 //! Address-range dispatch of port I/O and MMIO exits to devices.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+/// How many distinct unclaimed addresses a bus remembers (to log each once); past
+/// that, unclaimed accesses are only counted, so a guest sweeping the address space
+/// cannot grow evmm's memory.
+pub const UNCLAIMED_REMEMBERED: usize = 256;
 
 /// A device that handles accesses to its address range. Offsets are
 /// relative to the start of the range.
@@ -32,12 +38,13 @@ struct Entry {
 }
 
 /// A set of non-overlapping address ranges, each served by a device.
-/// Accesses nobody claims read as all ones and are logged once per address
-/// at debug level.
+/// Accesses nobody claims read as all ones and are logged at debug level once per
+/// address, for the first [`UNCLAIMED_REMEMBERED`] addresses.
 #[derive(Default)]
 pub struct Bus {
     entries: Vec<Entry>,
     unhandled: Mutex<BTreeSet<u64>>,
+    unhandled_accesses: AtomicU64,
     name: &'static str,
 }
 
@@ -80,14 +87,27 @@ impl Bus {
     }
 
     fn note_unhandled(&self, addr: u64, write: bool) {
+        self.unhandled_accesses.fetch_add(1, Ordering::Relaxed);
         let mut seen = self.unhandled.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.insert(addr) {
+        if seen.len() >= UNCLAIMED_REMEMBERED || !seen.insert(addr) {
+            return;
+        }
+        log::debug!(
+            "{}: unhandled {} at {addr:#x} (reads return all ones; not logged again)",
+            self.name,
+            if write { "write" } else { "read" }
+        );
+        if seen.len() == UNCLAIMED_REMEMBERED {
             log::debug!(
-                "{}: unhandled {} at {addr:#x} (reads return all ones; not logged again)",
-                self.name,
-                if write { "write" } else { "read" }
+                "{}: {UNCLAIMED_REMEMBERED} unclaimed addresses seen; further ones are only counted",
+                self.name
             );
         }
+    }
+
+    /// Accesses no device claimed, since the bus was built.
+    pub fn unhandled_accesses(&self) -> u64 {
+        self.unhandled_accesses.load(Ordering::Relaxed)
     }
 
     /// Dispatches a read; returns whether a device handled it.
@@ -173,6 +193,18 @@ mod tests {
         assert!(!bus.read(0x12, &mut d));
         assert!(!bus.read(0x0f, &mut d));
         assert!(bus.read(0x11, &mut d));
+    }
+
+    #[test]
+    fn a_guest_sweeping_unclaimed_addresses_cannot_grow_the_bus() {
+        let bus = Bus::new("test");
+        let mut d = [0u8; 4];
+        for addr in (0..1_000_000u64).map(|i| 0xd000_0000 + 4 * i) {
+            assert!(!bus.read(addr, &mut d));
+            assert!(!bus.write(addr, &d));
+        }
+        assert_eq!(bus.unhandled_accesses(), 2_000_000);
+        assert_eq!(bus.unhandled.lock().unwrap().len(), UNCLAIMED_REMEMBERED);
     }
 
     #[test]

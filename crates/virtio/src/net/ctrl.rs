@@ -76,7 +76,7 @@ impl<T: TapQueue> Control<'_, T> {
             Some(tap) => match tap.set_offloads(tap_offloads(offloads)) {
                 Ok(()) => true,
                 Err(e) => {
-                    log::warn!("virtio-net: cannot change the tap's offloads: {e}");
+                    crate::guest_warn!("virtio-net: cannot change the tap's offloads: {e}");
                     false
                 }
             },
@@ -93,7 +93,7 @@ pub fn enable_pairs<T: TapQueue>(taps: &[T], n: usize) -> bool {
     let mut ok = true;
     for (i, tap) in taps.iter().enumerate() {
         if let Err(e) = tap.set_queue_enabled(i < n) {
-            log::warn!("virtio-net: pair {i}: {e}");
+            crate::guest_warn!("virtio-net: pair {i}: {e}");
             ok = false;
         }
     }

@@ -327,14 +327,14 @@ impl MmioTransport {
         data.fill(0);
         if offset >= CONFIG {
             if !matches!(data.len(), 1 | 2 | 4 | 8) {
-                log::warn!("virtio-mmio: config read of {} bytes ignored", data.len());
+                crate::guest_warn!("virtio-mmio: config read of {} bytes ignored", data.len());
                 return;
             }
             self.device.read_config(offset - CONFIG, data);
             return;
         }
         let Some(out) = reg_bytes_mut(offset, data) else {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: {}-byte read at {offset:#x} ignored (registers are 32-bit, aligned)",
                 data.len()
             );
@@ -356,7 +356,9 @@ impl MmioTransport {
             STATUS => self.device_status(),
             CONFIG_GENERATION => self.config_generation,
             _ => {
-                log::warn!("virtio-mmio: read of unknown or write-only register {offset:#x}");
+                crate::guest_warn!(
+                    "virtio-mmio: read of unknown or write-only register {offset:#x}"
+                );
                 0
             }
         };
@@ -367,7 +369,7 @@ impl MmioTransport {
     pub fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= CONFIG {
             if !matches!(data.len(), 1 | 2 | 4 | 8) {
-                log::warn!("virtio-mmio: config write of {} bytes ignored", data.len());
+                crate::guest_warn!("virtio-mmio: config write of {} bytes ignored", data.len());
                 return;
             }
             self.device.write_config(offset - CONFIG, data);
@@ -375,7 +377,7 @@ impl MmioTransport {
             return;
         }
         let Some(value) = reg_value(offset, data) else {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: {}-byte write at {offset:#x} ignored (registers are 32-bit, aligned)",
                 data.len()
             );
@@ -393,7 +395,9 @@ impl MmioTransport {
             QUEUE_NOTIFY => self.notify(value),
             INTERRUPT_ACK => self.interrupt.ack(value),
             STATUS => self.write_status(value),
-            _ => log::warn!("virtio-mmio: write of unknown or read-only register {offset:#x}"),
+            _ => crate::guest_warn!(
+                "virtio-mmio: write of unknown or read-only register {offset:#x}"
+            ),
         }
     }
 
@@ -419,7 +423,7 @@ impl MmioTransport {
 
     fn write_driver_features(&mut self, value: u32) {
         if self.status & status::FEATURES_OK != 0 || self.status & status::DRIVER == 0 {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: DriverFeatures write in status {:#x} ignored",
                 self.status
             );
@@ -429,7 +433,7 @@ impl MmioTransport {
             0 => (0, 0xffff_ffffu64),
             1 => (32, 0xffff_ffff_0000_0000u64),
             sel => {
-                log::warn!(
+                crate::guest_warn!(
                     "virtio-mmio: DriverFeatures write with DriverFeaturesSel {sel} ignored"
                 );
                 return;
@@ -440,7 +444,7 @@ impl MmioTransport {
 
     fn write_queue_register(&mut self, offset: u64, value: u32) {
         if self.status & status::DRIVER_OK != 0 || self.status & status::FAILED != 0 {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: queue register {offset:#x} written in status {:#x}; ignored",
                 self.status
             );
@@ -448,13 +452,15 @@ impl MmioTransport {
         }
         let sel = self.queue_select;
         let Some(q) = self.queues.get_mut(sel as usize) else {
-            log::warn!("virtio-mmio: queue register {offset:#x} written for missing queue {sel}");
+            crate::guest_warn!(
+                "virtio-mmio: queue register {offset:#x} written for missing queue {sel}"
+            );
             return;
         };
         match offset {
             QUEUE_NUM => match u16::try_from(value).map(|v| q.try_set_size(v)) {
                 Ok(Ok(())) => {}
-                _ => log::warn!(
+                _ => crate::guest_warn!(
                     "virtio-mmio: queue {sel} size {value} refused (max {}, power of two)",
                     q.max_size()
                 ),
@@ -478,7 +484,7 @@ impl MmioTransport {
                     log::error!("virtio-mmio: cannot signal queue {value}: {e}");
                 }
             }
-            None => log::warn!("virtio-mmio: notify of missing queue {value} ignored"),
+            None => crate::guest_warn!("virtio-mmio: notify of missing queue {value} ignored"),
         }
     }
 
@@ -487,7 +493,7 @@ impl MmioTransport {
             StatusChange::Reset => self.reset(),
             StatusChange::Unchanged => {}
             StatusChange::Failed(s) => {
-                log::warn!("virtio-mmio: driver set FAILED (status {s:#x})");
+                crate::guest_warn!("virtio-mmio: driver set FAILED (status {s:#x})");
                 self.status = s;
             }
             StatusChange::Advance(s) => {
@@ -500,7 +506,7 @@ impl MmioTransport {
                     self.activate();
                 }
             }
-            StatusChange::Illegal => log::warn!(
+            StatusChange::Illegal => crate::guest_warn!(
                 "virtio-mmio: illegal status change {:#x} -> {value:#x} ignored",
                 self.status
             ),
@@ -511,13 +517,15 @@ impl MmioTransport {
         let offered = self.device.avail_features();
         let unknown = self.acked_features & !offered;
         if unknown != 0 {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: FEATURES_OK refused: driver accepted unoffered features {unknown:#x}"
             );
             return false;
         }
         if self.acked_features & (1 << VIRTIO_F_VERSION_1) == 0 {
-            log::warn!("virtio-mmio: FEATURES_OK refused: legacy driver (no VIRTIO_F_VERSION_1)");
+            crate::guest_warn!(
+                "virtio-mmio: FEATURES_OK refused: legacy driver (no VIRTIO_F_VERSION_1)"
+            );
             return false;
         }
         true
@@ -529,14 +537,14 @@ impl MmioTransport {
         for (i, q) in self.queues.iter_mut().enumerate() {
             q.set_event_idx(event_idx);
             if q.ready() && !q.is_valid(&self.mem) {
-                log::warn!("virtio-mmio: queue {i} is not usable in guest memory");
+                crate::guest_warn!("virtio-mmio: queue {i} is not usable in guest memory");
                 self.interrupt.set_needs_reset();
                 return;
             }
             match Queue::try_from(q.state()) {
                 Ok(copy) => queues.push(copy),
                 Err(e) => {
-                    log::warn!("virtio-mmio: queue {i}: {e}");
+                    crate::guest_warn!("virtio-mmio: queue {i}: {e}");
                     self.interrupt.set_needs_reset();
                     return;
                 }

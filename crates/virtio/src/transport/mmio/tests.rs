@@ -618,3 +618,27 @@ fn block_device_through_the_transport() {
     w32(&mut t, STATUS, LIVE);
     assert!(t.is_activated());
 }
+
+#[test]
+fn a_guest_that_loops_on_bad_register_accesses_gets_a_bounded_number_of_log_lines() {
+    use crate::ratelimit::{BURST, WINDOW_MS};
+    let (mut t, _) = transport();
+    const ROUNDS: u64 = 50_000;
+    const SITES: u64 = 4;
+    let start = std::time::Instant::now();
+    let lines = log_lines::warnings_of(|| {
+        for _ in 0..ROUNDS {
+            r32(&mut t, 0x0f0); // an unknown register
+            w32(&mut t, 0x0f0, 1); // the same, written
+            t.write(STATUS, &[0xff]); // a 1-byte register write
+            w32(&mut t, STATUS, status::DRIVER_OK); // an illegal status change
+        }
+    });
+    let windows = start.elapsed().as_millis() as u64 / WINDOW_MS + 2;
+    assert!(lines >= SITES, "the first of each kind is logged: {lines}");
+    assert!(
+        lines <= SITES * BURST * windows,
+        "{lines} lines for {} bad accesses",
+        SITES * ROUNDS
+    );
+}

@@ -385,7 +385,7 @@ impl<K: UserDeviceKind> VirtioDevice for VhostUserDevice<K> {
             .forwards_config_write(offset, data.len(), self.offer.avail_features)
         {
             // Anything else would make some backends give up on the connection.
-            log::warn!(
+            crate::guest_warn!(
                 "{}: config write of {} byte(s) at {offset:#x} ignored",
                 self.shared.name,
                 data.len()
@@ -472,7 +472,7 @@ impl<K: UserDeviceKind> VirtioDevice for VhostUserDevice<K> {
             ),
             Some(Err(e)) => shared.backend_lost(&mut inner, &format!("activation: {e}")),
             None => {
-                log::warn!(
+                crate::guest_warn!(
                     "{}: activated with its backend lost: its requests are answered with I/O errors",
                     shared.name
                 );

@@ -123,7 +123,7 @@ impl<K: UserDeviceKind> Takeover<K> {
     }
 
     fn fault(&self, queue: usize, what: &str) {
-        log::warn!(
+        crate::guest_warn!(
             "{} queue {queue}: {what}; the queue is stopped until the driver resets the device",
             self.name
         );
