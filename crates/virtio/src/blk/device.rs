@@ -128,6 +128,7 @@ impl VirtioDevice for Block {
             .collect();
         let worker = BlockWorker {
             mem: Arc::new(ctx.mem),
+            disk: self.disk.clone(),
             queues,
             limits: config::limits(self.disk.capacity_sectors()),
             interrupt: ctx.interrupt,

@@ -7,6 +7,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 
 /// Length of the GET_ID answer.
@@ -20,6 +21,7 @@ pub struct DiskFile {
     readonly: bool,
     direct: bool,
     id: [u8; ID_BYTES],
+    flush_failed: AtomicBool,
 }
 
 impl DiskFile {
@@ -61,6 +63,7 @@ impl DiskFile {
             readonly,
             direct,
             id: id_buf,
+            flush_failed: AtomicBool::new(false),
         })
     }
 
@@ -90,9 +93,33 @@ impl DiskFile {
     }
 
     /// Makes every write so far durable (fdatasync), as a FLUSH request does; for
-    /// hosts that stop or hand the disk over.
+    /// hosts that stop or hand the disk over. Fails for good once any flush of this disk
+    /// failed ([`DiskFile::note_flush_failed`]).
     pub fn sync_data(&self) -> io::Result<()> {
-        self.file.sync_data()
+        if self.flush_failed() {
+            return Err(io::Error::other(
+                "an earlier flush of this disk failed: writes may have been lost",
+            ));
+        }
+        self.file
+            .sync_data()
+            .inspect_err(|_| self.note_flush_failed())
+    }
+
+    /// Records that an fdatasync of the disk failed. After that the kernel may have
+    /// dropped dirty pages it could not write, so a later fdatasync that succeeds
+    /// proves nothing about them: every later flush fails.
+    pub fn note_flush_failed(&self) {
+        if !self.flush_failed.swap(true, Ordering::AcqRel) {
+            log::error!(
+                "a flush of the disk failed: every later FLUSH is answered with an I/O error"
+            );
+        }
+    }
+
+    /// Whether a flush of this disk failed.
+    pub fn flush_failed(&self) -> bool {
+        self.flush_failed.load(Ordering::Acquire)
     }
 }
 

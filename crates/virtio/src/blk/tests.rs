@@ -13,6 +13,7 @@ use crate::device::{ReadyQueue, VirtioDevice};
 use crate::fault::FaultLog;
 use crate::test_utils::*;
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
 use std::sync::Arc;
 use tempfile::NamedTempFile;
 use virtio_bindings::virtio_blk::*;
@@ -103,6 +104,7 @@ impl Harness {
         };
         let worker = BlockWorker {
             mem: Arc::new(mem.clone()),
+            disk: disk.clone(),
             queues: vec![WorkerQueue {
                 ready: ReadyQueue {
                     index: 0,
@@ -263,6 +265,58 @@ fn flush() {
     let mut h = Harness::new(&mem, &vq, &f, false, "");
     expect(&mut h, VIRTIO_BLK_S_OK, 1);
     assert_eq!(h.m().req_flush, 1);
+}
+
+/// A FLUSH on a fresh used ring of `vq`: its status byte.
+fn flush_status(h: &mut Harness, vq: &MockSplitQueue<GuestMemoryMmap>, n: u16) -> u8 {
+    header(&h.mem, HDR, VIRTIO_BLK_T_FLUSH, 0);
+    add_chain(vq, 2 * n, &[Desc(HDR, 16, false), Desc(STATUS, 1, true)]);
+    h.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    assert_eq!(h.run(), 1);
+    status(&h.mem)
+}
+
+#[test]
+fn once_a_flush_failed_every_later_flush_fails() {
+    for kind in [EngineKind::Sync, EngineKind::IoUring] {
+        let (mem, f, _) = setup();
+        let vq = MockSplitQueue::new(&mem, QSIZE);
+        let disk = DiskFile::open(f.path(), false, false, "").unwrap();
+        let mut h = Harness::with_engine(&mem, &vq, disk, kind);
+        assert_eq!(
+            flush_status(&mut h, &vq, 0),
+            VIRTIO_BLK_S_OK as u8,
+            "{kind}"
+        );
+        // An fdatasync failed (EIO from the storage): the kernel may have dropped the
+        // dirty pages, so the next fdatasync would succeed with the data gone.
+        h.worker.disk.note_flush_failed();
+        for n in 1..4 {
+            assert_eq!(
+                flush_status(&mut h, &vq, n),
+                VIRTIO_BLK_S_IOERR as u8,
+                "{kind}: FLUSH {n} after the failure"
+            );
+        }
+        assert!(h.worker.disk.sync_data().is_err());
+    }
+}
+
+#[test]
+fn a_flush_the_kernel_refuses_is_an_ioerr_and_is_remembered() {
+    // fdatasync of a character device fails (EINVAL): a real failing flush.
+    for kind in [EngineKind::Sync, EngineKind::IoUring] {
+        let mem = guest_memory();
+        let vq = MockSplitQueue::new(&mem, QSIZE);
+        let disk = DiskFile::open(Path::new("/dev/null"), false, false, "").unwrap();
+        let mut h = Harness::with_engine(&mem, &vq, disk, kind);
+        assert_eq!(
+            flush_status(&mut h, &vq, 0),
+            VIRTIO_BLK_S_IOERR as u8,
+            "{kind}"
+        );
+        assert!(h.worker.disk.flush_failed(), "{kind}");
+    }
 }
 
 #[test]

@@ -15,6 +15,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::{complete_finished, serve_queue, ServeContext};
+use super::disk::DiskFile;
 use super::engine::{BlockEngine, Finished};
 use super::metrics::BlockQueueMetrics;
 use super::request::{Fault, RequestLimits, RequestScratch};
@@ -70,6 +71,8 @@ pub(crate) struct WorkerQueue {
 /// Everything the worker thread owns.
 pub(crate) struct BlockWorker {
     pub mem: Arc<GuestMemoryMmap>,
+    /// The disk, made durable when the worker stops.
+    pub disk: Arc<DiskFile>,
     pub queues: Vec<WorkerQueue>,
     pub limits: RequestLimits,
     pub interrupt: Arc<dyn InterruptSignal>,
@@ -102,7 +105,7 @@ impl BlockWorker {
 
     /// The thread body: serves kicks and completions until `kill` is written, then
     /// waits for every request still in flight (the driver is resetting the device:
-    /// their answers are dropped).
+    /// their answers are dropped) and fdatasyncs the disk.
     pub fn run(mut self, mut epoll: EpollHelper<Token>, kill: EventFd) {
         if let Err(e) = epoll.add(kill.as_raw_fd(), Token::Fixed(Stop::Kill)) {
             log::error!("virtio-blk worker cannot watch its kill eventfd: {e}");
@@ -149,6 +152,13 @@ impl BlockWorker {
             q.engine.wait_idle(&mut self.finished);
         }
         self.finished.clear();
+        // The device is being reset or dropped: what the guest wrote becomes durable
+        // whether or not it flushed (a failed flush is remembered by the disk).
+        if !self.disk.readonly() {
+            if let Err(e) = self.disk.sync_data() {
+                log::error!("virtio-blk: fdatasync when the device stopped failed: {e}");
+            }
+        }
     }
 
     /// Whether the queue in `slot` can be served.

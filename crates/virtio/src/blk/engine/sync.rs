@@ -46,6 +46,11 @@ impl SyncEngine {
         }
     }
 
+    /// The disk the engine serves.
+    pub fn disk(&self) -> &DiskFile {
+        &self.disk
+    }
+
     /// Executes `req`, moving data between the disk and the guest buffers in `mem`.
     /// Does not write the status byte (see [`crate::blk::complete_request`]).
     pub fn execute(&mut self, req: &Request, mem: &GuestMemoryMmap) -> Completion {

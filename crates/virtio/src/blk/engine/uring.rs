@@ -187,8 +187,13 @@ impl UringEngine {
                     slot.request_type,
                     io::Error::from_raw_os_error(-result)
                 );
+                if slot.request_type == RequestType::Flush {
+                    self.inline.disk().note_flush_failed();
+                }
                 Completion::ioerr()
             }
+            // Once a flush failed, a later fdatasync that succeeds proves nothing.
+            RequestType::Flush if self.inline.disk().flush_failed() => Completion::ioerr(),
             _ => Completion::ok(),
         };
         drop(mem);
