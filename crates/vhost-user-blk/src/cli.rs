@@ -1,11 +1,13 @@
 //! The command line.
 
-use crate::Config;
+use crate::gate::{Admitted, FrontendUid};
+use crate::{Config, GateConfig};
 use clap::Parser;
 use evmm_virtio::blk::config::MAX_QUEUES;
 use evmm_virtio::blk::{BlockConfig, EngineChoice};
 use evmm_virtio::poll::PollMode;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// evmm-vhost-user-blk: serves a raw disk file to a vhost-user frontend (QEMU's
 /// vhost-user-blk-pci, evmm) over a UNIX socket, with the same virtio-blk request code
@@ -42,6 +44,19 @@ pub struct Args {
     /// kicks turned off.
     #[arg(long, value_name = "MODE", default_value = "adaptive", value_parser = parse_poll)]
     pub poll: PollMode,
+    /// The socket file's permissions, in octal (default 600: only the daemon's user can
+    /// connect).
+    #[arg(long, value_name = "OCTAL", default_value = "600", value_parser = parse_mode)]
+    pub socket_mode: u32,
+    /// A user whose frontends are served (repeatable; a numeric uid, or `any`); checked
+    /// with the connecting process's credentials. Default: the daemon's own user.
+    #[arg(long = "frontend-uid", value_name = "UID")]
+    pub frontend_uids: Vec<FrontendUid>,
+    /// Seconds a frontend may take, from connecting, to send SET_OWNER before it is
+    /// disconnected.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub handshake_timeout: u64,
     /// Diagnostics on stderr: off, error, warn, info, debug, trace (default: RUST_LOG,
     /// else warn).
     #[arg(long, value_name = "LEVEL")]
@@ -53,6 +68,11 @@ impl Args {
     pub fn config(&self) -> Config {
         Config {
             socket: self.socket.clone(),
+            gate: GateConfig {
+                socket_mode: self.socket_mode,
+                admitted: Admitted::from_options(&self.frontend_uids),
+                handshake: Duration::from_secs(self.handshake_timeout),
+            },
             disk: BlockConfig {
                 path: self.disk.clone(),
                 readonly: self.readonly,
@@ -64,6 +84,13 @@ impl Args {
             },
         }
     }
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not a permission mode in octal (e.g. 600, 660)"))
 }
 
 fn parse_engine(s: &str) -> Result<EngineChoice, String> {
@@ -101,6 +128,14 @@ mod tests {
             }
         );
         assert_eq!(a.log_level, None);
+        assert_eq!(
+            c.gate,
+            GateConfig {
+                socket_mode: 0o600,
+                admitted: Admitted::own_user(),
+                handshake: Duration::from_secs(10),
+            }
+        );
     }
 
     #[test]
@@ -122,6 +157,14 @@ mod tests {
             "adaptive",
             "--log-level",
             "debug",
+            "--socket-mode",
+            "660",
+            "--frontend-uid",
+            "1000",
+            "--frontend-uid",
+            "1001",
+            "--handshake-timeout",
+            "3",
         ])
         .unwrap();
         let c = a.config();
@@ -134,6 +177,9 @@ mod tests {
         );
         assert_eq!(c.disk.id.as_deref(), Some("serial-1"));
         assert_eq!(a.log_level, Some(log::LevelFilter::Debug));
+        assert_eq!(c.gate.socket_mode, 0o660);
+        assert_eq!(c.gate.admitted, Admitted::Uids(vec![1000, 1001]));
+        assert_eq!(c.gate.handshake, Duration::from_secs(3));
     }
 
     #[test]
@@ -148,6 +194,10 @@ mod tests {
             &["--socket", "s", "--disk", "d", "--bogus"],
             &["--socket", "s", "--disk", "d", "--engine", "aio"],
             &["--socket", "s", "--disk", "d", "--poll", "2000"],
+            &["--socket", "s", "--disk", "d", "--socket-mode", "800"],
+            &["--socket", "s", "--disk", "d", "--socket-mode", "rw"],
+            &["--socket", "s", "--disk", "d", "--frontend-uid", "root"],
+            &["--socket", "s", "--disk", "d", "--handshake-timeout", "0"],
         ] {
             let e = parse(bad).expect_err(&format!("{bad:?} was accepted"));
             assert_ne!(e.kind(), ErrorKind::DisplayHelp, "{bad:?}");

@@ -9,8 +9,12 @@
 //! # Threads
 //!
 //! * the main thread waits for a frontend (poll on the listening socket and a
-//!   shutdown eventfd), builds a fresh [`backend::BlkBackend`] and
-//!   `VhostUserDaemon` for it, and waits for the connection to end;
+//!   shutdown eventfd), accepts it if its user is admitted ([`gate`]), builds a fresh
+//!   [`backend::BlkBackend`] and `VhostUserDaemon` for it, and waits for the
+//!   connection to end;
+//! * per connection, a relay thread carries the frontend's messages (and their file
+//!   descriptors) to vhost-user-backend and back, and ends a connection that does not
+//!   send SET_OWNER in time;
 //! * per connection, vhost-user-backend's request thread handles the frontend's
 //!   messages, and one worker thread per queue serves that queue's kicks;
 //! * a signal thread turns SIGTERM/SIGINT into a [`shutdown::Shutdown`] request.
@@ -30,6 +34,7 @@ pub mod cli;
 pub mod device;
 pub mod error;
 pub mod exit_events;
+pub mod gate;
 pub mod queue;
 pub mod server;
 pub mod shutdown;
@@ -42,11 +47,24 @@ use evmm_virtio::blk::BlockConfig;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+/// Who may connect, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GateConfig {
+    /// The socket file's permission bits.
+    pub socket_mode: u32,
+    /// The users whose frontends are served.
+    pub admitted: gate::Admitted,
+    /// How long a frontend may take to send SET_OWNER.
+    pub handshake: std::time::Duration,
+}
+
 /// What the daemon serves, and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     /// The socket to listen on.
     pub socket: PathBuf,
+    /// Who may connect.
+    pub gate: GateConfig,
     /// The disk, with evmm's own disk settings.
     pub disk: BlockConfig,
 }
@@ -57,7 +75,7 @@ pub fn run(config: &Config) -> Result<(), Error> {
     signals::block_terminating_signals().map_err(Error::Signals)?;
     let device = device::BlockDevice::open(&config.disk)?;
     let shutdown = Arc::new(shutdown::Shutdown::new().map_err(Error::ShutdownEvent)?);
-    let socket = socket::SocketFile::bind(&config.socket)?;
+    let socket = socket::SocketFile::bind(&config.socket, config.gate.socket_mode)?;
     signals::spawn_signal_thread(shutdown.clone()).map_err(Error::Signals)?;
-    server::Server::new(device, socket, shutdown).run()
+    server::Server::new(device, socket, shutdown, config.gate.clone()).run()
 }

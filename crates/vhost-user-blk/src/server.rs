@@ -4,9 +4,12 @@
 use crate::backend::BlkBackend;
 use crate::device::BlockDevice;
 use crate::error::Error;
+use crate::gate::{peer_uid, spawn_relay, Relay};
 use crate::shutdown::{Shutdown, Wake};
 use crate::socket::SocketFile;
+use crate::GateConfig;
 use std::os::unix::io::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
 use vhost::vhost_user::Error as VhostUserError;
@@ -24,15 +27,23 @@ pub struct Server {
     device: BlockDevice,
     socket: SocketFile,
     shutdown: Arc<Shutdown>,
+    gate: GateConfig,
 }
 
 impl Server {
-    /// A server of `device` on `socket`, stopped by `shutdown`.
-    pub fn new(device: BlockDevice, socket: SocketFile, shutdown: Arc<Shutdown>) -> Self {
+    /// A server of `device` on `socket` for the frontends `gate` admits, stopped by
+    /// `shutdown`.
+    pub fn new(
+        device: BlockDevice,
+        socket: SocketFile,
+        shutdown: Arc<Shutdown>,
+        gate: GateConfig,
+    ) -> Self {
         Self {
             device,
             socket,
             shutdown,
+            gate,
         }
     }
 
@@ -63,14 +74,46 @@ impl Server {
                 .map_err(Error::Wait)?;
             match wake {
                 Wake::Shutdown => return Ok(()),
-                Wake::Connection => self.serve_connection()?,
+                Wake::Connection => {
+                    if let Some(frontend) = self.admit() {
+                        self.serve_connection(frontend)?;
+                    }
+                }
             }
         }
     }
 
-    /// Accepts one frontend and serves it until it disconnects, breaks the protocol
-    /// or shutdown is requested. Only a failure to build the daemon is an error.
-    fn serve_connection(&mut self) -> Result<(), Error> {
+    /// Accepts the frontend that is connecting if its user is admitted.
+    fn admit(&self) -> Option<UnixStream> {
+        let stream = match self.socket.accept() {
+            Ok(Some(stream)) => stream,
+            Ok(None) => return None,
+            Err(e) => {
+                log::warn!("cannot accept a frontend: {e}");
+                std::thread::sleep(ACCEPT_RETRY);
+                return None;
+            }
+        };
+        match peer_uid(&stream) {
+            Ok(uid) if self.gate.admitted.admits(uid) => Some(stream),
+            Ok(uid) => {
+                evmm_virtio::guest_warn!(
+                    "refused a frontend of uid {uid}: the daemon serves {} (--frontend-uid)",
+                    self.gate.admitted
+                );
+                None
+            }
+            Err(e) => {
+                log::warn!("refused a frontend whose credentials cannot be read: {e}");
+                None
+            }
+        }
+    }
+
+    /// Serves one admitted frontend until it disconnects, breaks the protocol, misses
+    /// the handshake timeout or shutdown is requested. Only a failure to build the
+    /// daemon is an error.
+    fn serve_connection(&mut self, frontend: UnixStream) -> Result<(), Error> {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let backend = Arc::new(BlkBackend::new(&self.device));
         let mut daemon = VhostUserDaemon::new(THREAD_NAME.into(), backend.clone(), mem)
@@ -86,17 +129,21 @@ impl Server {
                     Error::Daemon(format!("cannot watch queue {thread}'s completions: {e}"))
                 })?;
         }
-        let ended = match daemon.start(self.socket.listener()) {
-            Ok(()) => {
+        let ended = match self.start_relayed(&mut daemon, frontend) {
+            Ok((frontend, relay)) => {
                 log::info!("frontend connected");
                 self.shutdown.track(daemon.shutdown_handle());
                 let result = daemon.wait();
                 self.shutdown.untrack();
+                // Unblocks the relay if it is writing to a frontend that stopped reading.
+                let _ = frontend.shutdown(std::net::Shutdown::Both);
+                if relay.join().is_err() {
+                    log::error!("the relay thread panicked");
+                }
                 Some(result)
             }
             Err(e) => {
-                log::warn!("cannot accept a frontend: {e}");
-                std::thread::sleep(ACCEPT_RETRY);
+                log::warn!("cannot start serving a frontend: {e}");
                 None
             }
         };
@@ -124,6 +171,28 @@ impl Server {
             None => {}
         }
         Ok(())
+    }
+}
+
+impl Server {
+    /// Hands `frontend` to `daemon` through the relay; returns a handle on the frontend's
+    /// socket (to shut it down) and the relay thread.
+    fn start_relayed(
+        &self,
+        daemon: &mut VhostUserDaemon<Arc<BlkBackend>>,
+        frontend: UnixStream,
+    ) -> Result<(UnixStream, std::thread::JoinHandle<()>), String> {
+        let mut private =
+            Relay::new().map_err(|e| format!("cannot create the private listener: {e}"))?;
+        let backend_end = private.connect().map_err(|e| e.to_string())?;
+        daemon
+            .start(private.listener())
+            .map_err(|e| e.to_string())?;
+        drop(private);
+        let handle = frontend.try_clone().map_err(|e| e.to_string())?;
+        let relay =
+            spawn_relay(frontend, backend_end, self.gate.handshake).map_err(|e| e.to_string())?;
+        Ok((handle, relay))
     }
 }
 

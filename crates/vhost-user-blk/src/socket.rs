@@ -8,19 +8,20 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use vhost::vhost_user::Listener;
 
 /// A bound, listening socket file.
 pub struct SocketFile {
     path: PathBuf,
     /// (st_dev, st_ino) of the file created, to remove only that file.
     identity: Option<(u64, u64)>,
-    listener: Listener,
+    listener: UnixListener,
 }
 
 impl SocketFile {
-    /// Creates and listens on the socket at `path`.
-    pub fn bind(path: &Path) -> Result<Self, Error> {
+    /// Creates and listens on the socket at `path`, with permissions `mode`. Call it
+    /// before starting threads: the file is created under a umask that gives it `mode`
+    /// (umask is per process).
+    pub fn bind(path: &Path, mode: u32) -> Result<Self, Error> {
         let listen_err = |source| Error::Listen {
             path: path.to_path_buf(),
             source,
@@ -49,14 +50,22 @@ impl SocketFile {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(listen_err(e)),
         }
-        let listener = UnixListener::bind(path).map_err(listen_err)?;
+        // The file gets `mode` as it is created (a socket file is made 0777 & !umask),
+        // so there is no moment in which it is open to more users.
+        // SAFETY: umask has no preconditions; the old mask is put back right after.
+        let old = unsafe { libc::umask(!mode & 0o777) };
+        let bound = UnixListener::bind(path);
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        let listener = bound.map_err(listen_err)?;
+        listener.set_nonblocking(true).map_err(listen_err)?;
         let identity = std::fs::symlink_metadata(path)
             .ok()
             .map(|m| (m.dev(), m.ino()));
         Ok(Self {
             path: path.to_path_buf(),
             identity,
-            listener: Listener::from(listener),
+            listener,
         })
     }
 
@@ -65,9 +74,26 @@ impl SocketFile {
         &self.path
     }
 
-    /// The listener, for vhost-user-backend to accept on.
-    pub fn listener(&mut self) -> &mut Listener {
-        &mut self.listener
+    /// A frontend that is connecting, if there is one (the socket does not block).
+    pub fn accept(&self) -> io::Result<Option<UnixStream>> {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    stream.set_nonblocking(false)?;
+                    return Ok(Some(stream));
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::ConnectionAborted
+                    ) =>
+                {
+                    return Ok(None)
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 
@@ -98,7 +124,7 @@ mod tests {
     fn binds_and_removes_its_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vu.sock");
-        let s = SocketFile::bind(&path).unwrap();
+        let s = SocketFile::bind(&path, 0o600).unwrap();
         assert!(path.exists());
         assert_eq!(s.path(), path);
         drop(s);
@@ -109,11 +135,23 @@ mod tests {
     fn a_socket_in_use_is_refused_and_left_alone() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vu.sock");
-        let first = SocketFile::bind(&path).unwrap();
-        let e = SocketFile::bind(&path).err().unwrap();
+        let first = SocketFile::bind(&path, 0o600).unwrap();
+        let e = SocketFile::bind(&path, 0o600).err().unwrap();
         assert!(matches!(e, Error::SocketInUse { .. }), "{e}");
         assert!(path.exists());
         drop(first);
+    }
+
+    #[test]
+    fn the_socket_gets_the_mode_asked_for() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        for mode in [0o600, 0o660, 0o666] {
+            let path = dir.path().join(format!("vu-{mode:o}.sock"));
+            let _s = SocketFile::bind(&path, mode).unwrap();
+            let got = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(got, mode);
+        }
     }
 
     #[test]
@@ -122,7 +160,7 @@ mod tests {
         let path = dir.path().join("vu.sock");
         drop(UnixListener::bind(&path).unwrap());
         assert!(path.exists());
-        let s = SocketFile::bind(&path).unwrap();
+        let s = SocketFile::bind(&path, 0o600).unwrap();
         UnixStream::connect(&path).unwrap();
         drop(s);
     }
@@ -132,14 +170,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("data");
         std::fs::write(&path, b"precious").unwrap();
-        let e = SocketFile::bind(&path).err().unwrap();
+        let e = SocketFile::bind(&path, 0o600).err().unwrap();
         assert!(matches!(e, Error::NotASocket { .. }), "{e}");
         assert_eq!(std::fs::read(&path).unwrap(), b"precious");
     }
 
     #[test]
     fn a_missing_directory_is_a_clear_error() {
-        let e = SocketFile::bind(Path::new("/nonexistent-dir/vu.sock"))
+        let e = SocketFile::bind(Path::new("/nonexistent-dir/vu.sock"), 0o600)
             .err()
             .unwrap();
         let text = e.to_string();
@@ -151,7 +189,7 @@ mod tests {
     fn a_replaced_file_is_not_removed() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vu.sock");
-        let s = SocketFile::bind(&path).unwrap();
+        let s = SocketFile::bind(&path, 0o600).unwrap();
         std::fs::remove_file(&path).unwrap();
         std::fs::write(&path, b"someone else's").unwrap();
         drop(s);

@@ -276,6 +276,81 @@ fn a_memory_table_the_frontend_could_shrink_or_that_outruns_its_file_is_refused(
 }
 
 #[test]
+fn the_socket_is_for_the_daemons_user_and_other_users_are_turned_away() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let img = disk(dir.path(), MIB);
+    let daemon = Daemon::start(dir.path(), &img, &[]);
+    let mode = std::fs::metadata(&daemon.socket)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
+    drop(daemon);
+
+    // A daemon that serves uid 4242 only: this process (any other uid) is closed before
+    // vhost-user sees a byte.
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    assert_ne!(uid, 4242, "run the tests as another user");
+    let mut daemon = Daemon::start_on(
+        &dir.path().join("uid-4242.sock"),
+        &img,
+        &["--frontend-uid", "4242", "--socket-mode", "666"],
+    );
+    let mode = std::fs::metadata(&daemon.socket)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o666);
+    let mut raw = UnixStream::connect(&daemon.socket).unwrap();
+    raw.set_read_timeout(Some(TIMEOUT)).unwrap();
+    // GET_FEATURES with NEED_REPLY: never answered.
+    raw.write_all(&[1, 0, 0, 0, 0x09, 0, 0, 0, 0, 0, 0, 0])
+        .unwrap();
+    let mut sink = Vec::new();
+    let r = raw.read_to_end(&mut sink);
+    assert!(
+        r.is_ok()
+            || r.as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{r:?}"
+    );
+    assert!(
+        sink.is_empty(),
+        "a refused frontend got an answer: {sink:?}"
+    );
+    assert!(daemon.is_running());
+    let log = daemon.stderr();
+    assert!(log.contains("refused a frontend of uid"), "{log}");
+    assert!(!log.contains("frontend connected"), "{log}");
+}
+
+#[test]
+fn a_connection_that_never_says_set_owner_is_dropped_and_the_real_frontend_gets_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = disk(dir.path(), MIB);
+    let mut daemon = Daemon::start(dir.path(), &img, &["--handshake-timeout", "1"]);
+    let mut idle = UnixStream::connect(&daemon.socket).unwrap();
+    idle.set_read_timeout(Some(TIMEOUT)).unwrap();
+    // The real frontend connects while the idle one holds the daemon: it is served once
+    // the idle one is dropped.
+    let mut s = Session::open(&daemon.socket, 1);
+    let mut sink = Vec::new();
+    let r = idle.read_to_end(&mut sink);
+    assert!(
+        r.is_ok()
+            || r.as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the idle connection was not closed: {r:?}"
+    );
+    write_flush_read(&mut s, 0, 0, 6, &img);
+    assert!(daemon.is_running());
+    let log = daemon.stderr();
+    assert!(log.contains("no SET_OWNER within 1000 ms"), "{log}");
+}
+
+#[test]
 fn random_bytes_on_the_socket_end_that_connection_only() {
     let dir = tempfile::tempdir().unwrap();
     let img = disk(dir.path(), MIB);

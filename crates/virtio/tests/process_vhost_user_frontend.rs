@@ -183,8 +183,13 @@ impl Setup {
         w32(t, STATUS, LIVE);
         assert!(t.is_activated());
         assert_eq!(r32(t, STATUS), LIVE, "no DEVICE_NEEDS_RESET");
-        // libvhost-user signals the call eventfd when it gets it (SET_VRING_CALL).
+        // libvhost-user signals the call eventfd when it gets it (SET_VRING_CALL), and a
+        // takeover interrupts once when it starts: take that interrupt as a driver does
+        // (read InterruptStatus, acknowledge it). Left unacknowledged, the transport
+        // would not send the next interrupt (it does not interrupt twice for one status).
         let _ = self.irq.read();
+        let status = r32(&mut self.t, INTERRUPT_STATUS);
+        w32(&mut self.t, INTERRUPT_ACK, status);
     }
 
     fn offered(&mut self) -> u64 {
