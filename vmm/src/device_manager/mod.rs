@@ -388,9 +388,13 @@ mod tests {
 
     #[test]
     fn transports_answer_on_the_bus_and_ioeventfds_are_registered() {
-        let file = tempfile::NamedTempFile::new().unwrap();
-        file.as_file().set_len(1 << 20).unwrap();
-        let disks = [disk(file.path(), 1), disk(file.path(), 3)];
+        // Two images: a disk open for writing is locked against a second open.
+        let files = [(); 2].map(|_| {
+            let f = tempfile::NamedTempFile::new().unwrap();
+            f.as_file().set_len(1 << 20).unwrap();
+            f
+        });
+        let disks = [disk(files[0].path(), 1), disk(files[1].path(), 3)];
         let (vm, bus, devices, _ram) = vm_with_disks(NotifyMode::Ioeventfd, &disks);
         for slot in mmio_slots(2).unwrap() {
             assert_eq!(read32(&bus, slot.base), 0x7472_6976, "MagicValue");
@@ -425,7 +429,7 @@ mod tests {
         assert_eq!(report["devices"][1]["kind"], "virtio-blk");
         assert_eq!(
             report["devices"][0]["path"],
-            file.path().display().to_string()
+            files[0].path().display().to_string()
         );
         assert!(report["devices"][0]["transport"].is_object());
     }

@@ -5,7 +5,8 @@ use super::request::{SECTOR_SHIFT, SECTOR_SIZE};
 use super::BlockError;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
@@ -46,10 +47,32 @@ impl DiskFile {
         };
         let mut options = OpenOptions::new();
         options.read(true).write(!readonly);
+        // O_NONBLOCK: opening a FIFO must not wait for a writer; the file is checked and
+        // the flag cleared before anything else.
+        let mut flags = libc::O_NONBLOCK;
         if direct {
-            options.custom_flags(libc::O_DIRECT);
+            flags |= libc::O_DIRECT;
         }
+        options.custom_flags(flags);
         let mut file = options.open(path).map_err(open_err)?;
+        let kind = file.metadata().map_err(open_err)?.file_type();
+        if !(kind.is_file() || kind.is_block_device()) {
+            return Err(BlockError::NotADisk {
+                path: path.to_path_buf(),
+            });
+        }
+        clear_nonblocking(&file).map_err(open_err)?;
+        lock(&file, readonly).map_err(|e| match e.raw_os_error() {
+            Some(libc::EAGAIN | libc::EACCES) => BlockError::Locked {
+                path: path.to_path_buf(),
+                held: if readonly {
+                    "for writing"
+                } else {
+                    "read-only or for writing"
+                },
+            },
+            _ => open_err(e),
+        })?;
         let size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
         if size % SECTOR_SIZE != 0 {
             log::warn!(
@@ -65,6 +88,20 @@ impl DiskFile {
             id: id_buf,
             flush_failed: AtomicBool::new(false),
         })
+    }
+
+    /// A disk on an already open `file`, unchecked and unlocked: for tests that need a
+    /// file the checks of [`DiskFile::open`] would refuse (a device whose fdatasync fails).
+    #[cfg(test)]
+    pub(crate) fn on_file(file: File) -> Self {
+        Self {
+            file,
+            capacity_sectors: 0,
+            readonly: false,
+            direct: false,
+            id: [0; ID_BYTES],
+            flush_failed: AtomicBool::new(false),
+        }
     }
 
     /// Disk size in 512-byte sectors.
@@ -123,6 +160,41 @@ impl DiskFile {
     }
 }
 
+fn clear_nonblocking(file: &File) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL on a valid descriptor; no memory is passed.
+    unsafe {
+        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        if flags < 0 || libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Takes an open file description lock on the whole file: exclusive for a disk opened
+/// for writing, shared for a read-only one, so that two guests cannot write one image
+/// and nobody writes an image a guest reads. The lock goes with the file's last
+/// descriptor.
+fn lock(file: &File, readonly: bool) -> io::Result<()> {
+    let lock = libc::flock {
+        l_type: if readonly {
+            libc::F_RDLCK
+        } else {
+            libc::F_WRLCK
+        } as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    // SAFETY: F_OFD_SETLK reads the flock struct, which outlives the call.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The result of executing a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Completion {
@@ -175,5 +247,60 @@ impl Completion {
     /// The used length for the used ring: the guest-written data plus the status byte.
     pub fn used_len(&self) -> u32 {
         self.written_to_guest.saturating_add(1)
+    }
+}
+
+#[cfg(test)]
+mod open_tests {
+    use super::*;
+
+    fn image() -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(1 << 20).unwrap();
+        f
+    }
+
+    #[test]
+    fn a_disk_open_for_writing_is_locked_against_every_other_open() {
+        let f = image();
+        let first = DiskFile::open(f.path(), false, false, "").unwrap();
+        for readonly in [false, true] {
+            let e = DiskFile::open(f.path(), readonly, false, "").unwrap_err();
+            assert!(
+                matches!(e, BlockError::Locked { .. }),
+                "readonly={readonly}: {e}"
+            );
+            assert!(e.to_string().contains("in use"), "{e}");
+        }
+        drop(first);
+        DiskFile::open(f.path(), false, false, "").unwrap();
+    }
+
+    #[test]
+    fn read_only_opens_share_and_keep_writers_out() {
+        let f = image();
+        let a = DiskFile::open(f.path(), true, false, "").unwrap();
+        let b = DiskFile::open(f.path(), true, false, "").unwrap();
+        let e = DiskFile::open(f.path(), false, false, "").unwrap_err();
+        assert!(matches!(e, BlockError::Locked { .. }), "{e}");
+        drop((a, b));
+        DiskFile::open(f.path(), false, false, "").unwrap();
+    }
+
+    #[test]
+    fn a_fifo_or_a_directory_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path; mkfifo reads nothing else.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // Read-only: opening a FIFO for reading would wait for a writer without O_NONBLOCK.
+        let e = DiskFile::open(&fifo, true, false, "").unwrap_err();
+        assert!(matches!(e, BlockError::NotADisk { .. }), "{e}");
+        let e = DiskFile::open(dir.path(), true, false, "").unwrap_err();
+        assert!(
+            matches!(e, BlockError::NotADisk { .. } | BlockError::Open { .. }),
+            "{e}"
+        );
     }
 }

@@ -102,6 +102,25 @@ pub enum BlockError {
         #[source]
         source: std::io::Error,
     },
+    /// The path is neither a regular file nor a block device (a FIFO would block the
+    /// open, a directory or a socket cannot hold a disk).
+    #[error("disk {path} is not a regular file or a block device")]
+    NotADisk {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Another process holds a lock on the disk that this open conflicts with.
+    #[error(
+        "disk {path} is in use: another process has it open {held} (evmm locks a disk \
+         for writing, or shared with readonly)"
+    )]
+    Locked {
+        /// The file.
+        path: PathBuf,
+        /// How the other holder has it: "for writing", or "read-only" when this open
+        /// wants to write.
+        held: &'static str,
+    },
     /// A bad setting.
     #[error("bad disk setting: {0}")]
     Config(String),

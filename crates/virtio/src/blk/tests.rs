@@ -13,7 +13,6 @@ use crate::device::{ReadyQueue, VirtioDevice};
 use crate::fault::FaultLog;
 use crate::test_utils::*;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::Path;
 use std::sync::Arc;
 use tempfile::NamedTempFile;
 use virtio_bindings::virtio_blk::*;
@@ -308,7 +307,12 @@ fn a_flush_the_kernel_refuses_is_an_ioerr_and_is_remembered() {
     for kind in [EngineKind::Sync, EngineKind::IoUring] {
         let mem = guest_memory();
         let vq = MockSplitQueue::new(&mem, QSIZE);
-        let disk = DiskFile::open(Path::new("/dev/null"), false, false, "").unwrap();
+        let null = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .unwrap();
+        let disk = DiskFile::on_file(null);
         let mut h = Harness::with_engine(&mem, &vq, disk, kind);
         assert_eq!(
             flush_status(&mut h, &vq, 0),
