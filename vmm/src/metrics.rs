@@ -66,16 +66,26 @@ impl MetricsReport {
         };
         let mut json = serde_json::to_vec_pretty(self).map_err(|e| err(e.into()))?;
         json.push(b'\n');
-        let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-        tmp_name.push(format!(".tmp{}", std::process::id()));
-        let tmp = path.with_file_name(tmp_name);
-        let written = std::fs::File::create(&tmp)
-            .and_then(|mut f| f.write_all(&json))
-            .and_then(|()| std::fs::rename(&tmp, path));
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(err(e));
-        }
+        // A fresh, unpredictable name created exclusively (O_EXCL: an existing file or a
+        // symlink planted at the name is never followed or overwritten), then renamed.
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let prefix = format!(
+            ".{}.",
+            path.file_name().unwrap_or_default().to_string_lossy()
+        );
+        let written = tempfile::Builder::new()
+            .prefix(&prefix)
+            .suffix(".tmp")
+            .tempfile_in(dir)
+            .and_then(|mut tmp| {
+                tmp.write_all(&json)?;
+                tmp.persist(path).map_err(|e| e.error)?;
+                Ok(())
+            });
+        written.map_err(err)?;
         log::info!("metrics written to {}", path.display());
         Ok(())
     }
@@ -135,5 +145,21 @@ mod tests {
             .write_to(&dir.path().join("missing/m.json"))
             .unwrap_err();
         assert!(err.to_string().contains("missing/m.json"), "{err}");
+    }
+
+    #[test]
+    fn a_symlink_at_the_old_temporary_name_is_not_followed() {
+        // The name the file used to be written through first (`m.json.tmp<pid>`),
+        // planted by someone else as a symlink to a file of the victim's.
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let path = dir.path().join("m.json");
+        let planted = dir.path().join(format!("m.json.tmp{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        report().write_to(&path).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(v["notify"], "exit");
     }
 }
