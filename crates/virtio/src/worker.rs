@@ -40,6 +40,30 @@ impl<T: Send + 'static> WorkerHandle<T> {
         })
     }
 
+    /// As [`WorkerHandle::spawn`], for a device's worker: if `body` panics, the panic is
+    /// logged and `on_panic` runs on the worker thread before it ends (a device sets
+    /// DEVICE_NEEDS_RESET there, so the driver learns that the device stopped instead
+    /// of waiting on it forever).
+    pub fn spawn_guarded<F, P>(name: &str, on_panic: P, body: F) -> io::Result<Self>
+    where
+        F: FnOnce(EventFd) -> T + Send + 'static,
+        P: FnOnce() + Send + 'static,
+    {
+        let thread_name = name.to_string();
+        Self::spawn(name, move |kill| {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(kill))) {
+                Ok(v) => v,
+                Err(panic) => {
+                    log::error!(
+                        "worker {thread_name} panicked; the device needs a reset by its driver"
+                    );
+                    on_panic();
+                    std::panic::resume_unwind(panic)
+                }
+            }
+        })
+    }
+
     /// Whether the thread is still running.
     pub fn is_running(&self) -> bool {
         self.thread.as_ref().is_some_and(|t| !t.is_finished())
@@ -110,6 +134,27 @@ mod tests {
     use super::*;
 
     use crate::test_utils::wait_readable;
+
+    #[test]
+    fn a_worker_that_panics_runs_its_hook_and_stops() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let hooked = Arc::new(AtomicBool::new(false));
+        let h = hooked.clone();
+        let w = WorkerHandle::<u32>::spawn_guarded(
+            "t-panic",
+            move || h.store(true, Ordering::SeqCst),
+            |_kill| panic!("a bug in the worker"),
+        )
+        .unwrap();
+        let start = std::time::Instant::now();
+        while w.is_running() {
+            assert!(start.elapsed() < std::time::Duration::from_secs(5));
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(hooked.load(Ordering::SeqCst));
+        assert_eq!(w.stop(), None);
+    }
 
     #[test]
     fn stop_hands_back_the_value() {

@@ -140,8 +140,13 @@ impl VirtioDevice for Block {
             finished: Vec::with_capacity(usize::from(config::QUEUE_SIZE)),
         };
         let epoll = worker.epoll().map_err(ActivateError::Worker)?;
-        let handle = WorkerHandle::spawn("evmm-blk", move |kill| worker.run(epoll, kill))
-            .map_err(ActivateError::Worker)?;
+        let interrupt = worker.interrupt.clone();
+        let handle = WorkerHandle::spawn_guarded(
+            "evmm-blk",
+            move || interrupt.set_needs_reset(),
+            move |kill| worker.run(epoll, kill),
+        )
+        .map_err(ActivateError::Worker)?;
         self.worker = Some(handle);
         Ok(())
     }

@@ -107,8 +107,13 @@ impl<T: TapQueue> NetBase<T> {
             poll,
         };
         let (epoll, tap_out) = worker.epoll().map_err(ActivateError::Worker)?;
-        WorkerHandle::spawn(name, move |kill| worker.run(epoll, tap_out, kill))
-            .map_err(ActivateError::Worker)
+        let interrupt = ctx.interrupt.clone();
+        WorkerHandle::spawn_guarded(
+            name,
+            move || interrupt.set_needs_reset(),
+            move |kill| worker.run(epoll, tap_out, kill),
+        )
+        .map_err(ActivateError::Worker)
     }
 }
 

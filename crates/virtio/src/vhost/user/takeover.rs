@@ -189,38 +189,47 @@ impl<K: UserDeviceKind> Takeover<K> {
         for (slot, s) in self.slots.iter().enumerate() {
             epoll.add(s.q.kick.as_raw_fd(), Token::Indexed(slot))?;
         }
-        WorkerHandle::spawn("evmm-vu-takeover", move |kill: EventFd| {
-            if let Err(e) = epoll.add(kill.as_raw_fd(), Token::Fixed(Stop::Kill)) {
-                log::error!("{}: takeover cannot watch its kill eventfd: {e}", self.name);
-                return;
-            }
-            self.begin();
-            let mut ready = Vec::with_capacity(self.slots.len() + 1);
-            loop {
-                if let Err(e) = epoll.wait(None, &mut ready) {
-                    log::error!("{}: takeover epoll_wait failed: {e}", self.name);
+        let interrupt = self.interrupt.clone();
+        WorkerHandle::spawn_guarded(
+            "evmm-vu-takeover",
+            move || interrupt.set_needs_reset(),
+            move |kill: EventFd| {
+                if let Err(e) = epoll.add(kill.as_raw_fd(), Token::Fixed(Stop::Kill)) {
+                    log::error!("{}: takeover cannot watch its kill eventfd: {e}", self.name);
                     return;
                 }
-                for &token in &ready {
-                    let slot = match token {
-                        Token::Fixed(Stop::Kill) => return,
-                        Token::Indexed(slot) => slot,
-                    };
-                    let Some(s) = self.slots.get(slot) else {
-                        continue;
-                    };
-                    match take_kicks(&s.q.kick) {
-                        Ok(Some(v)) => self.stats.kicks.add(v),
-                        Ok(None) => continue,
-                        Err(e) => {
-                            log::error!("{} queue {}: cannot read kick: {e}", self.name, s.q.index);
-                            continue;
-                        }
+                self.begin();
+                let mut ready = Vec::with_capacity(self.slots.len() + 1);
+                loop {
+                    if let Err(e) = epoll.wait(None, &mut ready) {
+                        log::error!("{}: takeover epoll_wait failed: {e}", self.name);
+                        return;
                     }
-                    self.drain(slot);
+                    for &token in &ready {
+                        let slot = match token {
+                            Token::Fixed(Stop::Kill) => return,
+                            Token::Indexed(slot) => slot,
+                        };
+                        let Some(s) = self.slots.get(slot) else {
+                            continue;
+                        };
+                        match take_kicks(&s.q.kick) {
+                            Ok(Some(v)) => self.stats.kicks.add(v),
+                            Ok(None) => continue,
+                            Err(e) => {
+                                log::error!(
+                                    "{} queue {}: cannot read kick: {e}",
+                                    self.name,
+                                    s.q.index
+                                );
+                                continue;
+                            }
+                        }
+                        self.drain(slot);
+                    }
                 }
-            }
-        })
+            },
+        )
     }
 }
 
