@@ -157,19 +157,29 @@ impl QueueServer {
         if !state.get_queue().ready() || !state.is_enabled() {
             return 0;
         }
-        let drained = serve_queue(
-            state.get_queue_mut(),
-            mem,
-            ServeContext {
-                index: self.index,
-                engine: engine.as_mut(),
-                scratch,
-                limits: env.limits,
-                metrics: env.metrics,
-                faults: env.faults,
-            },
-        );
-        self.deliver(&mut state, drained, env)
+        // A drain that stops at its budget leaves the frontend's kicks off: serve on
+        // until the ring is empty (this thread's stop signal is vhost-user-backend's
+        // to watch, and a disconnect ends the connection as a whole).
+        let mut added = 0;
+        loop {
+            let drained = serve_queue(
+                state.get_queue_mut(),
+                mem,
+                ServeContext {
+                    index: self.index,
+                    engine: engine.as_mut(),
+                    scratch,
+                    limits: env.limits,
+                    metrics: env.metrics,
+                    faults: env.faults,
+                },
+            );
+            let more = drained.more && drained.fault.is_none();
+            added += self.deliver(&mut state, drained, env);
+            if !more {
+                return added;
+            }
+        }
     }
 
     /// Answers what the engine completed (its completion eventfd fired).

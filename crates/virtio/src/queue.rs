@@ -57,6 +57,10 @@ pub struct Drained<F> {
     pub fault: Option<QueueFault<F>>,
     /// A chain was answered [`Served::Later`]: the drain stopped with chains left.
     pub blocked: bool,
+    /// The drain took its budget of chains ([`drain_queue_bounded`]) and stopped with
+    /// the driver's notifications still off: the caller must serve the queue again
+    /// (after looking at its stop signal), since no kick will come for what is left.
+    pub more: bool,
 }
 
 impl<F> Drained<F> {
@@ -82,14 +86,31 @@ impl<F> Drained<F> {
 pub fn drain_queue<'m, M, F>(
     queue: &mut Queue,
     mem: &'m M,
+    answer: impl FnMut(DescriptorChain<&'m M>) -> Result<Served, F>,
+) -> Drained<F>
+where
+    M: GuestMemory,
+{
+    drain_queue_bounded(queue, mem, usize::MAX, answer)
+}
+
+/// [`drain_queue`], taking at most `budget` chains: a driver that keeps adding chains
+/// (another vCPU) cannot keep the device's thread in the drain, away from its stop
+/// signal, for ever. Stopped by the budget, it returns with [`Drained::more`] set.
+pub fn drain_queue_bounded<'m, M, F>(
+    queue: &mut Queue,
+    mem: &'m M,
+    budget: usize,
     mut answer: impl FnMut(DescriptorChain<&'m M>) -> Result<Served, F>,
 ) -> Drained<F>
 where
     M: GuestMemory,
 {
     let mut added = 0usize;
+    let mut taken = 0usize;
     let mut fault = None;
     let mut blocked = false;
+    let mut more = false;
     'drain: loop {
         if let Err(e) = queue.disable_notification(mem) {
             fault = Some(QueueFault::Ring(format!(
@@ -106,6 +127,13 @@ where
                 }
             };
             let Some(chain) = chain else { break };
+            if taken == budget {
+                // Left for the next call: give the chain back.
+                queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                more = true;
+                break 'drain;
+            }
+            taken += 1;
             let head = chain.head_index();
             let used_len = match answer(chain) {
                 Ok(Served::Used(len)) => len,
@@ -142,6 +170,7 @@ where
         notify: added > 0 && driver_wants_interrupt(queue, mem),
         fault,
         blocked,
+        more,
     }
 }
 
@@ -283,6 +312,28 @@ mod tests {
         assert_eq!((d.added, d.notify), (2, false));
         // avail_event tells the driver where the device will look next.
         assert_eq!(avail_event(&mem), 2);
+    }
+
+    #[test]
+    fn a_driver_that_never_stops_adding_cannot_keep_the_drain_going() {
+        let mem = guest_memory();
+        let vq = MockSplitQueue::new(&mem, QSIZE);
+        add_chain(&vq, 0, &[Desc(0x10_0000, 16, false)]);
+        let mut q = make_queue(&vq);
+        q.set_event_idx(true);
+        // Every answer makes another chain available, as a second vCPU would.
+        let mut next = 1u16;
+        let mut answer = |_c: DescriptorChain<&vm_memory::GuestMemoryMmap>| -> Result<Served, ()> {
+            add_chain(&vq, next % QSIZE, &[Desc(0x10_0000, 16, false)]);
+            next = next.wrapping_add(1);
+            Ok(Served::Used(0))
+        };
+        let d = drain_queue_bounded(&mut q, &mem, 100, &mut answer);
+        assert!(d.more);
+        assert_eq!(d.added, 100);
+        // The chain left over is served by the next call.
+        let d = drain_queue_bounded(&mut q, &mem, 1, &mut answer);
+        assert_eq!((d.added, d.more), (1, true));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use super::engine::{BlockEngine, Finished, Submitted};
 use super::metrics::BlockQueueMetrics;
 use super::request::{Fault, ParseError, Request, RequestLimits, RequestScratch, RequestType};
 use crate::fault::{FaultKind, FaultLog};
-use crate::queue::{drain_queue, driver_wants_interrupt, Drained, QueueFault, Served};
+use crate::queue::{drain_queue_bounded, driver_wants_interrupt, Drained, QueueFault, Served};
 
 impl FaultKind for Fault {
     fn kind(&self) -> u32 {
@@ -164,8 +164,14 @@ pub struct ServeContext<'a> {
     pub faults: &'a FaultLog,
 }
 
-/// Serves every available chain of `queue` ([`drain_queue`] around [`process_chain`]),
-/// then starts what the engine queued. Chains answered in their status byte
+/// How many chains one drain may take, per entry of the queue: enough that a busy
+/// queue is drained in one go, few enough that the thread soon looks at its stop
+/// signal again however fast the driver adds.
+pub const DRAIN_BUDGET_PER_ENTRY: usize = 4;
+
+/// Serves the available chains of `queue` ([`drain_queue_bounded`] around
+/// [`process_chain`], at most [`DRAIN_BUDGET_PER_ENTRY`] × its size: see
+/// [`Drained::more`]), then starts what the engine queued. Chains answered in their status byte
 /// ([`ChainOutcome::Rejected`]) are logged here; a chain without a status byte or a
 /// ring fault stops the drain and is returned in [`Drained::fault`], not yet logged.
 pub fn serve_queue(
@@ -181,7 +187,8 @@ pub fn serve_queue(
         metrics,
         faults,
     } = ctx;
-    let drained = drain_queue(queue, &**mem, |chain| {
+    let budget = DRAIN_BUDGET_PER_ENTRY * usize::from(queue.size()).max(1);
+    let drained = drain_queue_bounded(queue, &**mem, budget, |chain| {
         let outcome = process_chain(engine, scratch, chain, mem, limits);
         outcome.count(metrics);
         match outcome {
@@ -229,5 +236,6 @@ pub fn complete_finished(
         notify: added > 0 && driver_wants_interrupt(queue, mem),
         fault,
         blocked: false,
+        more: false,
     }
 }

@@ -123,6 +123,7 @@ impl VirtioDevice for Block {
                     broken: false,
                     engine,
                     scratch: Default::default(),
+                    more: false,
                 }
             })
             .collect();

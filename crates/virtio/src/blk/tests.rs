@@ -113,6 +113,7 @@ impl Harness {
                 broken: false,
                 engine,
                 scratch: Default::default(),
+                more: false,
             }],
             limits: config::limits(disk.capacity_sectors()),
             interrupt: irq.clone(),

@@ -66,6 +66,9 @@ pub(crate) struct WorkerQueue {
     pub engine: Box<dyn BlockEngine>,
     /// Where the queue's requests are parsed.
     pub scratch: RequestScratch,
+    /// The last drain stopped at its budget with chains left (and the driver's kicks
+    /// off): serve again before sleeping.
+    pub more: bool,
 }
 
 /// Everything the worker thread owns.
@@ -129,7 +132,11 @@ impl BlockWorker {
                     }
                 }
             }
-            if let Err(e) = epoll.wait(None, &mut ready) {
+            // Chains left by a drain that hit its budget: look at the kill eventfd (and
+            // everything else) without sleeping, then serve them.
+            let leftover = self.queues.iter().any(|q| q.more);
+            let timeout = leftover.then_some(std::time::Duration::ZERO);
+            if let Err(e) = epoll.wait(timeout, &mut ready) {
                 log::error!("virtio-blk worker: epoll_wait failed: {e}");
                 break;
             }
@@ -146,6 +153,11 @@ impl BlockWorker {
             }
             if stop {
                 break;
+            }
+            for slot in 0..n {
+                if self.queues.get(slot).is_some_and(|q| q.more) {
+                    self.process_queue(slot);
+                }
             }
         }
         for q in &mut self.queues {
@@ -359,6 +371,7 @@ impl BlockWorker {
         let Some(m) = self.metrics.get(index) else {
             return 0;
         };
+        wq.more = drained.more;
         drained.count_notification(&m.interrupts, &m.interrupts_suppressed);
         if drained.notify {
             if let Err(e) = self.interrupt.trigger(InterruptKind::Vring) {
