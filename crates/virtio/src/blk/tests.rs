@@ -1656,3 +1656,5 @@ fn an_idle_disk_with_adaptive_polling_does_not_spin() {
         "polled {before} ns for 5 requests 20 ms apart: {m}"
     );
 }
+
+mod hostile;
