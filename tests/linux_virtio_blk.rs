@@ -107,20 +107,24 @@ fn a_readonly_disk_refuses_writes_and_stays_byte_identical() {
     );
 }
 
-/// The verified random workload on the disk options `disk` (engine and polling),
-/// `threads` of the guest at
-/// once (each on its own part of the disk: that many requests in flight, which an
-/// asynchronous engine may complete in any order); returns the run and its metrics.
+/// The verified random workload under each of `configs` (engine, polling), one
+/// after the other in one nested run, `threads` of the guest at once (each on its own
+/// part of the disk: that many requests in flight, which an asynchronous engine may
+/// complete in any order); returns each configuration's metrics.
 fn random_workload(
     notify: &str,
-    (engine, poll): (&str, &str),
+    configs: &[(&str, &str)],
     ops: u32,
     threads: u32,
-) -> (RunOutput, serde_json::Value) {
-    let disk = format!("path=$D/a.img,engine={engine},poll={poll}");
-    let body = [
-        dd_zero("a.img", 64),
-        evmm_cmd(
+) -> Vec<serde_json::Value> {
+    let mut body = Vec::new();
+    for (i, (engine, poll)) in configs.iter().enumerate() {
+        let disk = format!("path=$D/w{i}.img,engine={engine},poll={poll}");
+        body.push(format!(
+            "echo 'EVMM-WORKLOAD-CONFIG engine={engine} poll={poll}'"
+        ));
+        body.push(dd_zero(&format!("w{i}.img"), 64));
+        body.push(evmm_cmd(
             "blk",
             &[
                 "random",
@@ -130,23 +134,48 @@ fn random_workload(
                 &threads.to_string(),
             ],
             &["--disk", &disk, "--notify", notify],
-        ),
-        "evmm-guest-blk checksum \"$D/a.img\"".into(),
-    ]
-    .join("\n");
-    let out = run_script(&body);
-    guest_passed(&out, "blk");
-    let report = marker(&out, "EVMM-BLK-RANDOM");
-    assert_eq!(report["mismatches"], "0");
+        ));
+        body.push(format!("evmm-guest-blk checksum \"$D/w{i}.img\""));
+    }
+    let out = run_script(&body.join("\n"));
+    // One part of the output per configuration, each checked on its own.
+    let parts: Vec<&str> = out.output.split("EVMM-WORKLOAD-CONFIG ").skip(1).collect();
+    assert_eq!(parts.len(), configs.len(), "output:\n{}", out.output);
+    configs
+        .iter()
+        .zip(parts)
+        .map(|(&(engine, poll), text)| check_workload(&out, text, notify, engine, poll, ops))
+        .collect()
+}
+
+/// The checks of one configuration's part `text` of the run `out`.
+fn check_workload(
+    out: &RunOutput,
+    text: &str,
+    notify: &str,
+    engine: &str,
+    poll: &str,
+    ops: u32,
+) -> serde_json::Value {
+    let part = RunOutput {
+        output: text.to_string(),
+        lost_attempts: Vec::new(),
+        ..*out
+    };
+    let label = format!("engine={engine} poll={poll}");
+    guest_passed(&part, "blk");
+    let report = marker(&part, "EVMM-BLK-RANDOM");
+    assert_eq!(report["mismatches"], "0", "{label}");
     let reads: u64 = report["reads"].parse().unwrap();
     let writes: u64 = report["writes"].parse().unwrap();
-    assert_eq!(reads + writes, u64::from(ops));
+    assert_eq!(reads + writes, u64::from(ops), "{label}");
     // The file holds exactly what the guest's shadow of the disk says.
     assert_eq!(
-        marker(&out, "EVMM-BLK-CHECKSUM")["checksum"],
-        report["checksum"]
+        marker(&part, "EVMM-BLK-CHECKSUM")["checksum"],
+        report["checksum"],
+        "{label}"
     );
-    let m = metrics(&out);
+    let m = metrics(&part);
     assert_eq!(m["notify"], notify, "metrics: {m}");
     assert_eq!(
         m["devices"][0]["transport"]["device"]["engine"], engine,
@@ -161,7 +190,7 @@ fn random_workload(
     let requests_in = queue_sum(&m, 0, "/req_in");
     let requests_out = queue_sum(&m, 0, "/req_out");
     eprintln!(
-        "notify={notify}: kicks={kicks} wakeups={wakeups} in={requests_in} out={requests_out}"
+        "notify={notify} {label}: kicks={kicks} wakeups={wakeups} in={requests_in} out={requests_out}"
     );
     assert!(kicks >= wakeups, "kicks {kicks} < wake-ups {wakeups}");
     assert!(wakeups > 0);
@@ -170,30 +199,34 @@ fn random_workload(
         requests_in >= reads && requests_out >= writes,
         "metrics: {m}"
     );
-    (out, m)
+    m
 }
 
 #[test]
-fn random_workload_with_ioeventfd_and_io_uring_never_exits_on_queue_notify() {
-    let (_, m) = random_workload("ioeventfd", ("io_uring", "adaptive"), 10_000, 4);
-    assert_eq!(
-        m["devices"][0]["transport"]["notify_exits"], 0,
-        "metrics: {m}"
-    );
+fn random_workload_with_ioeventfd_never_exits_on_queue_notify_with_either_engine_polling() {
+    let configs = [("io_uring", "adaptive"), ("sync", "adaptive")];
+    for m in random_workload("ioeventfd", &configs, 10_000, 4) {
+        assert_eq!(
+            m["devices"][0]["transport"]["notify_exits"], 0,
+            "metrics: {m}"
+        );
+    }
 }
 
 #[test]
-fn random_workload_with_notify_exit_and_sync_takes_every_kick_as_an_exit() {
-    let (_, m) = random_workload("exit", ("sync", "off"), 10_000, 1);
-    let exits = m["devices"][0]["transport"]["notify_exits"]
-        .as_u64()
-        .unwrap();
-    let kicks = queue_sum(&m, 0, "/kicks");
-    assert!(exits > 0, "metrics: {m}");
-    assert_eq!(
-        exits, kicks,
-        "every kick must have come through a QueueNotify exit: {m}"
-    );
+fn random_workload_with_notify_exit_takes_every_kick_as_an_exit_with_either_engine_sleeping() {
+    let configs = [("sync", "off"), ("io_uring", "off")];
+    for m in random_workload("exit", &configs, 10_000, 1) {
+        let exits = m["devices"][0]["transport"]["notify_exits"]
+            .as_u64()
+            .unwrap();
+        let kicks = queue_sum(&m, 0, "/kicks");
+        assert!(exits > 0, "metrics: {m}");
+        assert_eq!(
+            exits, kicks,
+            "every kick must have come through a QueueNotify exit: {m}"
+        );
+    }
 }
 
 /// The shell lines that boot the guest writing and flushing `blocks` blocks under evmm
