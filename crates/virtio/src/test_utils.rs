@@ -384,8 +384,13 @@ pub mod mmio_driver {
 pub mod log_lines {
     use std::cell::Cell;
 
+    use std::cell::RefCell;
+    use std::collections::BTreeMap;
+
     thread_local! {
         static WARN_OR_WORSE: Cell<u64> = const { Cell::new(0) };
+        /// Lines at `warn` or above by where they were logged (file:line).
+        static BY_SITE: RefCell<BTreeMap<String, u64>> = const { RefCell::new(BTreeMap::new()) };
     }
 
     struct Counter;
@@ -397,12 +402,26 @@ pub mod log_lines {
         fn log(&self, record: &log::Record<'_>) {
             if record.level() <= log::Level::Warn {
                 WARN_OR_WORSE.with(|c| c.set(c.get() + 1));
+                let site = format!(
+                    "{}:{}",
+                    record.file().unwrap_or("?"),
+                    record.line().unwrap_or(0)
+                );
+                BY_SITE.with(|m| *m.borrow_mut().entry(site).or_default() += 1);
             }
         }
         fn flush(&self) {}
     }
 
     static COUNTER: Counter = Counter;
+
+    /// The call sites that logged at `warn` or above on this thread, most lines first.
+    pub fn busiest_sites() -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> =
+            BY_SITE.with(|m| m.borrow().iter().map(|(k, v)| (k.clone(), *v)).collect());
+        v.sort_by_key(|s| std::cmp::Reverse(s.1));
+        v
+    }
 
     /// Runs `f` and returns how many lines at `warn` or above it logged on this thread.
     /// Installs a counting logger for the whole test binary on first use; it fails (and

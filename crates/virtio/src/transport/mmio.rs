@@ -30,7 +30,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Size of a device's MMIO window.
@@ -466,12 +466,30 @@ impl MmioTransport {
                 ),
             },
             QUEUE_READY => q.set_ready(value == 1),
-            QUEUE_DESC_LOW => q.set_desc_table_address(Some(value), None),
-            QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(value)),
-            QUEUE_DRIVER_LOW => q.set_avail_ring_address(Some(value), None),
-            QUEUE_DRIVER_HIGH => q.set_avail_ring_address(None, Some(value)),
-            QUEUE_DEVICE_LOW => q.set_used_ring_address(Some(value), None),
-            QUEUE_DEVICE_HIGH => q.set_used_ring_address(None, Some(value)),
+            // The try_ setters: virtio-queue's plain ones log each refusal at error,
+            // which a guest could repeat at will.
+            QUEUE_DESC_LOW | QUEUE_DESC_HIGH => {
+                let addr = with_half(q.desc_table(), offset == QUEUE_DESC_HIGH, value);
+                if q.try_set_desc_table_address(GuestAddress(addr)).is_err() {
+                    crate::guest_warn!(
+                        "virtio-mmio: queue {sel}: descriptor table {addr:#x} misaligned"
+                    );
+                }
+            }
+            QUEUE_DRIVER_LOW | QUEUE_DRIVER_HIGH => {
+                let addr = with_half(q.avail_ring(), offset == QUEUE_DRIVER_HIGH, value);
+                if q.try_set_avail_ring_address(GuestAddress(addr)).is_err() {
+                    crate::guest_warn!(
+                        "virtio-mmio: queue {sel}: available ring {addr:#x} misaligned"
+                    );
+                }
+            }
+            QUEUE_DEVICE_LOW | QUEUE_DEVICE_HIGH => {
+                let addr = with_half(q.used_ring(), offset == QUEUE_DEVICE_HIGH, value);
+                if q.try_set_used_ring_address(GuestAddress(addr)).is_err() {
+                    crate::guest_warn!("virtio-mmio: queue {sel}: used ring {addr:#x} misaligned");
+                }
+            }
             _ => {}
         }
     }
@@ -536,7 +554,7 @@ impl MmioTransport {
         let mut queues = Vec::with_capacity(self.queues.len());
         for (i, q) in self.queues.iter_mut().enumerate() {
             q.set_event_idx(event_idx);
-            if q.ready() && !q.is_valid(&self.mem) {
+            if q.ready() && !rings_in_memory(q, &self.mem) {
                 crate::guest_warn!("virtio-mmio: queue {i} is not usable in guest memory");
                 self.interrupt.set_needs_reset();
                 return;
@@ -613,6 +631,26 @@ fn reg_value(offset: u64, data: &[u8]) -> Option<u32> {
     }
     let bytes: [u8; 4] = data.try_into().ok()?;
     Some(u32::from_le_bytes(bytes))
+}
+
+/// `current` with its low (or high) 32 bits replaced by `value`.
+fn with_half(current: u64, high: bool, value: u32) -> u64 {
+    if high {
+        (current & 0xffff_ffff) | (u64::from(value) << 32)
+    } else {
+        (current & !0xffff_ffff) | u64::from(value)
+    }
+}
+
+/// Whether a queue's rings lie in guest memory: virtio-queue's `is_valid` check,
+/// without the line it logs at error each time (a guest could repeat it at will).
+fn rings_in_memory(q: &Queue, mem: &GuestMemoryMmap) -> bool {
+    let size = u64::from(q.size());
+    let fits =
+        |addr: u64, len: u64, access| mem.check_range(GuestAddress(addr), len as usize, access);
+    fits(q.desc_table(), 16 * size, Permissions::Read)
+        && fits(q.avail_ring(), 6 + 2 * size, Permissions::Read)
+        && fits(q.used_ring(), 6 + 8 * size, Permissions::Write)
 }
 
 #[cfg(test)]

@@ -186,7 +186,10 @@ fn generate(rng: &mut SeededRng, mem: &GuestMemoryMmap) -> Generated {
         }
         _ => {}
     }
-    assert!(at <= DATA_END, "the data area is too small for the generator");
+    assert!(
+        at <= DATA_END,
+        "the data area is too small for the generator"
+    );
     if request_type == VIRTIO_BLK_T_OUT {
         let mut offset = sector * 512;
         for &(addr, len) in &segments {

@@ -642,3 +642,138 @@ fn a_guest_that_loops_on_bad_register_accesses_gets_a_bounded_number_of_log_line
         SITES * ROUNDS
     );
 }
+
+/// The registers a driver writes, and a value for each that is often a sensible one.
+fn plausible_write(rng: &mut SeededRng, status: u32) -> (u64, u32) {
+    const STEPS: [u32; 5] = [
+        0,
+        ACKNOWLEDGE,
+        ACKNOWLEDGE | DRIVER,
+        ACKNOWLEDGE | DRIVER | FEATURES_OK,
+        ACKNOWLEDGE | DRIVER | FEATURES_OK | status::DRIVER_OK,
+    ];
+    let regs = [
+        DEVICE_FEATURES_SEL,
+        DRIVER_FEATURES_SEL,
+        DRIVER_FEATURES,
+        QUEUE_SEL,
+        QUEUE_NUM,
+        QUEUE_READY,
+        QUEUE_NOTIFY,
+        INTERRUPT_ACK,
+        STATUS,
+        QUEUE_DESC_LOW,
+        QUEUE_DESC_HIGH,
+        QUEUE_DRIVER_LOW,
+        QUEUE_DRIVER_HIGH,
+        QUEUE_DEVICE_LOW,
+        QUEUE_DEVICE_HIGH,
+        CONFIG,
+    ];
+    let reg = regs[rng.below(regs.len() as u64) as usize];
+    let value = match reg {
+        STATUS => {
+            // The next step of the init sequence, a reset, FAILED, or anything.
+            match rng.below(4) {
+                0 | 1 => {
+                    let at = STEPS
+                        .iter()
+                        .position(|&s| s == status & !DEVICE_NEEDS_RESET);
+                    STEPS[at.map_or(0, |i| (i + 1) % STEPS.len())]
+                }
+                2 => status | FAILED,
+                _ => rng.next_u64() as u32,
+            }
+        }
+        DRIVER_FEATURES => {
+            if rng.chance(70) {
+                (OFFERED >> (32 * rng.below(2))) as u32
+            } else {
+                rng.next_u64() as u32
+            }
+        }
+        QUEUE_SEL | QUEUE_NOTIFY | DRIVER_FEATURES_SEL | DEVICE_FEATURES_SEL => rng.below(4) as u32,
+        QUEUE_NUM => 1 << rng.below(6),
+        QUEUE_READY => rng.below(2) as u32,
+        QUEUE_DESC_HIGH | QUEUE_DRIVER_HIGH | QUEUE_DEVICE_HIGH => {
+            if rng.chance(80) {
+                0
+            } else {
+                rng.next_u64() as u32
+            }
+        }
+        _ => rng.below(MEM_SIZE as u64) as u32,
+    };
+    (reg, value)
+}
+
+#[test]
+fn generated_register_sequences_keep_the_status_machine_legal() {
+    use crate::ratelimit::{BURST, WINDOW_MS};
+    let seeds = soak_seeds(40);
+    let start = std::time::Instant::now();
+    let mut accesses = 0u64;
+    let lines = log_lines::warnings_of(|| {
+        for seed in 0..seeds {
+            let mut rng = SeededRng::new(seed);
+            let (mut t, record) = transport();
+            let mut status = 0u32;
+            let mut resets = 0usize;
+            let mut activations = 0usize;
+            let mut activations_since_reset = 0usize;
+            for step in 0..2000 {
+                accesses += 1;
+                let what = format!("seed {seed}, step {step}");
+                if rng.chance(20) {
+                    // A read of anything, of any width.
+                    let mut buf = [0u8; 8];
+                    let len = [1, 2, 3, 4, 4, 4, 8][rng.below(7) as usize];
+                    t.read(rng.below(0x200), &mut buf[..len]);
+                } else if rng.chance(5) {
+                    // A write of an odd width anywhere.
+                    let len = [1, 2, 3, 8][rng.below(4) as usize];
+                    t.write(rng.below(0x200), &rng.next_u64().to_le_bytes()[..len]);
+                } else {
+                    let (reg, value) = plausible_write(&mut rng, status);
+                    w32(&mut t, reg, value);
+                }
+                let now = r32(&mut t, STATUS);
+                let (before, after) = (status & !DEVICE_NEEDS_RESET, now & !DEVICE_NEEDS_RESET);
+                if after != before {
+                    let legal = after == 0
+                        || matches!(
+                            status::transition(before, after),
+                            StatusChange::Advance(_) | StatusChange::Failed(_)
+                        );
+                    assert!(legal, "{what}: status {before:#x} -> {after:#x}");
+                }
+                status = now;
+                let r = record.lock().unwrap();
+                if r.resets > resets {
+                    resets = r.resets;
+                    activations_since_reset = 0;
+                }
+                if r.activations.len() > activations {
+                    activations_since_reset += r.activations.len() - activations;
+                    activations = r.activations.len();
+                    assert!(
+                        activations_since_reset <= 1,
+                        "{what}: activated twice without a reset"
+                    );
+                    assert_ne!(
+                        after & status::DRIVER_OK,
+                        0,
+                        "{what}: activated before DRIVER_OK"
+                    );
+                }
+            }
+        }
+    });
+    // Every guest_warn! site of the transport logs at most BURST lines a window.
+    let windows = start.elapsed().as_millis() as u64 / WINDOW_MS + 2;
+    assert!(
+        lines <= 25 * BURST * windows,
+        "{lines} log lines for {accesses} register accesses: {:?}",
+        log_lines::busiest_sites()
+    );
+}
