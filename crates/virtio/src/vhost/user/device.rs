@@ -50,7 +50,7 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::GuestMemoryMmap;
 
 use super::connection::{BackendInfo, Connection, HandshakeNeeds, PROTOCOL_FEATURES};
-use super::monitor;
+use super::monitor::{self, Loss};
 use super::takeover::{Takeover, TakeoverSnapshot, TakeoverStats};
 use crate::device::{ActivateContext, ActivateError, DeviceOffer, ReadyQueue, VirtioDevice};
 use crate::interrupt::InterruptSignal;
@@ -166,22 +166,50 @@ impl<K: UserDeviceKind> Shared<K> {
     }
 
     /// The backend is gone (hung up, or a request failed): say so once, shut the
-    /// socket down, and take the queues over if the device is live.
-    fn backend_lost(&self, inner: &mut Inner, reason: &str) {
-        match inner.state {
-            BackendState::Connected => log::error!(
-                "{}: vhost-user backend on {} lost: {reason}; the device's requests \
-                 are answered with I/O errors from now on",
-                self.name,
-                self.socket.display()
-            ),
-            // The handshake fails and reports it.
-            BackendState::Connecting => log::debug!("{}: {reason}", self.name),
-            BackendState::Lost => {}
+    /// socket down, and decide who answers the device's requests.
+    ///
+    /// A backend that hung up serves nothing any more: if the device is live, its
+    /// queues are taken over at once, so requests in flight get I/O errors. A backend
+    /// that failed a request may still be running and serving the rings it has: a
+    /// takeover now would make two writers of one used ring. The device then asks for
+    /// a reset (DEVICE_NEEDS_RESET), and only the rings the driver sets up after it are
+    /// answered by evmm.
+    fn backend_lost(&self, inner: &mut Inner, loss: Loss) {
+        if inner.state == BackendState::Lost {
+            return;
         }
+        let was = inner.state;
         inner.state = BackendState::Lost;
         inner.conn.shutdown();
-        self.start_takeover(inner);
+        match was {
+            BackendState::Connected => log::error!(
+                "{}: vhost-user backend on {} lost: {loss}; the device's requests \
+                 are answered with I/O errors from {}",
+                self.name,
+                self.socket.display(),
+                match loss {
+                    Loss::HungUp => "now on",
+                    Loss::Unresponsive(_) => "the driver's next reset on (it is asked for one)",
+                }
+            ),
+            // The handshake fails and reports it.
+            BackendState::Connecting | BackendState::Lost => {
+                log::debug!("{}: {loss}", self.name)
+            }
+        }
+        match loss {
+            Loss::HungUp => self.start_takeover(inner),
+            Loss::Unresponsive(_) => {
+                if let Some(active) = inner.active.as_mut() {
+                    // Nothing is sent to the backend on reset any more; the takeover
+                    // starts at the next activation, on the rings set up anew.
+                    active.backend_rings.clear();
+                    if let Some(parts) = active.takeover.take() {
+                        parts.interrupt.set_needs_reset();
+                    }
+                }
+            }
+        }
     }
 
     fn start_takeover(&self, inner: &mut Inner) {
@@ -273,7 +301,7 @@ impl<K: UserDeviceKind> VhostUserDevice<K> {
         let monitor = monitor::spawn(monitor_socket, watchdog, move |why| {
             if let Some(shared) = weak.upgrade() {
                 let mut inner = shared.lock();
-                shared.backend_lost(&mut inner, &why);
+                shared.backend_lost(&mut inner, why);
             }
         })
         .map_err(|source| VhostUserError::Monitor {
@@ -408,7 +436,8 @@ impl<K: UserDeviceKind> VirtioDevice for VhostUserDevice<K> {
             return;
         }
         if let Err(e) = inner.conn.set_config(offset32, data) {
-            self.shared.backend_lost(&mut inner, &e.to_string());
+            self.shared
+                .backend_lost(&mut inner, Loss::Unresponsive(format!("SET_CONFIG: {e}")));
         }
     }
 
@@ -470,7 +499,9 @@ impl<K: UserDeviceKind> VirtioDevice for VhostUserDevice<K> {
                 rings.len(),
                 ctx.acked_features
             ),
-            Some(Err(e)) => shared.backend_lost(&mut inner, &format!("activation: {e}")),
+            Some(Err(e)) => {
+                shared.backend_lost(&mut inner, Loss::Unresponsive(format!("activation: {e}")))
+            }
             None => {
                 crate::guest_warn!(
                     "{}: activated with its backend lost: its requests are answered with I/O errors",
@@ -500,7 +531,7 @@ impl<K: UserDeviceKind> VirtioDevice for VhostUserDevice<K> {
                 shared.name,
                 active.backend_rings
             ),
-            Err(e) => shared.backend_lost(&mut inner, &format!("reset: {e}")),
+            Err(e) => shared.backend_lost(&mut inner, Loss::Unresponsive(format!("reset: {e}"))),
         }
     }
 

@@ -34,6 +34,25 @@ impl FixedToken for Token {
 }
 
 /// Starts the monitor of `socket` (a clone of the frontend's connection).
+/// How a backend was lost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Loss {
+    /// It closed its end of the socket (or its process ended).
+    HungUp,
+    /// It left a request unanswered, or answered with an error: it may still be
+    /// running, and serving the rings it was given.
+    Unresponsive(String),
+}
+
+impl std::fmt::Display for Loss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Loss::HungUp => f.write_str("the backend hung up"),
+            Loss::Unresponsive(why) => f.write_str(why),
+        }
+    }
+}
+
 /// `on_hang_up` gets the reason when the backend is gone.
 pub fn spawn<F>(
     socket: UnixStream,
@@ -41,7 +60,7 @@ pub fn spawn<F>(
     on_hang_up: F,
 ) -> io::Result<WorkerHandle<()>>
 where
-    F: FnOnce(String) + Send + 'static,
+    F: FnOnce(Loss) + Send + 'static,
 {
     let epoll = EpollHelper::new(2)?;
     epoll.add_events(
@@ -62,7 +81,7 @@ fn body<F>(
     mut epoll: EpollHelper<Token>,
     kill: EventFd,
 ) where
-    F: FnOnce(String),
+    F: FnOnce(Loss),
 {
     if let Err(e) = epoll.add(kill.as_raw_fd(), Token::Kill) {
         log::error!("vhost-user monitor cannot watch its kill eventfd: {e}");
@@ -79,7 +98,7 @@ fn body<F>(
             return;
         }
         if ready.contains(&Token::Socket) {
-            on_hang_up(reason.unwrap_or_else(|| "the backend hung up".to_string()));
+            on_hang_up(reason.map_or(Loss::HungUp, Loss::Unresponsive));
             return;
         }
         if reason.is_none() {
@@ -114,7 +133,8 @@ mod tests {
         assert!(rx.recv_timeout(Duration::from_millis(500)).is_err());
         drop(b);
         let why = rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        assert_eq!(why, "the backend hung up");
+        assert_eq!(why, Loss::HungUp);
+        assert_eq!(why.to_string(), "the backend hung up");
         handle.stop();
     }
 
@@ -131,7 +151,10 @@ mod tests {
         let why = rx
             .recv_timeout(REQUEST_TIMEOUT + Duration::from_secs(10))
             .unwrap();
-        assert_eq!(why, "the backend did not answer GET_VRING_BASE within 5 s");
+        assert_eq!(
+            why,
+            Loss::Unresponsive("the backend did not answer GET_VRING_BASE within 5 s".into())
+        );
         // The peer sees the frontend go away.
         use std::io::Read;
         assert_eq!((&b).read(&mut [0u8; 1]).unwrap(), 0);
@@ -141,7 +164,7 @@ mod tests {
     #[test]
     fn stop_without_hang_up() {
         let (a, _b) = UnixStream::pair().unwrap();
-        let (tx, rx) = mpsc::channel::<String>();
+        let (tx, rx) = mpsc::channel::<Loss>();
         let handle = spawn(a, Arc::new(Watchdog::default()), move |why| {
             tx.send(why).unwrap();
         })

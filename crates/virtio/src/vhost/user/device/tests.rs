@@ -137,6 +137,10 @@ mod fake {
         pub protocol_features: u64,
         pub queue_num: u64,
         pub config: Vec<u8>,
+        /// Acknowledge requests that ask for it (REPLY_ACK), except those in `silent`.
+        pub reply_ack: bool,
+        /// Requests never answered, not even acknowledged.
+        pub silent: Vec<u32>,
     }
 
     pub struct Backend {
@@ -245,6 +249,11 @@ mod fake {
                 _ => None,
             };
             msgs.lock().unwrap().push(Msg { code, body, file });
+            let wants_ack = script.reply_ack && flags & 0x8 != 0 && !script.silent.contains(&code);
+            let reply = match reply {
+                None if wants_ack => Some(0u64.to_le_bytes().to_vec()),
+                r => r,
+            };
             if let Some(payload) = reply {
                 let mut out = Vec::new();
                 out.extend_from_slice(&code.to_le_bytes());
@@ -303,6 +312,8 @@ fn script() -> Script {
         protocol_features: PROTO_MQ | PROTO_CONFIG | PROTO_LOG_SHMFD,
         queue_num: 4,
         config,
+        reply_ack: false,
+        silent: Vec::new(),
     }
 }
 
@@ -568,6 +579,64 @@ fn a_backend_that_hangs_up_while_live_is_taken_over() {
     assert_eq!(t.metrics()["device"]["taken_over"], false);
     drop(t);
     assert!(codes(&backend.take()).is_empty());
+}
+
+#[test]
+fn a_backend_that_stops_answering_while_live_gets_a_reset_not_a_second_writer() {
+    const PROTO_REPLY_ACK: u64 = 1 << 3;
+    let mut s = script();
+    s.protocol_features |= PROTO_REPLY_ACK;
+    s.reply_ack = true;
+    s.silent = vec![SET_CONFIG];
+    let backend = Backend::start(s);
+    let dev = config(&backend.socket).connect("vu0").unwrap();
+    let mem = crate::test_utils::memfd_memory(16 << 20);
+    let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
+    let mut t = MmioTransport::new(Box::new(dev), mem.clone(), irqfd).unwrap();
+    init(&mut t, F_VERSION_1, &[0]);
+    // A request the backend took and has not answered yet.
+    let (desc, avail, used) = (0x10_0000u64, 0x10_1000u64, 0x10_2000u64);
+    mem.write_obj(0x20_0000u64, GuestAddress(desc)).unwrap();
+    mem.write_obj(1u32, GuestAddress(desc + 8)).unwrap();
+    mem.write_obj(2u16, GuestAddress(desc + 12)).unwrap(); // VRING_DESC_F_WRITE
+    mem.write_obj(0u16, GuestAddress(avail + 4)).unwrap();
+    mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+    mem.write_obj(0xeeu8, GuestAddress(0x20_0000)).unwrap();
+
+    // The driver turns the write cache on; the backend never answers SET_CONFIG (it is
+    // alive, maybe just slow, and still has the ring).
+    t.write(CONFIG + crate::blk::config::OFF_WRITEBACK as u64, &[1]);
+    let m = t.metrics();
+    assert_eq!(m["device"]["backend"], "lost");
+    // No takeover of a ring the backend may still be serving: the request is left to
+    // it, and the driver is asked to reset the device.
+    assert_eq!(m["device"]["taken_over"], false);
+    assert_eq!(mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap(), 0);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(0x20_0000)).unwrap(), 0xee);
+    assert_ne!(r32(&mut t, STATUS) & crate::status::DEVICE_NEEDS_RESET, 0);
+    // The reset sends nothing to the backend; the rings set up after it are evmm's.
+    backend.take();
+    let start = Instant::now();
+    w32(&mut t, STATUS, 0);
+    assert!(start.elapsed() < Duration::from_secs(1));
+    init(&mut t, F_VERSION_1, &[0]);
+    assert_eq!(t.metrics()["device"]["taken_over"], true);
+    mem.write_obj(0u16, GuestAddress(avail + 4)).unwrap();
+    mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+    t.queue_kicks()[0].write(1).unwrap();
+    wait_for("used entry", || {
+        mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap() == 1
+    });
+    let status: u8 = mem.read_obj(GuestAddress(0x20_0000)).unwrap();
+    assert_eq!(
+        status,
+        virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8
+    );
+    drop(t);
+    assert!(
+        codes(&backend.take()).is_empty(),
+        "nothing sent after the loss"
+    );
 }
 
 #[test]
