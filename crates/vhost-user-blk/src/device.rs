@@ -79,6 +79,7 @@ impl BlockDevice {
         let queues = config.queues;
         let engine = config.engine.resolve()?;
         log::info!("{engine} engine, poll={}", config.poll);
+        let config_space = config::config_space(capacity, queues, disk.block_size());
         Ok(Self {
             engine,
             poll: config.poll,
@@ -86,7 +87,7 @@ impl BlockDevice {
             disk: Arc::new(disk),
             queues,
             features: virtio_features(config.readonly, queues),
-            config_space: config::config_space(capacity, queues),
+            config_space,
             limits: config::limits(capacity),
             metrics: (0..queues).map(|_| BlockQueueMetrics::default()).collect(),
             faults: Arc::new(FaultLog::new("virtio-blk")),

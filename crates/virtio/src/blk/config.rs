@@ -84,8 +84,9 @@ pub fn limits(capacity_sectors: u64) -> RequestLimits {
     }
 }
 
-/// The little-endian bytes of the configuration space.
-pub fn config_space(capacity_sectors: u64, queues: u16) -> [u8; CONFIG_SIZE] {
+/// The little-endian bytes of the configuration space; `blk_size` is the disk's
+/// logical block size ([`crate::blk::disk::DiskFile::block_size`]).
+pub fn config_space(capacity_sectors: u64, queues: u16, blk_size: u32) -> [u8; CONFIG_SIZE] {
     let mut c = [0u8; CONFIG_SIZE];
     let mut put = |off: usize, bytes: &[u8]| {
         if let Some(dst) = c.get_mut(off..off + bytes.len()) {
@@ -95,11 +96,14 @@ pub fn config_space(capacity_sectors: u64, queues: u16) -> [u8; CONFIG_SIZE] {
     put(OFF_CAPACITY, &capacity_sectors.to_le_bytes());
     put(OFF_SIZE_MAX, &SIZE_MAX.to_le_bytes());
     put(OFF_SEG_MAX, &SEG_MAX.to_le_bytes());
-    put(OFF_BLK_SIZE, &BLK_SIZE.to_le_bytes());
+    put(OFF_BLK_SIZE, &blk_size.max(BLK_SIZE).to_le_bytes());
     put(OFF_NUM_QUEUES, &queues.to_le_bytes());
     put(OFF_MAX_DISCARD_SECTORS, &MAX_DISCARD_SECTORS.to_le_bytes());
     put(OFF_MAX_DISCARD_SEG, &MAX_DISCARD_SEG.to_le_bytes());
-    put(OFF_DISCARD_SECTOR_ALIGNMENT, &1u32.to_le_bytes());
+    put(
+        OFF_DISCARD_SECTOR_ALIGNMENT,
+        &(blk_size.max(BLK_SIZE) / BLK_SIZE).to_le_bytes(),
+    );
     put(
         OFF_MAX_WRITE_ZEROES_SECTORS,
         &MAX_WRITE_ZEROES_SECTORS.to_le_bytes(),

@@ -58,7 +58,12 @@ impl Block {
                 device_type: VIRTIO_ID_BLOCK,
                 queue_sizes: vec![config::QUEUE_SIZE; usize::from(queues)],
                 avail_features: config::features(config.readonly, queues),
-                config_space: config::config_space(disk.capacity_sectors(), queues).to_vec(),
+                config_space: config::config_space(
+                    disk.capacity_sectors(),
+                    queues,
+                    disk.block_size(),
+                )
+                .to_vec(),
             },
             metrics: (0..queues).map(|_| BlockQueueMetrics::default()).collect(),
             faults: Arc::new(FaultLog::new("virtio-blk")),

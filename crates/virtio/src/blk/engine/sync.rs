@@ -113,7 +113,10 @@ impl SyncEngine {
 
     /// O_DIRECT and guest buffers that it cannot take as they are.
     fn needs_bounce(&self) -> bool {
-        self.disk.direct() && !self.iov.aligned_to(DIRECT_ALIGN)
+        self.disk.direct()
+            && !self
+                .iov
+                .aligned_to(DIRECT_ALIGN.max(self.disk.block_size() as usize))
     }
 
     /// A transfer through the aligned bounce buffer, `BOUNCE_SIZE` at a time.
