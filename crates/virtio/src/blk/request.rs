@@ -308,16 +308,47 @@ impl RequestScratch {
         let rest = &descs[..descs.len() - 1];
         let reject = |fault| ParseError::Rejected { status_addr, fault };
 
-        let (header, data_descs) = rest.split_first().ok_or(reject(Fault::HeaderMissing))?;
-        if header.is_write_only() {
-            return Err(reject(Fault::HeaderWriteOnly));
+        // The header: the first 16 device-readable bytes, in as many descriptors as the
+        // driver used (VERSION_1 forbids a device to assume the layout). Bytes of the
+        // last header descriptor after the header are data.
+        let mut raw = [0u8; HEADER_LEN as usize];
+        let mut got = 0usize;
+        let mut first_data = 0usize;
+        let mut header_tail = None;
+        for (i, d) in rest.iter().enumerate() {
+            if d.is_write_only() {
+                return Err(reject(if got == 0 {
+                    Fault::HeaderWriteOnly
+                } else {
+                    Fault::HeaderTooShort
+                }));
+            }
+            let take = (HEADER_LEN as usize - got).min(d.len() as usize);
+            let dst = raw
+                .get_mut(got..got + take)
+                .ok_or(reject(Fault::HeaderTooShort))?;
+            mem.read_slice(dst, d.addr())
+                .map_err(|_| reject(Fault::DescriptorOutOfMemory))?;
+            got += take;
+            first_data = i + 1;
+            if got == HEADER_LEN as usize {
+                let tail = d.len() - take as u32;
+                if tail > 0 {
+                    let addr = d
+                        .addr()
+                        .checked_add(take as u64)
+                        .ok_or(reject(Fault::DescriptorOutOfMemory))?;
+                    header_tail = Some((addr, tail, false));
+                }
+                break;
+            }
         }
-        if header.len() < HEADER_LEN {
+        if rest.is_empty() {
+            return Err(reject(Fault::HeaderMissing));
+        }
+        if got < HEADER_LEN as usize {
             return Err(reject(Fault::HeaderTooShort));
         }
-        let mut raw = [0u8; HEADER_LEN as usize];
-        mem.read_slice(&mut raw, header.addr())
-            .map_err(|_| reject(Fault::DescriptorOutOfMemory))?;
         let (type_bytes, rest_bytes) = raw.split_at(4);
         let (_ioprio, sector_bytes) = rest_bytes.split_at(4);
         let request_type = RequestType::from(u32::from_le_bytes(
@@ -338,35 +369,49 @@ impl RequestScratch {
             }
             None => None,
         };
+        // Bytes of the status descriptor before the status byte are device-writable
+        // data. Split-off parts in the wrong direction for the request are ignored (as
+        // QEMU does); whole descriptors in the wrong direction are refused below.
+        let status_desc = descs.last().ok_or(reject(Fault::HeaderMissing))?;
+        let status_prefix =
+            (status_desc.len() > 1).then(|| (status_desc.addr(), status_desc.len() - 1, true));
+        let keep = |part: &(GuestAddress, u32, bool)| writable.is_none_or(|w| w == part.2);
+        let data_descs = rest.get(first_data..).unwrap_or_default();
+        let parts = header_tail
+            .filter(keep)
+            .into_iter()
+            .chain(
+                data_descs
+                    .iter()
+                    .map(|d| (d.addr(), d.len(), d.is_write_only())),
+            )
+            .chain(status_prefix.filter(keep));
 
-        if data_descs.len() > limits.seg_max as usize {
-            return Err(reject(Fault::TooManySegments));
-        }
         let data = &mut request.data;
         data.clear();
         let mut total: u64 = 0;
-        for d in data_descs {
+        for (addr, len, write_only) in parts {
+            if data.len() == limits.seg_max as usize {
+                return Err(reject(Fault::TooManySegments));
+            }
             if let Some(w) = writable {
-                if d.is_write_only() != w {
+                if write_only != w {
                     return Err(reject(Fault::WrongDirection));
                 }
             }
-            if d.len() > limits.size_max {
+            if len > limits.size_max {
                 return Err(reject(Fault::SegmentTooLarge));
             }
-            let access = if d.is_write_only() {
+            let access = if write_only {
                 Permissions::Write
             } else {
                 Permissions::Read
             };
-            if d.len() > 0 && !mem.check_range(d.addr(), d.len() as usize, access) {
+            if len > 0 && !mem.check_range(addr, len as usize, access) {
                 return Err(reject(Fault::DescriptorOutOfMemory));
             }
-            total += u64::from(d.len());
-            data.push(Segment {
-                addr: d.addr(),
-                len: d.len(),
-            });
+            total += u64::from(len);
+            data.push(Segment { addr, len });
         }
         if total > limits.max_request_bytes {
             return Err(reject(Fault::RequestTooLarge));

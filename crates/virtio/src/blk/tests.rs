@@ -257,6 +257,52 @@ fn large_write_and_read_cross_the_bounce_buffer() {
 }
 
 #[test]
+fn any_layout_header_data_and_status_share_or_split_descriptors() {
+    let (mem, f, bytes) = setup();
+    let vq = MockSplitQueue::new(&mem, QSIZE);
+    // OUT with its data in the header's descriptor: header at DATA - 16.
+    let data: Vec<u8> = (0..1024).map(|i| (i % 253) as u8).collect();
+    header(&mem, DATA - 16, VIRTIO_BLK_T_OUT, 3);
+    mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+    add_chain(
+        &vq,
+        0,
+        &[Desc(DATA - 16, 16 + 1024, false), Desc(STATUS, 1, true)],
+    );
+    let mut h = Harness::new(&mem, &vq, &f, false, "");
+    expect(&mut h, VIRTIO_BLK_S_OK, 1);
+    assert_eq!(file_bytes(&f)[3 * 512..3 * 512 + 1024], data[..]);
+
+    // IN with the status byte at the end of the data's descriptor, and the header split
+    // in two descriptors.
+    let mut h2 = [0u8; 16];
+    h2[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+    h2[8..].copy_from_slice(&20u64.to_le_bytes());
+    mem.write_slice(&h2[..8], GuestAddress(HDR)).unwrap();
+    mem.write_slice(&h2[8..], GuestAddress(HDR + 0x800))
+        .unwrap();
+    mem.write_obj(0xffu8, GuestAddress(DATA + 0x1_0000 + 512))
+        .unwrap();
+    add_chain(
+        &vq,
+        2,
+        &[
+            Desc(HDR, 8, false),
+            Desc(HDR + 0x800, 8, false),
+            Desc(DATA + 0x1_0000, 513, true),
+        ],
+    );
+    assert_eq!(h.run(), 1);
+    assert_eq!(used_elem(&mem, 1), (2, 513));
+    let mut back = vec![0u8; 512];
+    mem.read_slice(&mut back, GuestAddress(DATA + 0x1_0000))
+        .unwrap();
+    assert_eq!(back, bytes[20 * 512..21 * 512]);
+    let st: u8 = mem.read_obj(GuestAddress(DATA + 0x1_0000 + 512)).unwrap();
+    assert_eq!(st, VIRTIO_BLK_S_OK as u8);
+}
+
+#[test]
 fn flush() {
     let (mem, f, _) = setup();
     let vq = MockSplitQueue::new(&mem, QSIZE);

@@ -120,6 +120,9 @@ fn generate(rng: &mut SeededRng, mem: &GuestMemoryMmap) -> Generated {
         // Without a status descriptor an IN's last data buffer would be taken for the
         // status (its last byte): only a chain that ends device-readable has none.
         Corruption::NoStatus => VIRTIO_BLK_T_OUT,
+        // A short header descriptor followed by device-readable data is just a header
+        // split across descriptors; before device-writable data it is too short.
+        Corruption::HeaderShort => VIRTIO_BLK_T_IN,
         Corruption::None | Corruption::StatusReadOnly | Corruption::StatusEmpty => {
             match rng.below(20) {
                 0..=6 => VIRTIO_BLK_T_IN,
@@ -209,7 +212,7 @@ fn generate(rng: &mut SeededRng, mem: &GuestMemoryMmap) -> Generated {
 
     // The corruption, on the request as built.
     let mut header_len = 16u32;
-    let mut status = desc(STATUS_AT + rng.below(256), 1 + rng.below(3) as u32, true);
+    let mut status = desc(STATUS_AT + rng.below(256), 1, true);
     let mut data: Vec<(u64, u32, u32)> = segments
         .iter()
         .map(|&(a, l)| desc(a, l, device_writes))
@@ -247,8 +250,29 @@ fn generate(rng: &mut SeededRng, mem: &GuestMemoryMmap) -> Generated {
     mem.write_slice(&h, GuestAddress(HDR_AT)).unwrap();
     let header = desc(HDR_AT, header_len, false);
 
+    // The layout: header, data and status in descriptors of their own, or (VERSION_1
+    // lets a driver do this) the header split in two, an OUT's first data in the
+    // header's descriptor, an IN's last data in the status byte's descriptor.
     let mut parts = vec![header];
     parts.extend(data.iter().copied());
+    if corruption == Corruption::None {
+        match rng.below(10) {
+            0 | 1 => parts
+                .splice(0..1, [desc(HDR_AT, 8, false), desc(HDR_AT + 8, 8, false)])
+                .for_each(drop),
+            2 | 3 if request_type == VIRTIO_BLK_T_OUT && parts.len() > 1 => {
+                let first = parts.remove(1);
+                mem.write_slice(&h, GuestAddress(first.0 - 16)).unwrap();
+                parts[0] = (first.0 - 16, first.1 + 16, 0);
+            }
+            4 if request_type == VIRTIO_BLK_T_IN && parts.len() > 1 => {
+                // The status byte right after the last data buffer, in its descriptor.
+                let last = parts.pop().unwrap();
+                status = (last.0, last.1 + 1, VRING_DESC_F_WRITE);
+            }
+            _ => {}
+        }
+    }
     // What the chain holds, whether direct or in an indirect table.
     let mut chain = parts.clone();
     let descs = match corruption {
