@@ -19,6 +19,9 @@ use vmm_sys_util::epoll::EventSet;
 
 /// The name of each connection's request thread.
 const THREAD_NAME: &str = "evmm-vu-blk";
+/// How long the end of a connection waits for vhost-user-backend's threads to let go
+/// of its backend.
+const RELEASE_WAIT: Duration = Duration::from_secs(2);
 /// Pause after a failed accept, so a persistent failure (e.g. EMFILE) does not spin.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
@@ -129,6 +132,9 @@ impl Server {
                     Error::Daemon(format!("cannot watch queue {thread}'s completions: {e}"))
                 })?;
         }
+        // The handlers hold the backend and the connection's vrings: only the daemon's
+        // threads may keep them, so that they go when the connection ends.
+        drop(handlers);
         let ended = match self.start_relayed(&mut daemon, frontend) {
             Ok((frontend, relay)) => {
                 log::info!("frontend connected");
@@ -152,8 +158,16 @@ impl Server {
         backend.exit_events().close_leaked();
         // The last reference: the queues' engines (io_uring rings and their eventfds)
         // go with it, after waiting for anything still in flight.
+        // vhost-user-backend's queue threads let go of the backend (and of the
+        // connection's vrings: guest memory, kick and call eventfds) as they exit, which
+        // may be a moment after the daemon is dropped: wait for that (bounded), so the
+        // connection is wholly gone when its end is logged.
+        let since = std::time::Instant::now();
+        while Arc::strong_count(&backend) > 1 && since.elapsed() < RELEASE_WAIT {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         if Arc::strong_count(&backend) > 1 {
-            log::debug!("the connection's backend is still referenced after its daemon ended");
+            log::warn!("the connection's backend is still referenced {RELEASE_WAIT:?} after its daemon ended");
         }
         drop(backend);
         if let Err(e) = self.device.disk().sync_data() {

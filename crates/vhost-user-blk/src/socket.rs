@@ -50,14 +50,25 @@ impl SocketFile {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(listen_err(e)),
         }
+        // Bound under a temporary name and renamed into place once listening: a
+        // frontend that connects as soon as the file appears is never refused.
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(path.file_name().unwrap_or_default());
+        tmp_name.push(format!(".{}.binding", std::process::id()));
+        let tmp = path.with_file_name(tmp_name);
+        let _ = std::fs::remove_file(&tmp);
         // The file gets `mode` as it is created (a socket file is made 0777 & !umask),
         // so there is no moment in which it is open to more users.
         // SAFETY: umask has no preconditions; the old mask is put back right after.
         let old = unsafe { libc::umask(!mode & 0o777) };
-        let bound = UnixListener::bind(path);
+        let bound = UnixListener::bind(&tmp);
         // SAFETY: as above.
         unsafe { libc::umask(old) };
         let listener = bound.map_err(listen_err)?;
+        if let Err(e) = std::fs::rename(&tmp, path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(listen_err(e));
+        }
         listener.set_nonblocking(true).map_err(listen_err)?;
         let identity = std::fs::symlink_metadata(path)
             .ok()

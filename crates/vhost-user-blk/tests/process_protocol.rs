@@ -436,7 +436,9 @@ fn a_frontend_that_disconnects_leaves_the_daemon_ready_for_the_next() {
             assert_eq!(
                 daemon.open_fds(),
                 fds_after_first,
-                "the daemon leaks descriptors across connections (round {round})"
+                "the daemon leaks descriptors across connections (round {round}): {:#?}\n{}",
+                daemon.fd_targets(),
+                daemon.stderr()
             );
         }
     }
