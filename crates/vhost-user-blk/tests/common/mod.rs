@@ -184,6 +184,21 @@ impl Drop for Daemon {
     }
 }
 
+/// Reads `stream` until the daemon ends the connection (EOF, or a reset) and returns
+/// what it sent; fails if the connection stays open past the stream's read timeout.
+pub fn read_until_closed(stream: &mut std::os::unix::net::UnixStream) -> Vec<u8> {
+    use std::io::Read;
+    let mut got = Vec::new();
+    let r = stream.read_to_end(&mut got);
+    assert!(
+        r.is_ok()
+            || r.as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the daemon did not end the connection: {r:?}"
+    );
+    got
+}
+
 /// A disk file of `len` bytes (zeros) in `dir`.
 pub fn disk(dir: &Path, len: u64) -> PathBuf {
     let path = dir.join("disk.img");

@@ -536,6 +536,35 @@ fn activation_hands_over_memory_rings_and_the_very_eventfds() {
     assert_eq!(codes(&backend.take()), [GET_VRING_BASE]);
 }
 
+/// Where the single-request tests put their ring (queue 0 of `init`) and status byte.
+const RING: (u64, u64, u64) = (0x10_0000, 0x10_1000, 0x10_2000);
+const REQ_STATUS: u64 = 0x20_0000;
+
+/// Makes one request available on queue 0: one descriptor, a writable status byte
+/// (0xee until someone answers it).
+fn post_one_request(mem: &GuestMemoryMmap) {
+    let (desc, avail, _) = RING;
+    mem.write_obj(REQ_STATUS, GuestAddress(desc)).unwrap();
+    mem.write_obj(1u32, GuestAddress(desc + 8)).unwrap();
+    mem.write_obj(2u16, GuestAddress(desc + 12)).unwrap(); // VRING_DESC_F_WRITE
+    mem.write_obj(0u16, GuestAddress(avail + 4)).unwrap();
+    mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+    mem.write_obj(0xeeu8, GuestAddress(REQ_STATUS)).unwrap();
+}
+
+/// Waits for the request of [`post_one_request`] to be used and checks its IOERR.
+fn wait_for_ioerr(mem: &GuestMemoryMmap) {
+    let (_, _, used) = RING;
+    wait_for("used entry", || {
+        mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap() == 1
+    });
+    let status: u8 = mem.read_obj(GuestAddress(REQ_STATUS)).unwrap();
+    assert_eq!(
+        status,
+        virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8
+    );
+}
+
 #[test]
 fn a_backend_that_hangs_up_while_live_is_taken_over() {
     let backend = Backend::start(script());
@@ -547,25 +576,12 @@ fn a_backend_that_hangs_up_while_live_is_taken_over() {
     let mut t = MmioTransport::new(Box::new(dev), mem.clone(), irqfd).unwrap();
     init(&mut t, F_VERSION_1, &[0]);
     backend.take_n(8);
-    // A request the backend took and never answered: one descriptor, a writable
-    // status byte, made available.
-    let (desc, avail, used) = (0x10_0000u64, 0x10_1000u64, 0x10_2000u64);
-    mem.write_obj(0x20_0000u64, GuestAddress(desc)).unwrap();
-    mem.write_obj(1u32, GuestAddress(desc + 8)).unwrap();
-    mem.write_obj(2u16, GuestAddress(desc + 12)).unwrap(); // VRING_DESC_F_WRITE
-    mem.write_obj(0u16, GuestAddress(avail + 4)).unwrap();
-    mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+    // A request the backend took and never answered.
+    post_one_request(&mem);
 
     backend.hang_up();
     assert!(readable(&irq), "the takeover interrupts the guest");
-    wait_for("used entry", || {
-        mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap() == 1
-    });
-    let status: u8 = mem.read_obj(GuestAddress(0x20_0000)).unwrap();
-    assert_eq!(
-        status,
-        virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8
-    );
+    wait_for_ioerr(&mem);
     let m = t.metrics();
     assert_eq!(m["device"]["backend"], "lost");
     assert_eq!(m["device"]["taken_over"], true);
@@ -595,13 +611,8 @@ fn a_backend_that_stops_answering_while_live_gets_a_reset_not_a_second_writer() 
     let mut t = MmioTransport::new(Box::new(dev), mem.clone(), irqfd).unwrap();
     init(&mut t, F_VERSION_1, &[0]);
     // A request the backend took and has not answered yet.
-    let (desc, avail, used) = (0x10_0000u64, 0x10_1000u64, 0x10_2000u64);
-    mem.write_obj(0x20_0000u64, GuestAddress(desc)).unwrap();
-    mem.write_obj(1u32, GuestAddress(desc + 8)).unwrap();
-    mem.write_obj(2u16, GuestAddress(desc + 12)).unwrap(); // VRING_DESC_F_WRITE
-    mem.write_obj(0u16, GuestAddress(avail + 4)).unwrap();
-    mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
-    mem.write_obj(0xeeu8, GuestAddress(0x20_0000)).unwrap();
+    post_one_request(&mem);
+    let (_, _, used) = RING;
 
     // The driver turns the write cache on; the backend never answers SET_CONFIG (it is
     // alive, maybe just slow, and still has the ring).
@@ -612,7 +623,7 @@ fn a_backend_that_stops_answering_while_live_gets_a_reset_not_a_second_writer() 
     // it, and the driver is asked to reset the device.
     assert_eq!(m["device"]["taken_over"], false);
     assert_eq!(mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap(), 0);
-    assert_eq!(mem.read_obj::<u8>(GuestAddress(0x20_0000)).unwrap(), 0xee);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(REQ_STATUS)).unwrap(), 0xee);
     assert_ne!(r32(&mut t, STATUS) & crate::status::DEVICE_NEEDS_RESET, 0);
     // The reset sends nothing to the backend; the rings set up after it are evmm's.
     backend.take();
@@ -621,17 +632,9 @@ fn a_backend_that_stops_answering_while_live_gets_a_reset_not_a_second_writer() 
     assert!(start.elapsed() < Duration::from_secs(1));
     init(&mut t, F_VERSION_1, &[0]);
     assert_eq!(t.metrics()["device"]["taken_over"], true);
-    mem.write_obj(0u16, GuestAddress(avail + 4)).unwrap();
-    mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+    post_one_request(&mem);
     t.queue_kicks()[0].write(1).unwrap();
-    wait_for("used entry", || {
-        mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap() == 1
-    });
-    let status: u8 = mem.read_obj(GuestAddress(0x20_0000)).unwrap();
-    assert_eq!(
-        status,
-        virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8
-    );
+    wait_for_ioerr(&mem);
     drop(t);
     assert!(
         codes(&backend.take()).is_empty(),
