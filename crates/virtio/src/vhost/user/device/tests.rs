@@ -660,3 +660,136 @@ fn memory_that_cannot_be_shared_fails_activation_not_the_backend() {
     drop(t);
     assert!(codes(&backend.take()).is_empty(), "nothing was sent");
 }
+
+// ---- A generated hostile backend ----
+
+/// A backend that answers each request of evmm's frontend in a way drawn from `rng`:
+/// as a backend should, with the wrong request code, with a body of the wrong size
+/// (framed consistently, so nothing waits for bytes that never come), with random
+/// contents, with descriptors attached, or by hanging up there and then.
+fn hostile_backend(seed: u64) -> (PathBuf, std::thread::JoinHandle<()>, tempfile::TempDir) {
+    use crate::test_utils::SeededRng;
+    use std::io::Read;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("hostile.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let honest = script();
+    let thread = std::thread::spawn(move || {
+        let mut rng = SeededRng::new(seed);
+        let Ok((mut s, _)) = listener.accept() else {
+            return;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        loop {
+            let mut hdr = [0u8; 12];
+            let Ok((n, _fd)) = s.recv_with_fd(&mut hdr) else {
+                return;
+            };
+            if n == 0 || (n < 12 && s.read_exact(&mut hdr[n..]).is_err()) {
+                return;
+            }
+            let code = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
+            let flags = u32::from_le_bytes(hdr[4..8].try_into().unwrap());
+            let size = u32::from_le_bytes(hdr[8..12].try_into().unwrap()) as usize;
+            let mut body = vec![0u8; size];
+            if s.read_exact(&mut body).is_err() {
+                return;
+            }
+            let good: Option<Vec<u8>> = match code {
+                GET_FEATURES => Some(honest.features.to_le_bytes().to_vec()),
+                GET_PROTOCOL_FEATURES => Some(
+                    (honest.protocol_features | if rng.chance(50) { 1 << 3 } else { 0 })
+                        .to_le_bytes()
+                        .to_vec(),
+                ),
+                GET_QUEUE_NUM => Some(
+                    (if rng.chance(20) {
+                        32768
+                    } else {
+                        honest.queue_num
+                    })
+                    .to_le_bytes()
+                    .to_vec(),
+                ),
+                GET_CONFIG => {
+                    let mut r = body.get(..12).unwrap_or_default().to_vec();
+                    r.extend_from_slice(&honest.config);
+                    Some(r)
+                }
+                GET_VRING_BASE => Some(body.get(..8).unwrap_or_default().to_vec()),
+                _ if flags & 0x8 != 0 => Some(0u64.to_le_bytes().to_vec()),
+                _ => None,
+            };
+            let Some(mut payload) = good else { continue };
+            let mut reply_code = code;
+            let mut attach = false;
+            match rng.below(10) {
+                0 => reply_code = rng.below(60) as u32,
+                1 => payload.resize(rng.below(80) as usize, 0xa5),
+                2 => payload.iter_mut().for_each(|b| *b = rng.next_u64() as u8),
+                3 => attach = true,
+                4 => return, // hang up instead of answering
+                _ => {}
+            }
+            let mut out = Vec::new();
+            out.extend_from_slice(&reply_code.to_le_bytes());
+            out.extend_from_slice(&((flags & 0x3) | 0x4).to_le_bytes());
+            out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            out.extend_from_slice(&payload);
+            let sent = if attach {
+                let e = EventFd::new(EFD_NONBLOCK).unwrap();
+                s.send_with_fds(&[&out[..]], &[e.as_raw_fd()])
+                    .map(|_| ())
+                    .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+            } else {
+                s.write_all(&out)
+            };
+            if sent.is_err() {
+                return;
+            }
+        }
+    });
+    (socket, thread, dir)
+}
+
+#[test]
+fn a_generated_hostile_backend_gets_a_clear_error_or_a_device_never_a_crash() {
+    let seeds = crate::test_utils::soak_seeds(30);
+    let (mut refused, mut live) = (0, 0);
+    for seed in 0..seeds {
+        let (socket, thread, _dir) = hostile_backend(seed);
+        match config(&socket).connect("vu-hostile") {
+            Err(e) => {
+                // One line that names the socket.
+                let text = e.to_string();
+                assert!(text.contains("hostile.sock"), "seed {seed}: {text}");
+                assert!(!text.contains('\n'), "seed {seed}: {text}");
+                refused += 1;
+            }
+            Ok(dev) => {
+                live += 1;
+                assert!(dev.queue_count() <= crate::blk::config::MAX_QUEUES as usize);
+                let mem = crate::test_utils::memfd_memory(16 << 20);
+                let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
+                let mut t = MmioTransport::new(Box::new(dev), mem.clone(), irqfd).unwrap();
+                // Activation and a reset against whatever the backend does; both return.
+                let start = Instant::now();
+                init(&mut t, F_VERSION_1, &[0]);
+                w32(&mut t, STATUS, 0);
+                assert!(
+                    start.elapsed() < Duration::from_secs(12),
+                    "seed {seed}: {:?}",
+                    start.elapsed()
+                );
+                drop(t);
+            }
+        }
+        thread.join().unwrap();
+    }
+    eprintln!("hostile backends: {seeds} seeds, {refused} refused at start-up, {live} ran");
+    assert!(
+        refused > 0 && live > 0,
+        "the generator must produce both outcomes"
+    );
+}
