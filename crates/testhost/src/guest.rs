@@ -53,6 +53,10 @@ pub fn marker_fields(line: &str, marker: &str) -> Option<BTreeMap<String, String
     if !(rest.is_empty() || rest.starts_with(' ')) {
         return None;
     }
+    // The VMM's stderr shares the console's pipe: a log line it writes while the guest
+    // is in the middle of a line lands after the marker's fields. It starts with a
+    // colour escape or env_logger's `[`, which no marker field holds.
+    let rest = rest.find(['\x1b', '[']).map_or(rest, |end| &rest[..end]);
     Some(
         rest.split_whitespace()
             .filter_map(|w| w.split_once('='))
@@ -72,6 +76,18 @@ pub fn all_marker_fields(console: &str, marker: &str) -> Vec<BTreeMap<String, St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_line_glued_to_a_marker_is_not_part_of_it() {
+        let line = "EVMM-NET-CHECK side=guest check=barrier status=0\x1b[90m[\x1b[0m2026-11-30T17:54:16Z \x1b[1m\x1b[31mERROR\x1b[0m evmm_virtio::net::worker a=b";
+        let f = marker_fields(line, "EVMM-NET-CHECK").unwrap();
+        assert_eq!(f["status"], "0");
+        assert_eq!(f.len(), 3, "{f:?}");
+        let plain = "EVMM-NET-CHECK side=guest status=1[2026-11-30T17:54:16Z ERROR x] k=v";
+        let f = marker_fields(plain, "EVMM-NET-CHECK").unwrap();
+        assert_eq!(f["status"], "1");
+        assert!(!f.contains_key("k"));
+    }
 
     const CONSOLE: &str = "[    1.0] Linux version 6.1\r\n\
         EVMM-GUEST-START kernel=6.1.0-50-amd64\n\
