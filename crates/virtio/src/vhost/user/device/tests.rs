@@ -213,23 +213,30 @@ mod fake {
         msgs.iter().map(|m| m.code).collect()
     }
 
+    /// One request from the frontend: (code, flags, body, the descriptor with it);
+    /// `None` once the frontend hung up.
+    pub fn read_request(s: &mut UnixStream) -> Option<(u32, u32, Vec<u8>, Option<File>)> {
+        let mut hdr = [0u8; 12];
+        let (n, file) = match s.recv_with_fd(&mut hdr) {
+            Ok((0, _)) | Err(_) => return None,
+            Ok(v) => v,
+        };
+        if n < 12 && s.read_exact(&mut hdr[n..]).is_err() {
+            return None;
+        }
+        let code = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
+        let flags = u32::from_le_bytes(hdr[4..8].try_into().unwrap());
+        let size = u32::from_le_bytes(hdr[8..12].try_into().unwrap()) as usize;
+        let mut body = vec![0u8; size];
+        s.read_exact(&mut body).ok()?;
+        Some((code, flags, body, file))
+    }
+
     fn serve(mut s: UnixStream, script: &Script, msgs: &Mutex<Vec<Msg>>) {
         loop {
-            let mut hdr = [0u8; 12];
-            let (n, file) = match s.recv_with_fd(&mut hdr) {
-                Ok((0, _)) | Err(_) => return,
-                Ok(v) => v,
+            let Some((code, flags, body, file)) = read_request(&mut s) else {
+                return;
             };
-            if n < 12 && s.read_exact(&mut hdr[n..]).is_err() {
-                return;
-            }
-            let code = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
-            let flags = u32::from_le_bytes(hdr[4..8].try_into().unwrap());
-            let size = u32::from_le_bytes(hdr[8..12].try_into().unwrap()) as usize;
-            let mut body = vec![0u8; size];
-            if s.read_exact(&mut body).is_err() {
-                return;
-            }
             let reply: Option<Vec<u8>> = match code {
                 GET_FEATURES => Some(script.features.to_le_bytes().to_vec()),
                 GET_PROTOCOL_FEATURES => Some(script.protocol_features.to_le_bytes().to_vec()),
@@ -669,7 +676,6 @@ fn memory_that_cannot_be_shared_fails_activation_not_the_backend() {
 /// contents, with descriptors attached, or by hanging up there and then.
 fn hostile_backend(seed: u64) -> (PathBuf, std::thread::JoinHandle<()>, tempfile::TempDir) {
     use crate::test_utils::SeededRng;
-    use std::io::Read;
     use vmm_sys_util::sock_ctrl_msg::ScmSocket;
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("hostile.sock");
@@ -682,20 +688,9 @@ fn hostile_backend(seed: u64) -> (PathBuf, std::thread::JoinHandle<()>, tempfile
         };
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         loop {
-            let mut hdr = [0u8; 12];
-            let Ok((n, _fd)) = s.recv_with_fd(&mut hdr) else {
+            let Some((code, flags, body, _fd)) = read_request(&mut s) else {
                 return;
             };
-            if n == 0 || (n < 12 && s.read_exact(&mut hdr[n..]).is_err()) {
-                return;
-            }
-            let code = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
-            let flags = u32::from_le_bytes(hdr[4..8].try_into().unwrap());
-            let size = u32::from_le_bytes(hdr[8..12].try_into().unwrap()) as usize;
-            let mut body = vec![0u8; size];
-            if s.read_exact(&mut body).is_err() {
-                return;
-            }
             let good: Option<Vec<u8>> = match code {
                 GET_FEATURES => Some(honest.features.to_le_bytes().to_vec()),
                 GET_PROTOCOL_FEATURES => Some(
