@@ -303,6 +303,8 @@ impl BlockWorker {
         };
         let index = wq.ready.index;
         if wq.broken || !wq.ready.queue.ready() {
+            // Nothing left to serve here: the run loop must not keep coming back.
+            wq.more = false;
             return 0;
         }
         let Some(m) = metrics.get(index) else {
