@@ -120,6 +120,13 @@ pub struct Cli {
     #[arg(long, value_name = "FILE")]
     pub metrics: Option<PathBuf>,
 
+    /// Seccomp filters on evmm's threads, one per kind of thread (vCPU, device
+    /// worker, main...): kill ends evmm when a thread makes a syscall its filter
+    /// does not allow, naming the thread and the syscall; log lets the syscall run
+    /// and has the kernel log it; off installs none
+    #[arg(long, value_name = "MODE", default_value = "kill")]
+    pub seccomp: evmm_seccomp::Mode,
+
     /// Log level for evmm's own diagnostics on standard error: off, error,
     /// warn, info, debug or trace [default: RUST_LOG, else warn]
     #[arg(long, value_name = "LEVEL")]
@@ -139,7 +146,7 @@ impl Cli {
         let devices = DeviceConfig::new(&self.disk, self.notify, self.metrics.clone())?
             .with_vhost_user_blk(&self.vhost_user_blk)?
             .with_nets(&self.net)?;
-        Ok(config.with_devices(devices))
+        Ok(config.with_devices(devices).with_seccomp(self.seccomp))
     }
 }
 

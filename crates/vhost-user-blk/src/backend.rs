@@ -13,6 +13,7 @@
 use crate::device::{self, BlockDevice};
 use crate::exit_events::ExitEvents;
 use crate::queue::{QueueEnv, QueueServer};
+use evmm_seccomp::ThreadKind;
 use evmm_virtio::blk::config::QUEUE_SIZE;
 use evmm_virtio::blk::engine;
 use evmm_virtio::blk::metrics::BlockQueueMetrics;
@@ -177,6 +178,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn acked_features(&self, features: u64) {
+        confine_thread(ThreadKind::DaemonFrontend);
         log::debug!("frontend acknowledged features {features:#x}");
         self.acked.store(features, Ordering::Release);
     }
@@ -186,6 +188,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn reset_device(&self) {
+        confine_thread(ThreadKind::DaemonFrontend);
         log::debug!("device reset");
         self.acked.store(0, Ordering::Release);
         for q in &self.queues {
@@ -194,11 +197,13 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn set_event_idx(&self, enabled: bool) {
+        confine_thread(ThreadKind::DaemonFrontend);
         // vhost-user-backend sets it on the queues themselves.
         log::debug!("EVENT_IDX {}", if enabled { "on" } else { "off" });
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        confine_thread(ThreadKind::DaemonFrontend);
         let data = device::read_config(&self.config_space, offset, size);
         if data.len() != size as usize {
             evmm_virtio::guest_warn!("GET_CONFIG offset {offset} size {size} refused");
@@ -211,6 +216,7 @@ impl VhostUserBackend for BlkBackend {
     /// read-only fields. It is acknowledged: an error would make vhost's request
     /// handler drop the whole connection.
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        confine_thread(ThreadKind::DaemonFrontend);
         evmm_virtio::guest_warn!(
             "SET_CONFIG offset {offset} size {} ignored: the configuration space is read-only",
             buf.len()
@@ -224,6 +230,7 @@ impl VhostUserBackend for BlkBackend {
     /// shortened would kill the daemon with SIGBUS. A refused table is answered with an
     /// error, which ends the connection; the queues never see it.
     fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
+        confine_thread(ThreadKind::DaemonFrontend);
         let table = mem.memory().into_inner();
         if let Err((at, e)) = check_memory_table(&table) {
             log::warn!(
@@ -252,6 +259,7 @@ impl VhostUserBackend for BlkBackend {
     /// answered, and a queue stopped by a guest fault is served again when the
     /// frontend starts it anew.
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        confine_thread(ThreadKind::DaemonFrontend);
         if let Ok(index) = usize::try_from(queue_index) {
             self.settle_queue(index);
             if let Some(q) = self.queues.get(index) {
@@ -271,6 +279,7 @@ impl VhostUserBackend for BlkBackend {
         vrings: &[VringMutex],
         thread_id: usize,
     ) -> io::Result<()> {
+        confine_thread(ThreadKind::DaemonQueue);
         if !evset.contains(EventSet::IN) {
             log::debug!("queue {thread_id}: event set {evset:?} ignored");
             return Ok(());
@@ -292,6 +301,15 @@ impl VhostUserBackend for BlkBackend {
             None => log::warn!("queue {thread_id}: unknown event {device_event} ignored"),
         }
         Ok(())
+    }
+}
+
+/// Narrows a thread vhost-user-backend started (the protocol thread, a queue's
+/// thread) to its own seccomp filter the first time it calls into the backend; until
+/// then it has the daemon's main filter, which it inherited.
+fn confine_thread(kind: ThreadKind) {
+    if let Err(e) = evmm_seccomp::confine_once(kind) {
+        log::error!("{e}");
     }
 }
 

@@ -57,6 +57,12 @@ pub struct Args {
     #[arg(long, value_name = "SECONDS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub handshake_timeout: u64,
+    /// Seccomp filters on the daemon's threads (main, signal, relay, vhost-user
+    /// protocol, queues): kill ends the daemon when a thread makes a syscall its filter
+    /// does not allow, naming the thread and the syscall; log lets the syscall run and
+    /// has the kernel log it; off installs none.
+    #[arg(long, value_name = "MODE", default_value = "kill")]
+    pub seccomp: evmm_seccomp::Mode,
     /// Diagnostics on stderr: off, error, warn, info, debug, trace (default: RUST_LOG,
     /// else warn).
     #[arg(long, value_name = "LEVEL")]
@@ -68,6 +74,7 @@ impl Args {
     pub fn config(&self) -> Config {
         Config {
             socket: self.socket.clone(),
+            seccomp: self.seccomp,
             gate: GateConfig {
                 socket_mode: self.socket_mode,
                 admitted: Admitted::from_options(&self.frontend_uids),

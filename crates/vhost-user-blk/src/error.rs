@@ -42,6 +42,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The kernel refused a seccomp filter.
+    #[error(transparent)]
+    Seccomp(#[from] evmm_seccomp::SeccompError),
     /// SIGTERM/SIGINT handling cannot be set up.
     #[error("cannot set up signal handling: {0}")]
     Signals(#[source] io::Error),

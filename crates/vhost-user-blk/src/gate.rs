@@ -188,6 +188,9 @@ pub fn spawn_relay(
     std::thread::Builder::new()
         .name("evmm-vu-relay".into())
         .spawn(move || {
+            if let Err(e) = evmm_seccomp::confine_once(evmm_seccomp::ThreadKind::DaemonRelay) {
+                log::error!("{e}");
+            }
             let ended = relay(&frontend, &backend, handshake);
             match ended {
                 Ok(Ended::HungUp) => log::debug!("relay: a side hung up"),

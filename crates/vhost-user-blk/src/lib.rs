@@ -63,6 +63,8 @@ pub struct GateConfig {
 pub struct Config {
     /// The socket to listen on.
     pub socket: PathBuf,
+    /// The threads' seccomp filters.
+    pub seccomp: evmm_seccomp::Mode,
     /// Who may connect.
     pub gate: GateConfig,
     /// The disk, with evmm's own disk settings.
@@ -76,6 +78,10 @@ pub fn run(config: &Config) -> Result<(), Error> {
     let device = device::BlockDevice::open(&config.disk)?;
     let shutdown = Arc::new(shutdown::Shutdown::new().map_err(Error::ShutdownEvent)?);
     let socket = socket::SocketFile::bind(&config.socket, config.gate.socket_mode)?;
-    signals::spawn_signal_thread(shutdown.clone()).map_err(Error::Signals)?;
+    signals::spawn_signal_thread(shutdown.clone(), config.seccomp).map_err(Error::Signals)?;
+    // The main thread starts every other thread from now on; they inherit its filter
+    // and narrow themselves to their own as they start (or at their first message).
+    evmm_seccomp::set_process_mode(config.seccomp);
+    evmm_seccomp::confine(evmm_seccomp::ThreadKind::DaemonMain, config.seccomp)?;
     server::Server::new(device, socket, shutdown, config.gate.clone()).run()
 }

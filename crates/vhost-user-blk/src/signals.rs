@@ -38,21 +38,34 @@ pub fn block_terminating_signals() -> io::Result<()> {
 }
 
 /// Starts the thread that waits for SIGTERM/SIGINT and requests shutdown on each.
-pub fn spawn_signal_thread(shutdown: Arc<Shutdown>) -> io::Result<()> {
+/// The thread confines itself to its seccomp filter in `seccomp` mode first.
+pub fn spawn_signal_thread(shutdown: Arc<Shutdown>, seccomp: evmm_seccomp::Mode) -> io::Result<()> {
     let set = terminating_set()?;
     std::thread::Builder::new()
         .name("evmm-vu-signals".into())
-        .spawn(move || loop {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: `set` is an initialised sigset_t and `sig` a valid out pointer;
-            // both live for the whole call.
-            let r = unsafe { libc::sigwait(&set, &mut sig) };
-            if r != 0 {
-                log::error!("sigwait failed: {}", io::Error::from_raw_os_error(r));
+        .spawn(move || {
+            if let Err(e) = evmm_seccomp::confine(evmm_seccomp::ThreadKind::DaemonSignals, seccomp)
+            {
+                log::error!("{e}; stop signals are not handled");
                 return;
             }
-            log::info!("signal {sig} received: shutting down");
-            shutdown.request();
+            signal_loop(&set, &shutdown)
         })?;
     Ok(())
+}
+
+/// Waits for the signals of `set` and requests shutdown on each.
+fn signal_loop(set: &libc::sigset_t, shutdown: &Shutdown) {
+    loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `set` is an initialised sigset_t and `sig` a valid out pointer;
+        // both live for the whole call.
+        let r = unsafe { libc::sigwait(set, &mut sig) };
+        if r != 0 {
+            log::error!("sigwait failed: {}", io::Error::from_raw_os_error(r));
+            return;
+        }
+        log::info!("signal {sig} received: shutting down");
+        shutdown.request();
+    }
 }

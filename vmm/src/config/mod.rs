@@ -236,6 +236,8 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// Disks, notification mode, metrics file.
     pub devices: DeviceConfig,
+    /// The threads' seccomp filters.
+    pub seccomp: evmm_seccomp::Mode,
 }
 
 impl VmConfig {
@@ -291,12 +293,18 @@ impl VmConfig {
             memory_bytes: memory_mib * MIB,
             vcpus: vcpus as u8,
             devices: DeviceConfig::default(),
+            seccomp: evmm_seccomp::Mode::default(),
         })
     }
 
     /// The same configuration with `devices`.
     pub fn with_devices(self, devices: DeviceConfig) -> Self {
         VmConfig { devices, ..self }
+    }
+
+    /// The same configuration with seccomp filters in `mode`.
+    pub fn with_seccomp(self, seccomp: evmm_seccomp::Mode) -> Self {
+        VmConfig { seccomp, ..self }
     }
 }
 

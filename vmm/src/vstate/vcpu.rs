@@ -169,12 +169,19 @@ impl Vcpu {
         })
     }
 
-    /// Starts the run loop on a thread named `vcpu<index>`.
-    pub fn spawn(self) -> Result<JoinHandle<()>, VcpuError> {
+    /// Starts the run loop on a thread named `vcpu<index>`, confined to the vCPU's
+    /// seccomp filter in `seccomp` mode before it first enters the guest.
+    pub fn spawn(self, seccomp: evmm_seccomp::Mode) -> Result<JoinHandle<()>, VcpuError> {
         let index = self.index;
         std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || self.run())
+            .spawn(move || {
+                if let Err(e) = evmm_seccomp::confine(evmm_seccomp::ThreadKind::Vcpu, seccomp) {
+                    self.exit.request(ExitReason::Error(e.to_string()));
+                    return;
+                }
+                self.run()
+            })
             .map_err(|source| VcpuError::Spawn { index, source })
     }
 

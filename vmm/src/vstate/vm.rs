@@ -5,6 +5,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use evmm_seccomp::ThreadKind;
+use evmm_virtio::worker::WorkerKind;
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
@@ -117,6 +119,7 @@ pub struct Vm {
     vcpus: Vec<Vcpu>,
     devices: VirtioDevices,
     metrics_path: Option<PathBuf>,
+    seccomp: evmm_seccomp::Mode,
     serial: Arc<Mutex<SerialDevice>>,
     exit: Arc<VmExit>,
     _vm: VmFd,
@@ -183,6 +186,7 @@ impl Vm {
         let (disk_slots, rest) = slots.split_at(disk_configs.len());
         let (vhost_user_slots, net_slots) = rest.split_at(vhost_user_configs.len());
         let nets = device_manager::open_nets(&config.devices.nets, net_slots, mem)?;
+        start_worker_spawner(config.seccomp)?;
         let vhost_user = device_manager::connect_vhost_user(vhost_user_configs, vhost_user_slots)?;
         let mut dsdt_devices = vec![DsdtDevice::com1()];
         dsdt_devices.extend(slots.iter().map(|s| s.dsdt_device()));
@@ -293,6 +297,7 @@ impl Vm {
             vcpus,
             devices,
             metrics_path: config.devices.metrics.clone(),
+            seccomp: config.seccomp,
             serial,
             exit,
             _vm: vm,
@@ -315,10 +320,11 @@ impl Vm {
             }
         };
 
+        let seccomp = self.seccomp;
         let mut handles = Vec::new();
         let mut spawn_error = None;
         for vcpu in self.vcpus.drain(..) {
-            match vcpu.spawn() {
+            match vcpu.spawn(seccomp) {
                 Ok(h) => handles.push(h),
                 Err(e) => {
                     spawn_error = Some(e);
@@ -329,6 +335,9 @@ impl Vm {
             }
         }
 
+        if let Err(e) = evmm_seccomp::confine(ThreadKind::Main, seccomp) {
+            self.exit.request(ExitReason::Error(e.to_string()));
+        }
         let loop_result = event_loop::run(&self.exit, &self.serial, &mut signals, true);
         if loop_result.is_err() {
             self.exit
@@ -360,6 +369,68 @@ impl Vm {
             self.ram.size() >> 20
         );
         Ok(reason)
+    }
+}
+
+/// From here on device workers (the first: a vhost-user device's backend monitor)
+/// are started by a spawner thread of their own and confined to their kind, so
+/// that a vCPU activating a device needs no right to create threads.
+fn start_worker_spawner(mode: evmm_seccomp::Mode) -> Result<(), VmError> {
+    if mode == evmm_seccomp::Mode::Off {
+        return Ok(());
+    }
+    let probe = std::env::var(SECCOMP_PROBE_ENV).ok();
+    evmm_virtio::worker::start_worker_spawner(
+        move || confine(ThreadKind::Spawner, mode),
+        Box::new(move |kind| {
+            confine(worker_thread_kind(kind), mode)?;
+            if probe.as_deref() == Some(worker_name(kind)) {
+                forbidden_syscall(kind);
+            }
+            Ok(())
+        }),
+    )
+    .map_err(io_err("start the worker spawner"))
+}
+
+/// For the tests of the filters: a worker of the kind this names ("blk", "net",
+/// "takeover", "monitor") makes a syscall no worker may make once it is confined.
+/// Read once at start-up, from the environment of whoever starts evmm.
+pub const SECCOMP_PROBE_ENV: &str = "EVMM_SECCOMP_PROBE";
+
+fn worker_name(kind: WorkerKind) -> &'static str {
+    match kind {
+        WorkerKind::Block { .. } => "blk",
+        WorkerKind::Net => "net",
+        WorkerKind::Takeover => "takeover",
+        WorkerKind::BackendMonitor => "monitor",
+    }
+}
+
+/// Creates (and closes) a socket: no worker's filter allows it.
+fn forbidden_syscall(kind: WorkerKind) {
+    log::warn!("{SECCOMP_PROBE_ENV}: the {kind:?} worker makes a forbidden syscall");
+    // SAFETY: a syscall without pointers; a descriptor it returns is closed at once.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+    if fd >= 0 {
+        // SAFETY: `fd` was just created and is owned by nobody else.
+        unsafe { libc::close(fd) };
+    }
+}
+
+/// Confines the calling thread, as an I/O error (the spawner's and workers' type).
+fn confine(kind: ThreadKind, mode: evmm_seccomp::Mode) -> std::io::Result<()> {
+    evmm_seccomp::confine(kind, mode).map_err(std::io::Error::other)
+}
+
+/// The filter of a device worker of `kind`.
+fn worker_thread_kind(kind: WorkerKind) -> ThreadKind {
+    match kind {
+        WorkerKind::Block { io_uring: false } => ThreadKind::BlockWorker,
+        WorkerKind::Block { io_uring: true } => ThreadKind::BlockWorkerUring,
+        WorkerKind::Net => ThreadKind::NetWorker,
+        WorkerKind::Takeover => ThreadKind::Takeover,
+        WorkerKind::BackendMonitor => ThreadKind::BackendMonitor,
     }
 }
 

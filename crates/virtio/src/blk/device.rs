@@ -14,7 +14,7 @@ use super::{config, BlockConfig, BlockError, VIRTIO_ID_BLOCK};
 use crate::device::{ActivateContext, ActivateError, DeviceOffer, VirtioDevice};
 use crate::fault::FaultLog;
 use crate::poll::{PollMetrics, PollWindow};
-use crate::worker::WorkerHandle;
+use crate::worker::{WorkerHandle, WorkerKind};
 
 /// A virtio-blk device.
 pub struct Block {
@@ -147,7 +147,11 @@ impl VirtioDevice for Block {
         };
         let epoll = worker.epoll().map_err(ActivateError::Worker)?;
         let interrupt = worker.interrupt.clone();
+        let kind = WorkerKind::Block {
+            io_uring: self.engine == EngineKind::IoUring,
+        };
         let handle = WorkerHandle::spawn_guarded(
+            kind,
             "evmm-blk",
             move || interrupt.set_needs_reset(),
             move |kill| worker.run(epoll, kill),

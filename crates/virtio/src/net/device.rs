@@ -17,7 +17,7 @@ use super::{NetConfig, NetError};
 use crate::device::{ActivateContext, ActivateError, DeviceOffer, ReadyQueue, VirtioDevice};
 use crate::fault::FaultLog;
 use crate::metrics::Counter;
-use crate::worker::WorkerHandle;
+use crate::worker::{WorkerHandle, WorkerKind};
 
 /// What a network device has whether evmm or the kernel moves its frames: the settings,
 /// the tap, the offer, the counters, and the way a worker thread starts.
@@ -109,6 +109,7 @@ impl<T: TapQueue> NetBase<T> {
         let (epoll, tap_out) = worker.epoll().map_err(ActivateError::Worker)?;
         let interrupt = ctx.interrupt.clone();
         WorkerHandle::spawn_guarded(
+            WorkerKind::Net,
             name,
             move || interrupt.set_needs_reset(),
             move |kill| worker.run(epoll, tap_out, kill),

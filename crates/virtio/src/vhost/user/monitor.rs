@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::connection::{Watchdog, REQUEST_TIMEOUT};
 use crate::epoll::{EpollHelper, Events, FixedToken};
-use crate::worker::WorkerHandle;
+use crate::worker::{WorkerHandle, WorkerKind};
 
 /// How often the watchdog is checked.
 const TICK: Duration = Duration::from_millis(200);
@@ -68,7 +68,7 @@ where
         Events::READ_HANG_UP | Events::HANG_UP | Events::ERROR,
         Token::Socket,
     )?;
-    WorkerHandle::spawn("evmm-vu-monitor", move |kill| {
+    WorkerHandle::spawn(WorkerKind::BackendMonitor, "evmm-vu-monitor", move |kill| {
         body(socket, watchdog, on_hang_up, epoll, kill)
     })
 }

@@ -36,7 +36,7 @@ use crate::device::ReadyQueue;
 use crate::epoll::{EpollHelper, FixedToken, SlotToken};
 use crate::interrupt::{InterruptKind, InterruptSignal};
 use crate::queue::{drain_queue, take_kicks, QueueFault};
-use crate::worker::WorkerHandle;
+use crate::worker::{WorkerHandle, WorkerKind};
 
 crate::counters! {
     /// What the takeover did.
@@ -191,6 +191,7 @@ impl<K: UserDeviceKind> Takeover<K> {
         }
         let interrupt = self.interrupt.clone();
         WorkerHandle::spawn_guarded(
+            WorkerKind::Takeover,
             "evmm-vu-takeover",
             move || interrupt.set_needs_reset(),
             move |kill: EventFd| {
