@@ -15,7 +15,10 @@
 //! answering would block the calling thread for ever. The monitor thread shuts the
 //! socket down when a request takes longer than [`REQUEST_TIMEOUT`], which makes the
 //! blocked `recv` fail. A backend that is gone (socket closed) makes every request
-//! fail at once.
+//! fail at once. The requests of one operation ([`Connection::operation`]: a device's
+//! activation or reset, many messages) share one such deadline, so that a slow but
+//! live backend holds the calling thread (a vCPU) for one [`REQUEST_TIMEOUT`] at
+//! most, not one per message.
 
 use std::io;
 use std::os::unix::net::UnixStream;
@@ -49,12 +52,23 @@ const CONNECT_RETRY_DELAY: Duration = Duration::from_millis(100);
 #[derive(Debug, Default)]
 pub struct Watchdog {
     busy: Mutex<Option<(Instant, &'static str)>>,
+    /// When the operation under way (if any) began: its requests are timed from there.
+    operation: Mutex<Option<Instant>>,
     fired: AtomicBool,
 }
 
 impl Watchdog {
     pub(crate) fn begin(&self, request: &'static str) {
-        *self.busy.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), request));
+        let since = self
+            .operation
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(Instant::now);
+        *self.busy.lock().unwrap_or_else(|e| e.into_inner()) = Some((since, request));
+    }
+
+    fn set_operation(&self, start: Option<Instant>) {
+        *self.operation.lock().unwrap_or_else(|e| e.into_inner()) = start;
     }
 
     pub(crate) fn end(&self) {
@@ -175,6 +189,14 @@ impl Connection {
                 log::debug!("vhost-user {}: shutdown: {e}", self.path.display());
             }
         }
+    }
+
+    /// Runs `f`, whose requests share one deadline: [`REQUEST_TIMEOUT`] from now.
+    pub fn operation<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
+        self.watchdog.set_operation(Some(Instant::now()));
+        let r = f(self);
+        self.watchdog.set_operation(None);
+        r
     }
 
     /// Runs a request that needs the frontend mutably (the vhost-user extensions).
@@ -300,6 +322,18 @@ mod tests {
         assert_eq!(w.overdue(Duration::from_secs(60)), None);
         w.end();
         assert_eq!(w.overdue(Duration::ZERO), None);
+    }
+
+    #[test]
+    fn the_requests_of_an_operation_are_timed_from_its_start() {
+        let w = Watchdog::default();
+        w.set_operation(Some(Instant::now() - Duration::from_secs(4)));
+        w.begin("SET_VRING_ADDR");
+        assert_eq!(w.overdue(Duration::from_secs(3)), Some("SET_VRING_ADDR"));
+        w.end();
+        w.set_operation(None);
+        w.begin("GET_CONFIG");
+        assert_eq!(w.overdue(Duration::from_secs(3)), None);
     }
 
     #[test]

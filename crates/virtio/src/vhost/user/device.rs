@@ -468,13 +468,11 @@ impl<K: UserDeviceKind> VirtioDevice for VhostUserDevice<K> {
             .collect();
         let features = ctx.acked_features | PROTOCOL_FEATURES;
         let started = match inner.state {
-            BackendState::Connected => Some(frontend::start(
-                &mut inner.conn,
-                &ctx.mem,
-                features,
-                &rings,
-                &call,
-            )),
+            BackendState::Connected => Some(
+                inner
+                    .conn
+                    .operation(|conn| frontend::start(conn, &ctx.mem, features, &rings, &call)),
+            ),
             _ => None,
         };
         if let Some(Err(e)) = &started {
@@ -525,7 +523,10 @@ impl<K: UserDeviceKind> VirtioDevice for VhostUserDevice<K> {
         if inner.state != BackendState::Connected || active.backend_rings.is_empty() {
             return;
         }
-        match frontend::stop(&mut inner.conn, &active.backend_rings) {
+        match inner
+            .conn
+            .operation(|conn| frontend::stop(conn, &active.backend_rings))
+        {
             Ok(bases) => log::debug!(
                 "{}: backend rings {:?} stopped at {bases:?}",
                 shared.name,

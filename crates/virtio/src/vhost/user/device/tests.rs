@@ -141,6 +141,10 @@ mod fake {
         pub reply_ack: bool,
         /// Requests never answered, not even acknowledged.
         pub silent: Vec<u32>,
+        /// Requests answered (or acknowledged) only after `delay`: a slow, live backend.
+        pub slow: Vec<u32>,
+        /// How long a `slow` request waits for its answer.
+        pub delay: std::time::Duration,
     }
 
     pub struct Backend {
@@ -262,6 +266,9 @@ mod fake {
                 r => r,
             };
             if let Some(payload) = reply {
+                if script.slow.contains(&code) {
+                    std::thread::sleep(script.delay);
+                }
                 let mut out = Vec::new();
                 out.extend_from_slice(&code.to_le_bytes());
                 out.extend_from_slice(&((flags & 0x3) | 0x4).to_le_bytes());
@@ -321,6 +328,8 @@ fn script() -> Script {
         config,
         reply_ack: false,
         silent: Vec::new(),
+        slow: Vec::new(),
+        delay: Duration::ZERO,
     }
 }
 
@@ -637,6 +646,10 @@ fn a_backend_that_stops_answering_while_live_gets_a_reset_not_a_second_writer() 
     let start = Instant::now();
     w32(&mut t, STATUS, 0);
     assert!(start.elapsed() < Duration::from_secs(1));
+    // Fresh rings, as a driver sets up after a reset (else the takeover's first pass
+    // could answer the old request while the next one is being written).
+    mem.write_slice(&[0u8; 0x3000], GuestAddress(RING.0))
+        .unwrap();
     init(&mut t, F_VERSION_1, &[0]);
     assert_eq!(t.metrics()["device"]["taken_over"], true);
     post_one_request(&mem);
@@ -647,6 +660,47 @@ fn a_backend_that_stops_answering_while_live_gets_a_reset_not_a_second_writer() 
         codes(&backend.take()).is_empty(),
         "nothing sent after the loss"
     );
+}
+
+/// A slow but live backend that takes 1 s over each ring message would hold the vCPU
+/// that activates 4 queues for 24 s: the whole activation gets REQUEST_TIMEOUT, then
+/// the backend is declared unresponsive and the driver asked for a reset.
+#[test]
+fn a_slow_backend_stalls_the_activating_vcpu_for_one_timeout_at_most() {
+    use crate::vhost::user::connection::REQUEST_TIMEOUT;
+    const PROTO_REPLY_ACK: u64 = 1 << 3;
+    let mut s = script();
+    s.protocol_features |= PROTO_REPLY_ACK;
+    s.reply_ack = true;
+    s.slow = vec![
+        SET_VRING_NUM,
+        SET_VRING_ADDR,
+        SET_VRING_BASE,
+        SET_VRING_KICK,
+        SET_VRING_CALL,
+        SET_VRING_ENABLE,
+    ];
+    s.delay = Duration::from_secs(1);
+    let backend = Backend::start(s);
+    let dev = config(&backend.socket).connect("vu0").unwrap();
+    let mem = crate::test_utils::memfd_memory(16 << 20);
+    let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
+    let mut t = MmioTransport::new(Box::new(dev), mem, irqfd).unwrap();
+    let start = Instant::now();
+    init(&mut t, F_VERSION_1 | BLK_F_MQ, &[0, 1, 2, 3]);
+    let stall = start.elapsed();
+    println!("the activating vCPU was held {stall:?} (REQUEST_TIMEOUT {REQUEST_TIMEOUT:?})");
+    assert!(
+        stall < REQUEST_TIMEOUT + Duration::from_secs(3),
+        "activation held the vCPU {stall:?}"
+    );
+    let m = t.metrics();
+    assert_eq!(m["device"]["backend"], "lost", "{m}");
+    assert_ne!(r32(&mut t, STATUS) & crate::status::DEVICE_NEEDS_RESET, 0);
+    // The reset that follows sends nothing and holds nobody.
+    let start = Instant::now();
+    w32(&mut t, STATUS, 0);
+    assert!(start.elapsed() < Duration::from_secs(1));
 }
 
 #[test]
