@@ -46,7 +46,11 @@ pub(crate) fn install() -> io::Result<()> {
 /// the three ints, the padding and `si_call_addr`).
 const SI_SYSCALL_OFFSET: usize = 24;
 
-extern "C" fn report_and_exit(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+extern "C" fn report_and_exit(
+    _: libc::c_int,
+    info: *mut libc::siginfo_t,
+    context: *mut libc::c_void,
+) {
     let nr = if info.is_null() {
         -1
     } else {
@@ -67,6 +71,16 @@ extern "C" fn report_and_exit(_: libc::c_int, info: *mut libc::siginfo_t, _: *mu
     line.push(kind.as_bytes());
     line.push(b" thread made syscall ");
     line.push_number(nr);
+    if !context.is_null() {
+        // SAFETY: for a SA_SIGINFO handler the third argument is the ucontext_t of
+        // the interrupted thread, whose registers hold the syscall's arguments.
+        let regs = unsafe { (*context.cast::<libc::ucontext_t>()).uc_mcontext.gregs };
+        line.push(b" (");
+        line.push_hex(regs[libc::REG_RDI as usize] as u64);
+        line.push(b", ");
+        line.push_hex(regs[libc::REG_RSI as usize] as u64);
+        line.push(b", ...)");
+    }
     line.push(b", which its filter forbids; the process ends\n");
     // SAFETY: write and exit_group are async-signal-safe and allowed by every filter.
     unsafe {
@@ -96,6 +110,19 @@ impl Line {
             if self.len < self.buf.len() {
                 self.buf[self.len] = b;
                 self.len += 1;
+            }
+        }
+    }
+
+    fn push_hex(&mut self, v: u64) {
+        self.push(b"0x");
+        let digits = b"0123456789abcdef";
+        let mut started = false;
+        for shift in (0..16).rev() {
+            let d = ((v >> (shift * 4)) & 0xf) as usize;
+            if d != 0 || started || shift == 0 {
+                started = true;
+                self.push(&digits[d..d + 1]);
             }
         }
     }
@@ -131,7 +158,11 @@ mod tests {
         l.push_number(435);
         l.push(b" ");
         l.push_number(-1);
-        assert_eq!(&l.buf[..l.len], b"0 435 -1");
+        l.push(b" ");
+        l.push_hex(0x400454d0);
+        l.push(b" ");
+        l.push_hex(0);
+        assert_eq!(&l.buf[..l.len], b"0 435 -1 0x400454d0 0x0");
         let mut full = Line::default();
         full.push(&[b'x'; 300]);
         assert_eq!(full.len, 192);
