@@ -254,6 +254,9 @@ fn self_confinement() -> Vec<Allow> {
 /// The allow list of `kind`.
 fn allowed(kind: ThreadKind) -> Vec<Allow> {
     let mut v: Vec<Allow> = always(RUNTIME).collect();
+    // Whether stderr is a terminal, which the logger may ask before a line (seen from
+    // a net worker whose stderr was the console).
+    v.push(ioctls(&[TCGETS]));
     match kind {
         ThreadKind::Main => {
             v.extend(always(EPOLL));

@@ -61,6 +61,11 @@ fn workers_get_their_jobs_and_no_more() {
     assert!(allows(ThreadKind::NetWorker, SYS_ioctl, TUNSETOFFLOAD));
     assert!(!allows(ThreadKind::NetWorker, SYS_ioctl, TUNSETIFF));
     assert!(allows(ThreadKind::Main, SYS_ioctl, TCSETS));
+    assert!(!allows(ThreadKind::NetWorker, SYS_ioctl, TCSETS));
+    // Asking whether stderr is a terminal is allowed everywhere (the logger may).
+    for kind in ThreadKind::ALL {
+        assert!(allows(kind, SYS_ioctl, TCGETS), "{kind:?}");
+    }
 }
 
 #[test]
