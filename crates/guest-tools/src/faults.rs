@@ -24,7 +24,7 @@ pub const EXTENTS: u64 = DURABLE_AREA / SLOT;
 /// The extents `(offset, len)` of the durable data for `seed`: one per slot, 64 KiB to
 /// 512 KiB long at a seed-chosen sector offset (so most are not page-aligned).
 pub fn durable_extents(seed: u64) -> Vec<(u64, usize)> {
-    let mut rng = Rng::new(seed);
+    let mut rng = seeded(seed);
     (0..EXTENTS)
         .map(|i| {
             let len = rng.range(128, 1024) * SECTOR;
@@ -35,9 +35,15 @@ pub fn durable_extents(seed: u64) -> Vec<(u64, usize)> {
         .collect()
 }
 
+/// A generator for `seed`. [`Rng::new`] sets the seed's lowest bit, so seeds 2n and
+/// 2n + 1 would give one sequence: the seed is shifted past that bit first.
+fn seeded(seed: u64) -> Rng {
+    Rng::new(seed << 1)
+}
+
 /// The seeded content of extent `index` of `seed`.
 pub fn extent_data(seed: u64, index: usize, len: usize) -> Vec<u8> {
-    let mut rng = Rng::new(seed.wrapping_mul(1_000_003).wrapping_add(index as u64 + 1));
+    let mut rng = seeded(seed.wrapping_mul(1_000_003).wrapping_add(index as u64 + 1));
     let mut data = Vec::with_capacity(len + 8);
     while data.len() < len {
         data.extend_from_slice(&rng.next_u64().to_le_bytes());
@@ -111,7 +117,7 @@ pub fn write_durable_and_keep_writing(
         bytes,
         sha256: hex(&hash.finalize()),
     });
-    let mut rng = Rng::new(!seed);
+    let mut rng = seeded(!seed);
     let blocks = (len - DURABLE_AREA) / 4096;
     for n in 0u64.. {
         for b in buf.slice(4096).iter_mut() {
@@ -348,6 +354,17 @@ mod tests {
             check_durable_file(&path, seed).unwrap().bad_extents,
             1 + (EXTENTS - 5)
         );
+    }
+
+    #[test]
+    fn neighbouring_seeds_and_indices_give_different_data() {
+        for seed in 1500..1510 {
+            assert_ne!(durable_extents(seed), durable_extents(seed + 1), "{seed}");
+            for i in 0..EXTENTS as usize {
+                assert_ne!(extent_data(seed, i, 64), extent_data(seed, i + 1, 64));
+                assert_ne!(extent_data(seed, i, 64), extent_data(seed + 1, i, 64));
+            }
+        }
     }
 
     #[test]
