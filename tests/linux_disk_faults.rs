@@ -265,7 +265,9 @@ fn shared_run() -> &'static Result<RunOutput, String> {
         let mut body = vec!["export D".to_string()];
         body.extend(cases.iter().map(Case::lines));
         let started = Instant::now();
-        let out = try_run_script(&body.join("\n"), Duration::from_secs(600), 3);
+        // The cases take about 80 s in the nested host: a stalled guest (README, "Known
+        // problems") ends the attempt well before the usual 600 s.
+        let out = try_run_script(&body.join("\n"), Duration::from_secs(300), 3);
         eprintln!(
             "the fault cases' nested run took {:.1} s",
             started.elapsed().as_secs_f64()
