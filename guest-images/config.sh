@@ -9,13 +9,16 @@ KERNEL_PKG="linux-image-6.1.0-50-amd64"
 # modules.dep and are loaded first.
 GUEST_MODULES="virtio_mmio virtio_pci virtio_blk virtio_net"
 
-# Modules the nested test host (L1) loads: KVM on emulated AMD SVM, and tun for tap devices.
-L1_MODULES="kvm-amd tun vhost_net"
+# Modules the nested test host (L1) loads: KVM on emulated AMD SVM, tun for tap devices,
+# loop and device-mapper (its linear and error targets) for the failing disks of the
+# fault tests.
+L1_MODULES="kvm-amd tun vhost_net loop dm-mod"
 
 # Host tools bundled into the L1 initramfs with their shared libraries. iproute2's ip
 # (tap devices: `ip tuntap`) replaces busybox's /usr/bin/ip, but busybox's sh runs its
 # own applet for a bare `ip`: scripts call /usr/bin/ip. iperf3 is the benchmark's peer.
-L1_TOOLS="/usr/bin/qemu-system-x86_64 /usr/bin/qemu-storage-daemon /usr/bin/ip /usr/bin/iperf3"
+# dmsetup builds the fault tests' failing disks (busybox has losetup, not dmsetup).
+L1_TOOLS="/usr/bin/qemu-system-x86_64 /usr/bin/qemu-storage-daemon /usr/bin/ip /usr/bin/iperf3 /usr/sbin/dmsetup"
 
 # Firmware directories the bundled QEMU reads (copied with symlinks resolved).
 L1_DATA="/usr/share/qemu /usr/share/seabios"

@@ -5,5 +5,6 @@
 //! host-side tests parse.
 
 pub mod blk;
+pub mod faults;
 pub mod net;
 pub mod sysinfo;

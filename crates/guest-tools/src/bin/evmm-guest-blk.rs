@@ -9,14 +9,20 @@
 //!   evmm-guest-blk flush-and-keep-writing DEV BLOCKS
 //!                                         BLOCKS 4 KiB writes, a flush, a marker line, then
 //!                                         writes without end (the VMM is killed meanwhile)
+//!   evmm-guest-blk durable DEV SEED       seeded extents, a flush, a marker line with
+//!                                         their SHA-256, then writes without end
+//!   evmm-guest-blk fault-probe DEV GOOD BAD
+//!                                         writes, flushes and reads on a disk whose
+//!                                         range at byte offset BAD fails; the errno of each
 //! On the host, on the disk file:
 //!   evmm-guest-blk host-write-pattern FILE
 //!   evmm-guest-blk host-verify-pattern FILE
 //!   evmm-guest-blk checksum FILE
 //!   evmm-guest-blk host-verify-flushed FILE BLOCKS
+//!   evmm-guest-blk host-durable FILE SEED  the file's copy of `durable`'s extents
 //! Each prints one `EVMM-BLK...` line; the exit status is 0 when the check passed.
 
-use evmm_guest_tools::blk;
+use evmm_guest_tools::{blk, faults};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -80,6 +86,27 @@ fn run(argv: &[&str]) -> Result<bool, Box<dyn std::error::Error>> {
             })?;
             Ok(false)
         }
+        ["durable", dev, seed] => {
+            faults::write_durable_and_keep_writing(Path::new(dev), seed.parse()?, |sum| {
+                println!(
+                    "EVMM-BLK-DURABLE bytes={} sha256={}",
+                    sum.bytes, sum.sha256
+                );
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+            })?;
+            Ok(false)
+        }
+        ["fault-probe", dev, good, bad] => {
+            let probe = faults::probe_failing_disk(Path::new(dev), good.parse()?, bad.parse()?)?;
+            println!("{}", probe.line(dev));
+            Ok(true)
+        }
+        ["host-durable", file, seed] => {
+            let check = faults::check_durable_file(Path::new(file), seed.parse()?)?;
+            println!("{}", check.line());
+            Ok(check.bad_extents == 0 && check.found == check.expected)
+        }
         ["host-verify-flushed", file, blocks] => {
             let bad = blk::verify_flushed_file(Path::new(file), blocks.parse()?)?;
             println!("EVMM-BLK-FLUSH-VERIFY bad_blocks={bad}");
@@ -98,6 +125,6 @@ fn run(argv: &[&str]) -> Result<bool, Box<dyn std::error::Error>> {
             println!("EVMM-BLK-CHECKSUM checksum={:016x}", blk::fnv1a(&std::fs::read(file)?));
             Ok(true)
         }
-        _ => Err("usage: see the top of src/bin/evmm-guest-blk.rs (write-pattern DEV | read-pattern DEV | readonly DEV | random DEV OPS SEED [THREADS] | qd DEV DEPTH N SEED | flush-and-keep-writing DEV BLOCKS | host-write-pattern FILE | host-verify-pattern FILE | checksum FILE | host-verify-flushed FILE BLOCKS)".into()),
+        _ => Err("usage: see the top of src/bin/evmm-guest-blk.rs (write-pattern DEV | read-pattern DEV | readonly DEV | random DEV OPS SEED [THREADS] | qd DEV DEPTH N SEED | flush-and-keep-writing DEV BLOCKS | durable DEV SEED | fault-probe DEV GOOD BAD | host-write-pattern FILE | host-verify-pattern FILE | checksum FILE | host-verify-flushed FILE BLOCKS | host-durable FILE SEED)".into()),
     }
 }
