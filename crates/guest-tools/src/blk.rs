@@ -236,9 +236,14 @@ pub fn try_readonly_write(dev: &Path) -> io::Result<ReadonlyOutcome> {
 pub struct Rng(u64);
 
 impl Rng {
-    /// A generator from `seed` (any value).
+    /// A generator from `seed` (any value; neighbouring seeds give unrelated
+    /// sequences: the seed is mixed, splitmix64-style, into a non-zero state).
     pub fn new(seed: u64) -> Self {
-        Self(seed ^ 0x2545_F491_4F6C_DD1D | 1)
+        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        Self(z.max(1))
     }
     /// The next value.
     pub fn next_u64(&mut self) -> u64 {
@@ -596,6 +601,16 @@ mod tests {
                 .starts_with(&format!("EVMM-BLK-QD depth={depth} n=201 ")));
         }
         assert!(random_reads(&f, 1 << 20, 0, 10, 1).is_err());
+    }
+
+    #[test]
+    fn neighbouring_seeds_give_different_sequences() {
+        // Threads of one workload are seeded seed, seed + 1, ...
+        for seed in [0u64, 2, 6, 1 << 40] {
+            let (mut a, mut b) = (Rng::new(seed), Rng::new(seed + 1));
+            let same = (0..16).filter(|_| a.next_u64() == b.next_u64()).count();
+            assert_eq!(same, 0, "seeds {seed} and {}", seed + 1);
+        }
     }
 
     #[test]

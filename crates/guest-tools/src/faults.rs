@@ -35,10 +35,9 @@ pub fn durable_extents(seed: u64) -> Vec<(u64, usize)> {
         .collect()
 }
 
-/// A generator for `seed`. [`Rng::new`] sets the seed's lowest bit, so seeds 2n and
-/// 2n + 1 would give one sequence: the seed is shifted past that bit first.
+/// The generator of `seed`.
 fn seeded(seed: u64) -> Rng {
-    Rng::new(seed << 1)
+    Rng::new(seed)
 }
 
 /// The seeded content of extent `index` of `seed`.
