@@ -114,8 +114,9 @@ guest_spurious_entry:
 
     /* #UD (vector 6) doubles as the service gate: `ud2` from ring 3 with
      * rax = 0x50520001: write rcx bytes at rsi to COM1 (clobbers rax, rcx,
-     * rdx, rsi, r8); rax = 0x50520002: power off (never returns). Any other
-     * #UD is a fault. */
+     * rdx, rsi, r8); rax = 0x50520002: power off (never returns); 0x50520003:
+     * one port access; 0x50520004: idle (never returns). Any other #UD is a
+     * fault. */
     .balign 16
     .global guest_syscall_entry
 guest_syscall_entry:
@@ -123,6 +124,10 @@ guest_syscall_entry:
     je 3f
     cmpq $0x50520002, %rax
     je 6f
+    cmpq $0x50520003, %rax
+    je 10f
+    cmpq $0x50520004, %rax
+    je 14f
     pushq $6
     jmp guest_fault_common
 3:
@@ -168,6 +173,47 @@ guest_syscall_entry:
 8:
     hlt
     jmp 8b
+
+    /* rax = 0x50520003: one port access (chaos mode's sweeps; ring 3 picks
+     * the port and keeps off the serial, i8042 and ACPI sleep ports):
+     * dx = port, ecx = 0/1/2 in byte/word/dword, 4/5/6 out byte/word/dword
+     * of esi; the value read comes back in rax (clobbers rax). */
+10:
+    addq $2, (%rsp)
+    movl %esi, %eax
+    cmpl $1, %ecx
+    je 11f
+    cmpl $2, %ecx
+    je 12f
+    cmpl $4, %ecx
+    je 13f
+    cmpl $5, %ecx
+    je 15f
+    cmpl $6, %ecx
+    je 16f
+    inb %dx, %al
+    iretq
+11:
+    inw %dx, %ax
+    iretq
+12:
+    inl %dx, %eax
+    iretq
+13:
+    outb %al, %dx
+    iretq
+15:
+    outw %ax, %dx
+    iretq
+16:
+    outl %eax, %dx
+    iretq
+
+    /* rax = 0x50520004: idle for good (hlt with interrupts off: the vCPU
+     * sleeps in KVM until the VMM stops it). */
+14:
+    hlt
+    jmp 14b
 
     /* One 16-byte stub per vector: push the vector, go to the common path. */
     .balign 16
@@ -284,6 +330,8 @@ extern "C" {
     pub static GUEST_IRQ_TSC: u64;
     /// The 256-entry IDT (filled by ring 3 before the LAPIC is enabled).
     pub static mut guest_idt: [u64; 512];
+    /// First byte past the loaded image (end of `.bss`, from `linker.ld`).
+    pub static guest_image_end: u8;
     /// Handlers.
     pub static guest_irq_entry: u8;
     pub static guest_spurious_entry: u8;
