@@ -1,8 +1,8 @@
 //! KVM level (a bare-metal guest on this host's /dev/kvm): the notify guest's chaos
 //! mode (`notify.chaos=SEED`, crates/notify-guest/src/chaos) drives evmm's two
-//! virtio-blk disks as a hostile driver, seeded: random register accesses on every
-//! window, rings and descriptors pointing anywhere, resets with I/O in flight,
-//! sweeps of unclaimed MMIO and ports. For each seed, evmm must:
+//! virtio-blk disks as a hostile driver from two vCPUs, seeded: random register
+//! accesses on every window, rings and descriptors pointing anywhere, resets with I/O
+//! in flight, sweeps of unclaimed MMIO and ports. For each seed, evmm must:
 //!
 //! - stay up until the guest prints `CHAOS-DONE` (the guest then idles in HLT),
 //!   and exit 0 within [`SIGTERM_LIMIT`] of a SIGTERM;
@@ -60,6 +60,8 @@ struct Figures {
     notifies: u64,
     resets: u64,
     chains: u64,
+    ap_chains: u64,
+    ap_notifies: u64,
     max_rss_kib: u64,
     stderr_lines: u64,
     stderr_bytes: u64,
@@ -194,6 +196,9 @@ fn run_seed(seed: u64, steps: u64, notify: &'static str) -> Figures {
     let child = Command::new(evmm_binary())
         .args(["--kernel", guest.to_str().unwrap()])
         .args(["--memory", &MEMORY_MIB.to_string(), "--notify", notify])
+        // The second vCPU publishes chains and kicks on a queue of its own while the
+        // first resets that device, among everything else.
+        .args(["--cpus", "2"])
         .args(["--disk", &format!("path={},queues=2", rw.display())])
         .args(["--disk", &format!("path={},readonly=on", ro.display())])
         .args([
@@ -289,12 +294,23 @@ fn run_seed(seed: u64, steps: u64, notify: &'static str) -> Figures {
         notifies: field(&done, "notifies"),
         resets: field(&done, "resets"),
         chains: field(&done, "chains"),
+        ap_chains: field(&done, "ap_chains"),
+        ap_notifies: field(&done, "ap_notifies"),
         max_rss_kib: run.max_rss_kib,
         stderr_lines: 0,
         stderr_bytes: 0,
         wall,
     };
     assert_eq!(figures.steps, steps, "{done}");
+    assert_eq!(
+        (field(&done, "ap"), field(&done, "ap_stopped")),
+        (1, 1),
+        "seed {seed}: the second vCPU did not start or stop: {done}"
+    );
+    assert!(
+        figures.ap_chains > 0 && figures.ap_notifies > 0,
+        "seed {seed}: the second vCPU published nothing: {done}"
+    );
     assert!(
         figures.notifies > 0 && figures.resets > 0 && figures.chains > 0,
         "seed {seed}: the guest kicked, reset or built nothing: {done}"
@@ -337,13 +353,15 @@ fn run_seed(seed: u64, steps: u64, notify: &'static str) -> Figures {
         "seed {seed} ({notify}): the part of the writable disk past its last whole sector changed"
     );
     eprintln!(
-        "seed={} notify={} steps={} notifies={} resets={} chains={} max_rss_kib={} stderr_lines={} stderr_bytes={} wall={:?}",
+        "seed={} notify={} steps={} notifies={} resets={} chains={} ap_chains={} ap_notifies={} max_rss_kib={} stderr_lines={} stderr_bytes={} wall={:?}",
         figures.seed,
         figures.notify,
         figures.steps,
         figures.notifies,
         figures.resets,
         figures.chains,
+        figures.ap_chains,
+        figures.ap_notifies,
         figures.max_rss_kib,
         figures.stderr_lines,
         figures.stderr_bytes,
@@ -370,11 +388,13 @@ fn run_all(seeds: &[(u64, &'static str)], steps: u64) {
         .collect();
     let sum = |f: fn(&Figures) -> u64| all.iter().map(f).sum::<u64>();
     eprintln!(
-        "{} seeds, {steps} steps each: notifies={} resets={} chains={} max_rss_kib={} max_stderr_lines={} max_stderr_bytes={} wall_max={:?} wall_mean={:?}",
+        "{} seeds, {steps} steps each: notifies={} resets={} chains={} ap_chains={} ap_notifies={} max_rss_kib={} max_stderr_lines={} max_stderr_bytes={} wall_max={:?} wall_mean={:?}",
         all.len(),
         sum(|f| f.notifies),
         sum(|f| f.resets),
         sum(|f| f.chains),
+        sum(|f| f.ap_chains),
+        sum(|f| f.ap_notifies),
         all.iter().map(|f| f.max_rss_kib).max().unwrap_or(0),
         all.iter().map(|f| f.stderr_lines).max().unwrap_or(0),
         all.iter().map(|f| f.stderr_bytes).max().unwrap_or(0),

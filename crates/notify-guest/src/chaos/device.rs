@@ -69,6 +69,11 @@ impl Device {
         (self.capacity, self.features)
     }
 
+    /// The window's address and the device's first ring-area slot.
+    pub fn place(&self) -> (usize, usize) {
+        (self.base, self.slot)
+    }
+
     fn rd(&self, off: usize) -> u32 {
         // SAFETY: `base` is a virtio-mmio window from the command line, below
         // 4 GiB (identity-mapped, uncached); `off` is inside its 4 KiB.
@@ -85,6 +90,7 @@ impl Device {
     pub fn reset(&mut self) {
         self.wr(REG_STATUS, 0);
         for i in 0..QUEUES {
+            super::ap::note_reset(self.slot + i);
             self.queues[i] = QueueState {
                 ring: self.queues[i].ring,
                 ..QueueState::default()
@@ -137,6 +143,7 @@ impl Device {
             let q = &mut self.queues[i];
             if size.is_power_of_two() && size <= max.min(256) {
                 q.size = size as u16;
+                super::ap::note_size(self.slot + i, size as u16);
             }
             if clean {
                 self.own_rings(i);
@@ -354,7 +361,10 @@ impl Device {
         st: &mut Stats,
         max: u64,
     ) -> Option<usize> {
-        let i = rng.below(QUEUES as u64) as usize;
+        let mut i = rng.below(QUEUES as u64) as usize;
+        if super::ap::owns(self.slot + i) {
+            i = (i + 1) % QUEUES;
+        }
         let q = self.queues[i];
         if !q.desc_own || q.size == 0 {
             self.kick(rng, i as u32, st);

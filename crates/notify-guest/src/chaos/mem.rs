@@ -41,6 +41,7 @@ const PVH_MAGIC: u32 = 0x336e_c578;
 pub const MMIO_HOLE: u64 = 0xc000_0000;
 
 /// The guest's memory map.
+#[derive(Clone, Copy)]
 pub struct Layout {
     /// End of RAM below 4 GiB (from the PVH memory map).
     pub ram_end: u64,

@@ -10,8 +10,10 @@
 //! directions, bad DISCARD/WRITE_ZEROES ranges) and a kick, a bare
 //! QueueNotify, a reset in the middle of outstanding I/O, a sweep of
 //! unclaimed MMIO addresses, a sweep of I/O ports, or InterruptStatus and
-//! InterruptACK. Then it prints `CHAOS-DONE ...` and idles (HLT in ring 0):
-//! the VMM must still be up and stop when asked.
+//! InterruptACK. Meanwhile a second vCPU, if the VM has one ([`ap`]),
+//! publishes chains and kicks on the first device's second queue. Then it
+//! prints `CHAOS-DONE ...` and idles (HLT in ring 0): the VMM must still be up
+//! and stop when asked.
 //!
 //! The guest stays alive whatever the device does with what it is told
 //! (see [`mem`]); a fault prints `NOTIFY-FAULT` and ends the VM.
@@ -24,6 +26,7 @@ macro_rules! pick {
     }};
 }
 
+mod ap;
 mod chain;
 mod device;
 mod mem;
@@ -124,6 +127,19 @@ pub fn run(bases: &[u64], seed: u64, steps: u64) -> ! {
         mem.image_end,
         mem.buffers
     );
+    // The second vCPU publishes on the first device's second queue.
+    let ap_up = devs[0].as_ref().is_some_and(|d| {
+        let (base, slot) = d.place();
+        ap::start(ap::ApConfig {
+            mem,
+            base,
+            queue: 1,
+            slot: slot + 1,
+            capacity: d.info().0,
+            seed,
+        })
+    });
+    crate::println!("CHAOS-AP started={}", u8::from(ap_up));
     let mut st = Stats::default();
     for _ in 0..steps {
         let kind = rng.weighted(&WEIGHTS);
@@ -179,12 +195,14 @@ pub fn run(bases: &[u64], seed: u64, steps: u64) -> ! {
             _ => d.ack(),
         }
     }
+    let ap_stopped = ap_up && ap::stop();
     let o = crate::out();
     let _ = core::fmt::Write::write_fmt(
         o,
         format_args!(
-            "CHAOS-DONE seed={seed} steps={steps} notifies={} resets={} chains={} completions={} registers={} arbitrary={} mmio={} ports={}",
-            st.notifies, st.resets, st.chains, st.completions, st.registers, st.arbitrary, st.mmio_accesses, st.port_accesses
+            "CHAOS-DONE seed={seed} steps={steps} notifies={} resets={} chains={} completions={} registers={} arbitrary={} mmio={} ports={} ap={} ap_stopped={} ap_chains={} ap_notifies={}",
+            st.notifies, st.resets, st.chains, st.completions, st.registers, st.arbitrary, st.mmio_accesses, st.port_accesses,
+            u8::from(ap_up), u8::from(ap_stopped), ap::CHAINS.load(core::sync::atomic::Ordering::SeqCst), ap::NOTIFIES.load(core::sync::atomic::Ordering::SeqCst)
         ),
     );
     let _ = core::fmt::Write::write_str(o, " kinds=");
@@ -200,7 +218,7 @@ pub fn run(bases: &[u64], seed: u64, steps: u64) -> ! {
 }
 
 /// Halts for good in ring 0 (the VMM stops the VM from outside).
-fn idle() -> ! {
+pub(crate) fn idle() -> ! {
     // SAFETY: `ud2` with rax = SVC_IDLE never returns.
     unsafe { core::arch::asm!("ud2", in("rax") SVC_IDLE, options(noreturn)) }
 }
