@@ -21,6 +21,7 @@ pub mod cli;
 pub mod config;
 pub mod device_manager;
 pub mod devices;
+pub mod eintr;
 pub mod error;
 pub mod event_loop;
 pub mod metrics;

@@ -114,8 +114,9 @@ guest_spurious_entry:
 
     /* #UD (vector 6) doubles as the service gate: `ud2` from ring 3 with
      * rax = 0x50520001: write rcx bytes at rsi to COM1 (clobbers rax, rcx,
-     * rdx, rsi, r8); rax = 0x50520002: power off (never returns). Any other
-     * #UD is a fault. */
+     * rdx, rsi, r8); rax = 0x50520002: power off (never returns); 0x50520003:
+     * one port access; 0x50520004: idle (never returns). Any other #UD is a
+     * fault. */
     .balign 16
     .global guest_syscall_entry
 guest_syscall_entry:
@@ -123,6 +124,10 @@ guest_syscall_entry:
     je 3f
     cmpq $0x50520002, %rax
     je 6f
+    cmpq $0x50520003, %rax
+    je 10f
+    cmpq $0x50520004, %rax
+    je 14f
     pushq $6
     jmp guest_fault_common
 3:
@@ -169,6 +174,47 @@ guest_syscall_entry:
     hlt
     jmp 8b
 
+    /* rax = 0x50520003: one port access (chaos mode's sweeps; ring 3 picks
+     * the port and keeps off the serial, i8042 and ACPI sleep ports):
+     * dx = port, ecx = 0/1/2 in byte/word/dword, 4/5/6 out byte/word/dword
+     * of esi; the value read comes back in rax (clobbers rax). */
+10:
+    addq $2, (%rsp)
+    movl %esi, %eax
+    cmpl $1, %ecx
+    je 11f
+    cmpl $2, %ecx
+    je 12f
+    cmpl $4, %ecx
+    je 13f
+    cmpl $5, %ecx
+    je 15f
+    cmpl $6, %ecx
+    je 16f
+    inb %dx, %al
+    iretq
+11:
+    inw %dx, %ax
+    iretq
+12:
+    inl %dx, %eax
+    iretq
+13:
+    outb %al, %dx
+    iretq
+15:
+    outw %ax, %dx
+    iretq
+16:
+    outl %eax, %dx
+    iretq
+
+    /* rax = 0x50520004: idle for good (hlt with interrupts off: the vCPU
+     * sleeps in KVM until the VMM stops it). */
+14:
+    hlt
+    jmp 14b
+
     /* One 16-byte stub per vector: push the vector, go to the common path. */
     .balign 16
     .global guest_fault_stubs
@@ -188,6 +234,100 @@ guest_fault_common:
     call guest_fault
 9:
     jmp 9b
+    .popsection
+
+    /* The second vCPU's way in (chaos mode). `guest_ap_tramp` ..
+     * `guest_ap_tramp_end` is copied to AP_TRAMP_BASE (below 1 MiB) and the
+     * AP is started there by INIT/SIPI in real mode: its own small GDT,
+     * protected mode, the same page tables and long mode as the boot vCPU,
+     * then `guest_ap_entry64` in the image. */
+    .pushsection .text.ap, "ax"
+    .set AP_TRAMP_BASE, 0x10000
+    .code16
+    .global guest_ap_tramp
+guest_ap_tramp:
+    cli
+    cld
+    movw %cs, %ax
+    movw %ax, %ds
+    lgdtl (ap_gdt_ptr - guest_ap_tramp)
+    movl %cr0, %eax
+    orl $1, %eax
+    movl %eax, %cr0
+    ljmpl $0x08, $(AP_TRAMP_BASE + ap_pm32 - guest_ap_tramp)
+    .code32
+ap_pm32:
+    movw $0x10, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    movl $0x620, %eax
+    movl %eax, %cr4
+    movl $guest_pml4, %eax
+    movl %eax, %cr3
+    movl $0xc0000080, %ecx
+    rdmsr
+    orl $0x100, %eax
+    wrmsr
+    movl $0x80010023, %eax
+    movl %eax, %cr0
+    ljmp $0x18, $(AP_TRAMP_BASE + ap_lm64 - guest_ap_tramp)
+    .code64
+ap_lm64:
+    movq $guest_ap_entry64, %rax
+    jmp *%rax
+    .balign 8
+ap_gdt:
+    .quad 0
+    .quad 0x00cf9a000000ffff
+    .quad 0x00cf92000000ffff
+    .quad 0x00af9a000000ffff
+ap_gdt_ptr:
+    .word 31
+    .long AP_TRAMP_BASE + ap_gdt - guest_ap_tramp
+    .global guest_ap_tramp_end
+guest_ap_tramp_end:
+
+    /* 64-bit, ring 0, on the AP: the boot vCPU's GDT and IDT, a TSS of its
+     * own (GDT entry 0x38), then ring 3 at `guest_ap_main`. */
+guest_ap_entry64:
+    lgdt guest_gdt_ptr
+    movw $0x10, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    movw %ax, %fs
+    movw %ax, %gs
+    movq $guest_ap_kstack_top, %rsp
+    pushq $0x08
+    movq $22f, %rax
+    pushq %rax
+    lretq
+22:
+    movq $guest_ap_tss, %rax
+    movq %rax, %rdx
+    andq $0xffffff, %rdx
+    shlq $16, %rdx
+    movq %rax, %rcx
+    shrq $24, %rcx
+    shlq $56, %rcx
+    orq %rcx, %rdx
+    movabsq $0x0000890000000067, %rcx
+    orq %rcx, %rdx
+    movq %rdx, guest_gdt + 0x38
+    movw $0x38, %ax
+    ltr %ax
+    lidt guest_idt_ptr
+    pushq $0x23
+    pushq $guest_ap_ustack_top
+    pushq $0x202
+    pushq $0x1b
+    pushq $ap_user_entry
+    iretq
+ap_user_entry:
+    call guest_ap_main
+23:
+    jmp 23b
     .popsection
 
     .pushsection .data.guest_tables, "aw"
@@ -225,6 +365,8 @@ guest_gdt:
     .quad 0x00cff3000000ffff
     .quad 0
     .quad 0
+    .quad 0
+    .quad 0
 guest_gdt_end:
     .balign 16
 guest_gdt_ptr:
@@ -243,6 +385,14 @@ guest_null_idt_ptr:
 guest_tss:
     .long 0
     .quad guest_kstack_top
+    .fill 11, 8, 0
+    .word 0
+    .word 0x68
+
+    .balign 16
+guest_ap_tss:
+    .long 0
+    .quad guest_ap_kstack_top
     .fill 11, 8, 0
     .word 0
     .word 0x68
@@ -270,6 +420,12 @@ guest_kstack_top:
 guest_ustack:
     .skip 65536
 guest_ustack_top:
+guest_ap_kstack:
+    .skip 16384
+guest_ap_kstack_top:
+guest_ap_ustack:
+    .skip 65536
+guest_ap_ustack_top:
     .popsection
 "#,
     options(att_syntax)
@@ -284,6 +440,12 @@ extern "C" {
     pub static GUEST_IRQ_TSC: u64;
     /// The 256-entry IDT (filled by ring 3 before the LAPIC is enabled).
     pub static mut guest_idt: [u64; 512];
+    /// First byte past the loaded image (end of `.bss`, from `linker.ld`).
+    pub static guest_image_end: u8;
+    /// The AP trampoline (copied below 1 MiB), and its end.
+    pub static guest_ap_tramp: u8;
+    /// End of the AP trampoline.
+    pub static guest_ap_tramp_end: u8;
     /// Handlers.
     pub static guest_irq_entry: u8;
     pub static guest_spurious_entry: u8;

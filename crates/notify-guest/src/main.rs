@@ -10,6 +10,7 @@
 #![no_main]
 
 mod boot;
+mod chaos;
 mod virtio;
 
 use core::fmt::Write;
@@ -307,6 +308,10 @@ struct Config {
     devices: [Option<DevSpec>; 32],
     requests: usize,
     raw: bool,
+    /// `notify.chaos=SEED`: run the chaos mode instead of the benchmark.
+    chaos: Option<u64>,
+    /// `notify.chaos.steps=N`.
+    chaos_steps: u64,
 }
 
 fn parse_num(s: &[u8]) -> Option<u64> {
@@ -345,6 +350,8 @@ fn parse_cmdline(cmdline: &[u8]) -> Config {
         devices: [None; 32],
         requests: DEFAULT_REQUESTS,
         raw: true,
+        chaos: None,
+        chaos_steps: chaos::DEFAULT_STEPS,
     };
     let mut n = 0;
     for tok in cmdline.split(|c| c.is_ascii_whitespace()) {
@@ -361,6 +368,12 @@ fn parse_cmdline(cmdline: &[u8]) -> Config {
             }
         } else if let Some(v) = tok.strip_prefix(b"notify.raw=") {
             cfg.raw = v != b"0";
+        } else if let Some(v) = tok.strip_prefix(b"notify.chaos.steps=") {
+            if let Some(n) = parse_num(v) {
+                cfg.chaos_steps = n.min(chaos::MAX_STEPS);
+            }
+        } else if let Some(v) = tok.strip_prefix(b"notify.chaos=") {
+            cfg.chaos = parse_num(v);
         }
     }
     cfg
@@ -490,6 +503,15 @@ pub extern "C" fn guest_main() -> ! {
     let cmdline = cmdline();
     println!("NOTIFY-BOOT cmdline_len={}", cmdline.len());
     let cfg = parse_cmdline(cmdline);
+    if let Some(seed) = cfg.chaos {
+        let mut bases = [0u64; 32];
+        let mut n = 0;
+        for spec in cfg.devices.iter().flatten() {
+            bases[n] = spec.base;
+            n += 1;
+        }
+        chaos::run(&bases[..n], seed, cfg.chaos_steps);
+    }
 
     let mut dev = None;
     for spec in cfg.devices.iter().flatten() {

@@ -16,45 +16,45 @@ use crate::{irq_count, irq_tsc, mmio_read, mmio_write, LAPIC_BASE, LAPIC_TPR, TP
 /// Queue size the driver asks for (or the device maximum if smaller).
 pub const QUEUE_SIZE: u16 = 16;
 
-const MAGIC: u32 = 0x7472_6976; // "virt"
-const DEVICE_ID_BLOCK: u32 = 2;
+pub(crate) const MAGIC: u32 = 0x7472_6976; // "virt"
+pub(crate) const DEVICE_ID_BLOCK: u32 = 2;
 
 // Register offsets (virtio-mmio, version 2).
-const REG_MAGIC: usize = 0x000;
-const REG_VERSION: usize = 0x004;
-const REG_DEVICE_ID: usize = 0x008;
-const REG_DEVICE_FEATURES: usize = 0x010;
-const REG_DEVICE_FEATURES_SEL: usize = 0x014;
-const REG_DRIVER_FEATURES: usize = 0x020;
-const REG_DRIVER_FEATURES_SEL: usize = 0x024;
-const REG_QUEUE_SEL: usize = 0x030;
-const REG_QUEUE_NUM_MAX: usize = 0x034;
-const REG_QUEUE_NUM: usize = 0x038;
-const REG_QUEUE_READY: usize = 0x044;
-const REG_QUEUE_NOTIFY: usize = 0x050;
-const REG_INTERRUPT_STATUS: usize = 0x060;
-const REG_INTERRUPT_ACK: usize = 0x064;
-const REG_STATUS: usize = 0x070;
-const REG_QUEUE_DESC_LOW: usize = 0x080;
-const REG_QUEUE_DESC_HIGH: usize = 0x084;
-const REG_QUEUE_DRIVER_LOW: usize = 0x090;
-const REG_QUEUE_DRIVER_HIGH: usize = 0x094;
-const REG_QUEUE_DEVICE_LOW: usize = 0x0a0;
-const REG_QUEUE_DEVICE_HIGH: usize = 0x0a4;
-const REG_CONFIG: usize = 0x100;
+pub(crate) const REG_MAGIC: usize = 0x000;
+pub(crate) const REG_VERSION: usize = 0x004;
+pub(crate) const REG_DEVICE_ID: usize = 0x008;
+pub(crate) const REG_DEVICE_FEATURES: usize = 0x010;
+pub(crate) const REG_DEVICE_FEATURES_SEL: usize = 0x014;
+pub(crate) const REG_DRIVER_FEATURES: usize = 0x020;
+pub(crate) const REG_DRIVER_FEATURES_SEL: usize = 0x024;
+pub(crate) const REG_QUEUE_SEL: usize = 0x030;
+pub(crate) const REG_QUEUE_NUM_MAX: usize = 0x034;
+pub(crate) const REG_QUEUE_NUM: usize = 0x038;
+pub(crate) const REG_QUEUE_READY: usize = 0x044;
+pub(crate) const REG_QUEUE_NOTIFY: usize = 0x050;
+pub(crate) const REG_INTERRUPT_STATUS: usize = 0x060;
+pub(crate) const REG_INTERRUPT_ACK: usize = 0x064;
+pub(crate) const REG_STATUS: usize = 0x070;
+pub(crate) const REG_QUEUE_DESC_LOW: usize = 0x080;
+pub(crate) const REG_QUEUE_DESC_HIGH: usize = 0x084;
+pub(crate) const REG_QUEUE_DRIVER_LOW: usize = 0x090;
+pub(crate) const REG_QUEUE_DRIVER_HIGH: usize = 0x094;
+pub(crate) const REG_QUEUE_DEVICE_LOW: usize = 0x0a0;
+pub(crate) const REG_QUEUE_DEVICE_HIGH: usize = 0x0a4;
+pub(crate) const REG_CONFIG: usize = 0x100;
 
 // Device status bits.
-const STATUS_ACKNOWLEDGE: u32 = 1;
-const STATUS_DRIVER: u32 = 2;
-const STATUS_DRIVER_OK: u32 = 4;
-const STATUS_FEATURES_OK: u32 = 8;
-const STATUS_FAILED: u32 = 128;
+pub(crate) const STATUS_ACKNOWLEDGE: u32 = 1;
+pub(crate) const STATUS_DRIVER: u32 = 2;
+pub(crate) const STATUS_DRIVER_OK: u32 = 4;
+pub(crate) const STATUS_FEATURES_OK: u32 = 8;
+pub(crate) const STATUS_FAILED: u32 = 128;
 
 /// `VIRTIO_F_VERSION_1` is bit 32: bit 0 of the high feature word.
 const F_VERSION_1_HIGH: u32 = 1;
 
-const DESC_F_NEXT: u16 = 1;
-const DESC_F_WRITE: u16 = 2;
+pub(crate) const DESC_F_NEXT: u16 = 1;
+pub(crate) const DESC_F_WRITE: u16 = 2;
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
 const USED_F_NO_NOTIFY: u16 = 1;
 

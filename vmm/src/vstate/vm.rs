@@ -217,7 +217,7 @@ impl Vm {
                 max,
             });
         }
-        let vm = kvm.create_vm().map_err(kvm_err("create the VM"))?;
+        let vm = crate::eintr::retry(|| kvm.create_vm()).map_err(kvm_err("create the VM"))?;
         register_memory(&vm, &ram)?;
         vm.set_tss_address(KVM_TSS_ADDR as usize)
             .map_err(kvm_err("set the TSS address"))?;

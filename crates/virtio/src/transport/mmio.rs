@@ -19,7 +19,7 @@
 //! unaligned, to unknown offsets, or that break the initialization order are ignored
 //! and logged; reads of such return zeros. Nothing the driver writes can panic.
 
-use crate::device::{ActivateContext, VirtioDevice};
+use crate::device::{ActivateContext, ActivateError, VirtioDevice};
 use crate::interrupt::{InterruptKind, InterruptSignal};
 use crate::metrics::Counter;
 use crate::status::{self, StatusChange};
@@ -591,7 +591,17 @@ impl MmioTransport {
         match self.device.activate(ctx) {
             Ok(()) => self.activated = true,
             Err(e) => {
-                log::error!("virtio-mmio: device activation failed: {e}");
+                // A driver setup the device cannot use is the guest's doing, and a
+                // guest can repeat it at will (DRIVER_OK with no queue ready, reset,
+                // again): rate-limited. A worker that cannot start is the host's.
+                match e {
+                    ActivateError::BadSetup(_) => {
+                        crate::guest_warn!("virtio-mmio: device activation failed: {e}")
+                    }
+                    ActivateError::Worker(_) => {
+                        log::error!("virtio-mmio: device activation failed: {e}")
+                    }
+                }
                 self.interrupt.set_needs_reset();
             }
         }

@@ -295,6 +295,28 @@ fn device_activation_error_sets_needs_reset() {
 }
 
 #[test]
+fn a_guest_that_loops_on_a_refused_activation_gets_a_bounded_number_of_log_lines() {
+    use crate::ratelimit::{BURST, WINDOW_MS};
+    let (mut t, _) = transport_with(true);
+    const ROUNDS: u64 = 20_000;
+    let start = std::time::Instant::now();
+    let lines = log_lines::warnings_of(|| {
+        for _ in 0..ROUNDS {
+            w32(&mut t, STATUS, 0);
+            init(&mut t, OFFERED);
+            assert!(!t.is_activated());
+        }
+    });
+    let windows = start.elapsed().as_millis() as u64 / WINDOW_MS + 2;
+    assert!(lines >= 1, "the first refusal is logged");
+    assert!(
+        lines <= BURST * windows,
+        "{lines} lines for {ROUNDS} refused activations: {:?}",
+        log_lines::busiest_sites()
+    );
+}
+
+#[test]
 fn queue_notify_before_activation_is_harmless() {
     let (mut t, _) = transport();
     w32(&mut t, QUEUE_NOTIFY, 0);
