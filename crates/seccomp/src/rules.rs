@@ -30,6 +30,9 @@ pub enum ThreadKind {
     Takeover,
     /// The watcher of a vhost-user backend's socket, which starts the takeover.
     BackendMonitor,
+    /// The thread that runs a vhost-user device's activations (the messages that
+    /// hand the backend guest memory and the rings), and the takeover if they fail.
+    BackendControl,
     /// evmm-vhost-user-blk's main thread: accepting frontends and starting the
     /// threads that serve them (so it allows what they need), flushing the disk.
     DaemonMain,
@@ -55,6 +58,7 @@ impl ThreadKind {
             ThreadKind::NetWorker => "virtio-net worker",
             ThreadKind::Takeover => "vhost-user takeover",
             ThreadKind::BackendMonitor => "vhost-user backend monitor",
+            ThreadKind::BackendControl => "vhost-user backend control",
             ThreadKind::DaemonMain => "daemon main",
             ThreadKind::DaemonSignals => "daemon signal",
             ThreadKind::DaemonRelay => "daemon relay",
@@ -64,7 +68,7 @@ impl ThreadKind {
     }
 
     /// Every kind.
-    pub const ALL: [ThreadKind; 13] = [
+    pub const ALL: [ThreadKind; 14] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::Spawner,
@@ -73,6 +77,7 @@ impl ThreadKind {
         ThreadKind::NetWorker,
         ThreadKind::Takeover,
         ThreadKind::BackendMonitor,
+        ThreadKind::BackendControl,
         ThreadKind::DaemonMain,
         ThreadKind::DaemonSignals,
         ThreadKind::DaemonRelay,
@@ -289,6 +294,7 @@ fn allowed(kind: ThreadKind) -> Vec<Allow> {
                 ThreadKind::NetWorker,
                 ThreadKind::Takeover,
                 ThreadKind::BackendMonitor,
+                ThreadKind::BackendControl,
             ] {
                 v.extend(allowed(worker));
             }
@@ -309,7 +315,7 @@ fn allowed(kind: ThreadKind) -> Vec<Allow> {
         ThreadKind::Takeover => {
             v.extend(always(EPOLL));
         }
-        ThreadKind::BackendMonitor => {
+        ThreadKind::BackendMonitor | ThreadKind::BackendControl => {
             v.extend(always(EPOLL));
             v.extend(always(DESCRIPTORS));
             v.extend(always(MESSAGES));

@@ -34,6 +34,8 @@ pub enum WorkerKind {
     Takeover,
     /// The watcher of a vhost-user backend's socket.
     BackendMonitor,
+    /// The thread that runs a vhost-user device's activations.
+    BackendControl,
 }
 
 /// Confines a worker thread to its kind (run on the worker, before its body).

@@ -394,7 +394,7 @@ fn start_worker_spawner(mode: evmm_seccomp::Mode) -> Result<(), VmError> {
 }
 
 /// For the tests of the filters: a worker of the kind this names ("blk", "net",
-/// "takeover", "monitor") makes a syscall no worker may make once it is confined.
+/// "takeover", "monitor", "control") makes a syscall no worker may make once it is confined.
 /// Read once at start-up, from the environment of whoever starts evmm.
 pub const SECCOMP_PROBE_ENV: &str = "EVMM_SECCOMP_PROBE";
 
@@ -404,6 +404,7 @@ fn worker_name(kind: WorkerKind) -> &'static str {
         WorkerKind::Net => "net",
         WorkerKind::Takeover => "takeover",
         WorkerKind::BackendMonitor => "monitor",
+        WorkerKind::BackendControl => "control",
     }
 }
 
@@ -431,6 +432,7 @@ fn worker_thread_kind(kind: WorkerKind) -> ThreadKind {
         WorkerKind::Net => ThreadKind::NetWorker,
         WorkerKind::Takeover => ThreadKind::Takeover,
         WorkerKind::BackendMonitor => ThreadKind::BackendMonitor,
+        WorkerKind::BackendControl => ThreadKind::BackendControl,
     }
 }
 

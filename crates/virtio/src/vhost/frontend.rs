@@ -158,6 +158,21 @@ pub fn start<C: VhostConn>(
     Ok(())
 }
 
+/// The checks of [`start`] that need no message: every guest region can be shared
+/// and every ring lies in one region. A setup that passes them fails [`start`] only
+/// through the backend.
+pub fn check_setup(
+    mem: &GuestMemoryMmap,
+    rings: &[RingSetup<'_>],
+    addresses: RingAddresses,
+) -> Result<(), FrontendError> {
+    memory_regions(mem)?;
+    for r in rings {
+        vring_config(mem, r.index, r.queue, addresses)?;
+    }
+    Ok(())
+}
+
 /// Stops the rings of `queues`; returns where each stopped (GET_VRING_BASE).
 pub fn stop<C: VhostConn>(conn: &mut C, queues: &[usize]) -> Result<Vec<u32>, FrontendError> {
     queues

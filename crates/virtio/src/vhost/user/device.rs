@@ -11,16 +11,23 @@
 //!   and by the kind. Configuration reads are answered from the kind's configuration
 //!   space; a driver write the kind forwards goes to the backend with SET_CONFIG,
 //!   other writes are ignored.
-//! * On DRIVER_OK ([`VirtioDevice::activate`]): [`frontend::start`]: SET_FEATURES (the
+//! * On DRIVER_OK ([`VirtioDevice::activate`]): the setup is checked on the vCPU
+//!   (memory shareable, rings inside it; a bad one is refused there), and the
+//!   messages are sent by the device's control thread ([`super::control`]), so the
+//!   vCPU goes back to the guest at once: [`frontend::start`]: SET_FEATURES (the
 //!   driver's features plus PROTOCOL_FEATURES), SET_MEM_TABLE, then for each ready
 //!   queue SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE 0, SET_VRING_KICK with the
 //!   queue's kick eventfd (the one KVM signals as the queue's ioeventfd, or the
 //!   transport with `--notify exit`), SET_VRING_CALL with the device's irqfd,
-//!   SET_VRING_ENABLE 1. From then on the backend reads kicks and writes the irqfd
-//!   itself: no evmm thread is on the data path.
-//! * On reset (the driver writes 0 to Status, or evmm stops): GET_VRING_BASE for each
-//!   started queue, which stops the backend's rings, so the driver can set the device
-//!   up again.
+//!   SET_VRING_ENABLE 1. Kicks the guest makes meanwhile stay counted in the kick
+//!   eventfds, which the backend reads once it has them. From then on the backend
+//!   reads kicks and writes the irqfd itself: no evmm thread is on the data path.
+//! * On reset (the driver writes 0 to Status, or evmm stops): an activation not yet
+//!   sent is dropped, one being sent is waited for (its messages share one
+//!   [`super::connection::REQUEST_TIMEOUT`]), then GET_VRING_BASE for each started
+//!   queue, which stops the backend's rings, so the driver can set the device up
+//!   again. The reset stays on the vCPU: the driver may set the rings up anew as soon
+//!   as its write of 0 returns.
 //!
 //! # InterruptStatus
 //!
@@ -50,13 +57,14 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::GuestMemoryMmap;
 
 use super::connection::{BackendInfo, Connection, HandshakeNeeds, PROTOCOL_FEATURES};
+use super::control::Control;
 use super::monitor::{self, Loss};
 use super::takeover::{Takeover, TakeoverSnapshot, TakeoverStats};
 use crate::device::{ActivateContext, ActivateError, DeviceOffer, ReadyQueue, VirtioDevice};
 use crate::interrupt::InterruptSignal;
 use crate::metrics::Counter;
 use crate::transport::mmio::transport_supported;
-use crate::vhost::frontend::{self, FrontendError, RingSetup};
+use crate::vhost::frontend::{self, FrontendError, RingSetup, VhostConn};
 use crate::worker::WorkerHandle;
 
 /// What differs between vhost-user devices: configuration space, features, queue
@@ -103,8 +111,8 @@ pub enum VhostUserError {
         #[source]
         source: FrontendError,
     },
-    /// The monitor thread cannot be started.
-    #[error("--{kind} socket={}: cannot start the monitor thread: {source}", socket.display())]
+    /// The monitor or control thread cannot be started.
+    #[error("--{kind} socket={}: cannot start the monitor or control thread: {source}", socket.display())]
     Monitor {
         /// The device's name.
         kind: &'static str,
@@ -148,6 +156,9 @@ struct Inner {
     state: BackendState,
     active: Option<Active>,
     takeover: Option<WorkerHandle<()>>,
+    /// Counts activations and resets: an activation job whose generation is no longer
+    /// current was overtaken by a reset and sends nothing.
+    generation: u64,
 }
 
 /// What the device, its monitor thread and the metrics share.
@@ -212,6 +223,55 @@ impl<K: UserDeviceKind> Shared<K> {
         }
     }
 
+    /// The control thread's part of an activation: the messages that hand the backend
+    /// guest memory and the rings, unless a reset came first.
+    fn start_backend(
+        &self,
+        generation: u64,
+        mem: &GuestMemoryMmap,
+        features: u64,
+        ready: &[ReadyQueue],
+        call: &vmm_sys_util::eventfd::EventFd,
+    ) {
+        let mut inner = self.lock();
+        if inner.generation != generation || inner.active.is_none() {
+            log::debug!(
+                "{}: an activation overtaken by a reset is dropped",
+                self.name
+            );
+            return;
+        }
+        if inner.state != BackendState::Connected {
+            // Lost between the driver's DRIVER_OK and now: nothing is sent to it.
+            self.start_takeover(&mut inner);
+            return;
+        }
+        let rings = ring_setups(ready);
+        let started = inner
+            .conn
+            .operation(|conn| frontend::start(conn, mem, features, &rings, call));
+        match started {
+            Ok(()) => {
+                if let Some(active) = inner.active.as_mut() {
+                    active.backend_rings = rings.iter().map(|r| r.index).collect();
+                }
+                log::info!(
+                    "{}: backend runs {} queue(s), features {:#x}",
+                    self.name,
+                    rings.len(),
+                    features & !PROTOCOL_FEATURES
+                );
+            }
+            Err(e) => {
+                // Some rings may have been handed over: the backend may serve them.
+                if let Some(active) = inner.active.as_mut() {
+                    active.backend_rings = rings.iter().map(|r| r.index).collect();
+                }
+                self.backend_lost(&mut inner, Loss::Unresponsive(format!("activation: {e}")))
+            }
+        }
+    }
+
     fn start_takeover(&self, inner: &mut Inner) {
         if inner.takeover.is_some() {
             return;
@@ -242,6 +302,18 @@ impl<K: UserDeviceKind> Shared<K> {
     }
 }
 
+/// The backend's view of `ready`.
+fn ring_setups(ready: &[ReadyQueue]) -> Vec<RingSetup<'_>> {
+    ready
+        .iter()
+        .map(|r| RingSetup {
+            index: r.index,
+            queue: &r.queue,
+            kick: &r.kick,
+        })
+        .collect()
+}
+
 /// The device's counters, for `--metrics`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct VhostUserMetrics {
@@ -264,6 +336,7 @@ pub struct VhostUserDevice<K: UserDeviceKind> {
     shared: Arc<Shared<K>>,
     offer: DeviceOffer,
     monitor: Option<WorkerHandle<()>>,
+    control: Option<Control>,
 }
 
 impl<K: UserDeviceKind> VhostUserDevice<K> {
@@ -295,6 +368,7 @@ impl<K: UserDeviceKind> VhostUserDevice<K> {
                 state: BackendState::Connecting,
                 active: None,
                 takeover: None,
+                generation: 0,
             }),
         });
         let weak = Arc::downgrade(&shared);
@@ -322,12 +396,24 @@ impl<K: UserDeviceKind> VhostUserDevice<K> {
                 return Err(backend_err(e));
             }
         };
+        let control = match Control::spawn(name) {
+            Ok(c) => c,
+            Err(source) => {
+                monitor.stop();
+                return Err(VhostUserError::Monitor {
+                    kind: kind_name,
+                    socket: socket.to_path_buf(),
+                    source,
+                });
+            }
+        };
         let config_space = kind.config_space(&info, queues);
         let avail_features = kind.guest_features(transport_supported(info.features));
         {
             let mut inner = shared.lock();
             if inner.state == BackendState::Lost {
                 drop(inner);
+                control.stop();
                 monitor.stop();
                 return Err(backend_err(FrontendError::Connect {
                     path: socket.to_path_buf(),
@@ -353,6 +439,7 @@ impl<K: UserDeviceKind> VhostUserDevice<K> {
                 config_space,
             },
             monitor: Some(monitor),
+            control: Some(control),
         })
     }
 
@@ -453,36 +540,23 @@ impl<K: UserDeviceKind> VirtioDevice for VhostUserDevice<K> {
             .iter()
             .map(ReadyQueue::try_clone)
             .collect::<Result<Vec<_>, _>>()?;
+        {
+            let rings = ring_setups(&ready);
+            // What needs no message is checked here: a setup the backend could never
+            // be given is the driver's to fix.
+            frontend::check_setup(&ctx.mem, &rings, Connection::RING_ADDRESSES)
+                .map_err(|e| ActivateError::BadSetup(e.to_string()))?;
+        }
         let shared = self.shared.clone();
         let mut inner = shared.lock();
         if inner.active.is_some() {
             return Err(ActivateError::BadSetup("device is already active".into()));
         }
-        let rings: Vec<RingSetup<'_>> = ready
-            .iter()
-            .map(|r| RingSetup {
-                index: r.index,
-                queue: &r.queue,
-                kick: &r.kick,
-            })
-            .collect();
-        let features = ctx.acked_features | PROTOCOL_FEATURES;
-        let started = match inner.state {
-            BackendState::Connected => Some(
-                inner
-                    .conn
-                    .operation(|conn| frontend::start(conn, &ctx.mem, features, &rings, &call)),
-            ),
-            _ => None,
-        };
-        if let Some(Err(e)) = &started {
-            if e.is_local() {
-                // Nothing was sent: the backend is fine, the setup is not.
-                return Err(ActivateError::BadSetup(e.to_string()));
-            }
-        }
+        inner.generation += 1;
+        let generation = inner.generation;
+        let interrupt = ctx.interrupt.clone();
         inner.active = Some(Active {
-            backend_rings: rings.iter().map(|r| r.index).collect(),
+            backend_rings: Vec::new(),
             takeover: Some(TakeoverParts {
                 mem: ctx.mem.clone(),
                 queues: takeover_queues,
@@ -490,30 +564,42 @@ impl<K: UserDeviceKind> VirtioDevice for VhostUserDevice<K> {
             }),
         });
         shared.activations.inc();
-        match started {
-            Some(Ok(())) => log::info!(
-                "{}: backend runs {} queue(s), features {:#x}",
-                shared.name,
-                rings.len(),
-                ctx.acked_features
-            ),
-            Some(Err(e)) => {
-                shared.backend_lost(&mut inner, Loss::Unresponsive(format!("activation: {e}")))
-            }
-            None => {
-                crate::guest_warn!(
-                    "{}: activated with its backend lost: its requests are answered with I/O errors",
-                    shared.name
-                );
-                shared.start_takeover(&mut inner);
-            }
+        if inner.state != BackendState::Connected {
+            crate::guest_warn!(
+                "{}: activated with its backend lost: its requests are answered with I/O errors",
+                shared.name
+            );
+            shared.start_takeover(&mut inner);
+            return Ok(());
         }
-        Ok(())
+        drop(inner);
+        let features = ctx.acked_features | PROTOCOL_FEATURES;
+        let job_shared = Arc::downgrade(&self.shared);
+        let mem = ctx.mem;
+        let submitted = self.control.as_ref().map(|control| {
+            control.submit(Box::new(move || {
+                if let Some(shared) = job_shared.upgrade() {
+                    shared.start_backend(generation, &mem, features, &ready, &call);
+                }
+            }))
+        });
+        match submitted {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => {
+                log::error!("{}: cannot hand the activation over: {e}", self.shared.name);
+                interrupt.set_needs_reset();
+                Ok(())
+            }
+            None => Err(ActivateError::BadSetup(
+                "the device is being dropped".into(),
+            )),
+        }
     }
 
     fn reset(&mut self) {
         let shared = self.shared.clone();
         let mut inner = shared.lock();
+        inner.generation += 1;
         if let Some(takeover) = inner.takeover.take() {
             takeover.stop();
         }
@@ -547,8 +633,11 @@ impl<K: UserDeviceKind> VirtioDevice for VhostUserDevice<K> {
 
 impl<K: UserDeviceKind> Drop for VhostUserDevice<K> {
     fn drop(&mut self) {
-        // Stop the rings while the monitor still guards the requests; the socket
-        // closes when the last reference to it goes.
+        // No activation is sent any more; stop the rings while the monitor still
+        // guards the requests; the socket closes when the last reference to it goes.
+        if let Some(control) = self.control.take() {
+            control.stop();
+        }
         self.reset();
         if let Some(monitor) = self.monitor.take() {
             monitor.stop();

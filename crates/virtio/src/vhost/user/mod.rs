@@ -7,6 +7,7 @@
 //! per-device parts in a [`device::UserDeviceKind`].
 
 pub mod connection;
+pub mod control;
 pub mod device;
 pub mod monitor;
 pub mod takeover;
