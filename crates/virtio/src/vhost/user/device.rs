@@ -9,8 +9,8 @@
 //!   offered the backend's features without VHOST_USER_F_PROTOCOL_FEATURES, filtered
 //!   by what the transport implements ([`crate::transport::mmio::transport_supported`])
 //!   and by the kind. Configuration reads are answered from the kind's configuration
-//!   space; a driver write the kind forwards goes to the backend with SET_CONFIG,
-//!   other writes are ignored.
+//!   space; a driver write the kind forwards goes to the backend with SET_CONFIG, sent
+//!   by the device's control thread, other writes are ignored.
 //! * On DRIVER_OK ([`VirtioDevice::activate`]): the setup is checked on the vCPU
 //!   (memory shareable, rings inside it; a bad one is refused there), and the
 //!   messages are sent by the device's control thread ([`super::control`]), so the
@@ -518,13 +518,24 @@ impl<K: UserDeviceKind> VirtioDevice for VhostUserDevice<K> {
         {
             dst.copy_from_slice(data);
         }
-        let mut inner = self.shared.lock();
-        if inner.state != BackendState::Connected {
-            return;
-        }
-        if let Err(e) = inner.conn.set_config(offset32, data) {
-            self.shared
-                .backend_lost(&mut inner, Loss::Unresponsive(format!("SET_CONFIG: {e}")));
+        // Sent by the control thread, after any activation queued before it; the
+        // guest reads the value back from evmm's copy at once.
+        let shared = Arc::downgrade(&self.shared);
+        let data = data.to_vec();
+        let job = Box::new(move || {
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            let mut inner = shared.lock();
+            if inner.state != BackendState::Connected {
+                return;
+            }
+            if let Err(e) = inner.conn.set_config(offset32, &data) {
+                shared.backend_lost(&mut inner, Loss::Unresponsive(format!("SET_CONFIG: {e}")));
+            }
+        });
+        if let Some(Err(e)) = self.control.as_ref().map(|c| c.submit(job)) {
+            log::error!("{}: cannot hand SET_CONFIG over: {e}", self.shared.name);
         }
     }
 

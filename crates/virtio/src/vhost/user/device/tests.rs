@@ -631,10 +631,15 @@ fn a_backend_that_stops_answering_while_live_gets_a_reset_not_a_second_writer() 
     let (_, _, used) = RING;
 
     // The driver turns the write cache on; the backend never answers SET_CONFIG (it is
-    // alive, maybe just slow, and still has the ring).
+    // alive, maybe just slow, and still has the ring). The write returns at once (the
+    // control thread sends it); the backend is declared lost after the timeout.
+    let start = Instant::now();
     t.write(CONFIG + crate::blk::config::OFF_WRITEBACK as u64, &[1]);
+    assert!(start.elapsed() < Duration::from_secs(1));
+    wait_for("the backend declared lost", || {
+        t.metrics()["device"]["backend"] == "lost"
+    });
     let m = t.metrics();
-    assert_eq!(m["device"]["backend"], "lost");
     // No takeover of a ring the backend may still be serving: the request is left to
     // it, and the driver is asked to reset the device.
     assert_eq!(m["device"]["taken_over"], false);
