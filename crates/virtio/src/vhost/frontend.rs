@@ -4,8 +4,8 @@
 //! the kernel's vhost backends implement).
 //!
 //! [`start`]: SET_FEATURES, SET_MEM_TABLE, then per ring SET_VRING_NUM,
-//! SET_VRING_ADDR, SET_VRING_BASE, SET_VRING_KICK (the queue's kick eventfd, which KVM
-//! signals as its ioeventfd), SET_VRING_CALL (the device's irqfd) and the backend's own
+//! SET_VRING_ADDR, SET_VRING_BASE, SET_VRING_CALL (the device's irqfd), SET_VRING_KICK
+//! (the queue's kick eventfd, which KVM signals as its ioeventfd) and the backend's own
 //! way of starting a ring ([`VhostConn::enable_ring`]). [`stop`]: the backend's way of
 //! stopping a ring, then GET_VRING_BASE.
 
@@ -151,8 +151,10 @@ pub fn start<C: VhostConn>(
         conn.call("SET_VRING_NUM", |b| b.set_vring_num(i, size))?;
         conn.call("SET_VRING_ADDR", |b| b.set_vring_addr(i, config))?;
         conn.call("SET_VRING_BASE", |b| b.set_vring_base(i, 0))?;
-        conn.call("SET_VRING_KICK", |b| b.set_vring_kick(i, ring.kick))?;
+        // The call first: a backend may serve the ring as soon as it has the kick (a
+        // kick the guest made before is pending in it), and must be able to signal.
         conn.call("SET_VRING_CALL", |b| b.set_vring_call(i, call))?;
+        conn.call("SET_VRING_KICK", |b| b.set_vring_kick(i, ring.kick))?;
         conn.enable_ring(i)?;
     }
     Ok(())

@@ -6,9 +6,9 @@
 //! own `/dev/vhost-net` descriptor through [`frontend::start`]: SET_FEATURES (the ring
 //! features only: [`VHOST_NET_FEATURES`]; the offloads go to the tap with
 //! TUNSETOFFLOAD), SET_MEM_TABLE with every guest memory region at its own address,
-//! then per ring SET_VRING_NUM/ADDR/BASE, SET_VRING_KICK with **the eventfd KVM holds
-//! as that queue's ioeventfd**, SET_VRING_CALL with **the eventfd KVM holds as the
-//! device's irqfd**, and VHOST_NET_SET_BACKEND with the tap queue. From then on the
+//! then per ring SET_VRING_NUM/ADDR/BASE, SET_VRING_CALL with **the eventfd KVM holds
+//! as the device's irqfd**, SET_VRING_KICK with **the eventfd KVM holds as that queue's
+//! ioeventfd**, and VHOST_NET_SET_BACKEND with the tap queue. From then on the
 //! guest's kick wakes the kernel's vhost worker and its completion interrupts the guest,
 //! with no evmm thread in between: evmm neither reads those kicks nor the tap. With
 //! several pairs evmm serves the control queue itself (as [`crate::net::ctrl`]).

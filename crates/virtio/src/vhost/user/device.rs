@@ -16,10 +16,11 @@
 //!   messages are sent by the device's control thread ([`super::control`]), so the
 //!   vCPU goes back to the guest at once: [`frontend::start`]: SET_FEATURES (the
 //!   driver's features plus PROTOCOL_FEATURES), SET_MEM_TABLE, then for each ready
-//!   queue SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE 0, SET_VRING_KICK with the
-//!   queue's kick eventfd (the one KVM signals as the queue's ioeventfd, or the
-//!   transport with `--notify exit`), SET_VRING_CALL with the device's irqfd,
-//!   SET_VRING_ENABLE 1. Kicks the guest makes meanwhile stay counted in the kick
+//!   queue SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE 0, SET_VRING_CALL with the
+//!   device's irqfd, SET_VRING_KICK with the queue's kick eventfd (the one KVM
+//!   signals as the queue's ioeventfd, or the transport with `--notify exit`),
+//!   SET_VRING_ENABLE 1. The call comes first: libvhost-user backends serve a ring
+//!   at its kick, and a kick the guest made meanwhile is already pending. Kicks the guest makes meanwhile stay counted in the kick
 //!   eventfds, which the backend reads once it has them. From then on the backend
 //!   reads kicks and writes the irqfd itself: no evmm thread is on the data path.
 //! * On reset (the driver writes 0 to Status, or evmm stops): an activation not yet

@@ -454,8 +454,8 @@ fn activation_hands_over_memory_rings_and_the_very_eventfds() {
         SET_VRING_NUM,
         SET_VRING_ADDR,
         SET_VRING_BASE,
-        SET_VRING_KICK,
         SET_VRING_CALL,
+        SET_VRING_KICK,
         SET_VRING_ENABLE,
     ];
     let mut expected = vec![SET_FEATURES, SET_MEM_TABLE];
@@ -492,19 +492,19 @@ fn activation_hands_over_memory_rings_and_the_very_eventfds() {
         assert_eq!(m[1].u64_at(16), host + base + 0x2000, "used ring");
         assert_eq!(m[1].u64_at(24), host + base + 0x1000, "available ring");
         assert_eq!((m[2].u32_at(0), m[2].u32_at(4)), (q, 0), "SET_VRING_BASE 0");
-        assert_eq!(m[3].u64_at(0), u64::from(q), "SET_VRING_KICK with an fd");
-        assert_eq!(m[4].u64_at(0), u64::from(q), "SET_VRING_CALL with an fd");
+        assert_eq!(m[3].u64_at(0), u64::from(q), "SET_VRING_CALL with an fd");
+        assert_eq!(m[4].u64_at(0), u64::from(q), "SET_VRING_KICK with an fd");
         assert_eq!(
             (m[5].u32_at(0), m[5].u32_at(4)),
             (q, 1),
             "SET_VRING_ENABLE 1"
         );
         // The kick the backend got is the queue's kick eventfd (KVM's ioeventfd).
-        let mut kick = m[3].file.as_ref().unwrap();
+        let mut kick = m[4].file.as_ref().unwrap();
         kick.write_all(&1u64.to_le_bytes()).unwrap();
         assert_eq!(t.queue_kicks()[q as usize].read().unwrap(), 1);
         // The call it got is the device's irqfd.
-        let mut call = m[4].file.as_ref().unwrap();
+        let mut call = m[3].file.as_ref().unwrap();
         call.write_all(&1u64.to_le_bytes()).unwrap();
         assert!(readable(&irq));
         assert_eq!(irq.read().unwrap(), 1);
@@ -683,8 +683,8 @@ fn a_slow_backend_does_not_stall_the_activating_vcpu() {
         SET_VRING_NUM,
         SET_VRING_ADDR,
         SET_VRING_BASE,
-        SET_VRING_KICK,
         SET_VRING_CALL,
+        SET_VRING_KICK,
         SET_VRING_ENABLE,
     ];
     s.delay = Duration::from_secs(1);
@@ -746,8 +746,8 @@ fn resets_racing_activations_leave_the_backend_with_whole_sequences() {
             SET_VRING_NUM,
             SET_VRING_ADDR,
             SET_VRING_BASE,
-            SET_VRING_KICK,
             SET_VRING_CALL,
+            SET_VRING_KICK,
             SET_VRING_ENABLE,
             GET_VRING_BASE,
         ];
