@@ -80,6 +80,16 @@ pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
 pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
 /// Used (device) ring address, high 32 bits.
 pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+/// Shared memory region select (SHMSel).
+pub const SHM_SEL: u64 = 0x0ac;
+/// Shared memory region length, low 32 bits (SHMLenLow).
+pub const SHM_LEN_LOW: u64 = 0x0b0;
+/// Shared memory region length, high 32 bits.
+pub const SHM_LEN_HIGH: u64 = 0x0b4;
+/// Shared memory region base, low 32 bits (SHMBaseLow).
+pub const SHM_BASE_LOW: u64 = 0x0b8;
+/// Shared memory region base, high 32 bits.
+pub const SHM_BASE_HIGH: u64 = 0x0bc;
 /// Changes whenever the config space changes.
 pub const CONFIG_GENERATION: u64 = 0x0fc;
 /// Start of the device-specific configuration space.
@@ -355,6 +365,9 @@ impl MmioTransport {
             INTERRUPT_STATUS => self.interrupt_status(),
             STATUS => self.device_status(),
             CONFIG_GENERATION => self.config_generation,
+            // No device has shared memory regions (no virtio-fs DAX window): every
+            // region reads as absent, a length (and base) of all ones.
+            SHM_LEN_LOW | SHM_LEN_HIGH | SHM_BASE_LOW | SHM_BASE_HIGH => u32::MAX,
             _ => {
                 crate::guest_warn!(
                     "virtio-mmio: read of unknown or write-only register {offset:#x}"
@@ -388,6 +401,8 @@ impl MmioTransport {
             DRIVER_FEATURES_SEL => self.driver_features_select = value,
             DRIVER_FEATURES => self.write_driver_features(value),
             QUEUE_SEL => self.queue_select = value,
+            // Selects a shared memory region; none exists (see the reads).
+            SHM_SEL => {}
             QUEUE_NUM | QUEUE_READY | QUEUE_DESC_LOW | QUEUE_DESC_HIGH | QUEUE_DRIVER_LOW
             | QUEUE_DRIVER_HIGH | QUEUE_DEVICE_LOW | QUEUE_DEVICE_HIGH => {
                 self.write_queue_register(offset, value)

@@ -13,15 +13,18 @@
 //! * [`shared_memory`]: guest memory both sides map: sealed against resizing by the VMM,
 //!   checked before a backend maps it;
 //! * per device, the small parts: [`blk`] (vhost-user-blk: configuration space, feature
-//!   mask, what the takeover answers), [`net`] (vhost-net: the rings of each pair to the
+//!   mask, what the takeover answers), [`fs`] (vhost-user-fs: the tag, the queues, the
+//!   FUSE error the takeover answers), [`net`] (vhost-net: the rings of each pair to the
 //!   kernel, the control queue kept).
 
 pub mod blk;
 pub mod frontend;
+pub mod fs;
 pub mod kernel;
 pub mod net;
 pub mod shared_memory;
 pub mod user;
 
 pub use blk::{VhostUserBlk, VhostUserBlkConfig};
+pub use fs::{VhostUserFs, VhostUserFsConfig};
 pub use net::VhostNet;

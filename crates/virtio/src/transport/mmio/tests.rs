@@ -133,6 +133,21 @@ fn identification_registers() {
 }
 
 #[test]
+fn shared_memory_regions_read_as_absent() {
+    // A driver (virtio-fs looking for its DAX window) takes a length of all ones as
+    // "no such region"; a length of 0 would make it fail the device.
+    let (mut t, _) = transport();
+    for sel in [0, 1, u32::MAX] {
+        w32(&mut t, SHM_SEL, sel);
+        let len = u64::from(r32(&mut t, SHM_LEN_LOW)) | u64::from(r32(&mut t, SHM_LEN_HIGH)) << 32;
+        assert_eq!(len, u64::MAX);
+        assert_eq!(r32(&mut t, SHM_BASE_LOW), u32::MAX);
+        assert_eq!(r32(&mut t, SHM_BASE_HIGH), u32::MAX);
+    }
+    assert_eq!(r32(&mut t, STATUS), 0);
+}
+
+#[test]
 fn device_features_by_select() {
     let (mut t, _) = transport();
     w32(&mut t, DEVICE_FEATURES_SEL, 0);

@@ -73,6 +73,10 @@ use crate::worker::WorkerHandle;
 pub trait UserDeviceKind: Send + Sync + 'static {
     /// The device's name in messages ("vhost-user-blk").
     fn name(&self) -> &'static str;
+    /// The command-line option that adds the device, without `--`, for messages.
+    fn option(&self) -> &'static str {
+        self.name()
+    }
     /// The virtio device ID.
     fn device_type(&self) -> u32;
     /// The size of every queue.
@@ -350,7 +354,7 @@ impl<K: UserDeviceKind> VhostUserDevice<K> {
         queues: Option<u16>,
         name: &str,
     ) -> Result<Self, VhostUserError> {
-        let kind_name = kind.name();
+        let kind_name = kind.option();
         let backend_err = |source| VhostUserError::Backend {
             kind: kind_name,
             socket: socket.to_path_buf(),
