@@ -9,6 +9,11 @@ KERNEL_PKG="linux-image-6.1.0-50-amd64"
 # modules.dep and are loaded first.
 GUEST_MODULES="virtio_mmio virtio_pci virtio_blk virtio_net"
 
+# Modules `evmm run` needs in the guest (virtio-mmio, virtio-fs, overlayfs), packed for
+# the stock kernel into out/modules-RELEASE.cpio, which `evmm run` appends to the
+# initramfs it generates.
+RUN_MODULES="virtio_mmio virtiofs overlay"
+
 # Modules the nested test host (L1) loads: KVM on emulated AMD SVM, tun for tap devices,
 # loop and device-mapper (its linear and error targets) for the failing disks of the
 # fault tests.
@@ -18,7 +23,8 @@ L1_MODULES="kvm-amd tun vhost_net loop dm-mod"
 # (tap devices: `ip tuntap`) replaces busybox's /usr/bin/ip, but busybox's sh runs its
 # own applet for a bare `ip`: scripts call /usr/bin/ip. iperf3 is the benchmark's peer.
 # dmsetup builds the fault tests' failing disks (busybox has losetup, not dmsetup).
-L1_TOOLS="/usr/bin/qemu-system-x86_64 /usr/bin/qemu-storage-daemon /usr/bin/ip /usr/bin/iperf3 /usr/sbin/dmsetup"
+# virtiofsd (Debian's, from qemu-system-common) serves `evmm run`'s share.
+L1_TOOLS="/usr/bin/qemu-system-x86_64 /usr/bin/qemu-storage-daemon /usr/bin/ip /usr/bin/iperf3 /usr/sbin/dmsetup /usr/lib/qemu/virtiofsd"
 
 # Firmware directories the bundled QEMU reads (copied with symlinks resolved).
 L1_DATA="/usr/share/qemu /usr/share/seabios"

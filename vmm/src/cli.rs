@@ -17,7 +17,8 @@ the VM.
 Disks are virtio-blk devices on virtio-mmio, announced to the guest in the
 ACPI DSDT (LNRO0005) and with virtio_mmio.device= on the kernel command line;
 the first --disk is /dev/vda. --vhost-user-blk devices come after the
-disks, --net devices (virtio-net on a tap, eth0 for the first) after those; the
+disks, --net devices (virtio-net on a tap, eth0 for the first) after those,
+--fs devices (virtio-fs, served by a vhost-user backend such as virtiofsd) last; the
 --vhost-user-blk devices' requests are served by another process (e.g.
 qemu-storage-daemon --export type=vhost-user-blk) that evmm connects to at
 start-up and hands the guest memory, the queues' kick eventfds and the
@@ -26,9 +27,13 @@ requests with I/O errors. With --metrics, evmm writes the per-queue
 counters of every device as JSON when the VM stops (guest power-off or reboot,
 a stop signal, or a vCPU error).
 
+`evmm run [OPTIONS] -- COMMAND...` boots a kernel with the host's files as its
+root (virtio-fs, virtiofsd) and exits with COMMAND's status: see `evmm run --help`.
+
 Exit status:
   0  the guest powered off or rebooted (reboot ends the VM), or evmm received
      SIGTERM, SIGINT or SIGHUP and stopped the VM
+  N  with --exit-device: the guest wrote N to I/O port 0xf4
   1  evmm failed: bad configuration (including a bad --disk value or a missing
      disk file, or a vhost-user backend that cannot be reached), unusable
      kernel or initramfs, KVM error
@@ -109,6 +114,15 @@ pub struct Cli {
     #[arg(long, value_name = "NET")]
     pub net: Vec<String>,
 
+    /// A virtio-fs device served by a vhost-user backend (virtiofsd):
+    /// "tag=<tag>,socket=<unix_socket_path>,queues=<request_queues>". tag is what
+    /// the guest mounts (mount -t virtiofs TAG DIR), 1 to 36 bytes; socket is where
+    /// the backend listens (evmm connects at start-up and fails if nothing answers);
+    /// queues is the number of request queues, 1 to 8 [default: 1]. Repeat the
+    /// option for more devices; they follow the --net devices
+    #[arg(long, value_name = "FS")]
+    pub fs: Vec<String>,
+
     /// How the guest's queue notifications reach the device workers:
     /// ioeventfd lets KVM signal the worker without leaving the guest; exit
     /// makes each notification exit to the vCPU thread, which signals it
@@ -126,6 +140,12 @@ pub struct Cli {
     /// and has the kernel log it; off installs none
     #[arg(long, value_name = "MODE", default_value = "kill")]
     pub seccomp: evmm_seccomp::Mode,
+
+    /// The exit device: a guest write of byte N to I/O port 0xf4 stops the VM and
+    /// evmm exits with status N (from a Linux guest:
+    /// `printf '\\007' | dd of=/dev/port bs=1 seek=244 count=1` exits with 7)
+    #[arg(long)]
+    pub exit_device: bool,
 
     /// Log level for evmm's own diagnostics on standard error: off, error,
     /// warn, info, debug or trace [default: RUST_LOG, else warn]
@@ -145,8 +165,12 @@ impl Cli {
         )?;
         let devices = DeviceConfig::new(&self.disk, self.notify, self.metrics.clone())?
             .with_vhost_user_blk(&self.vhost_user_blk)?
-            .with_nets(&self.net)?;
-        Ok(config.with_devices(devices).with_seccomp(self.seccomp))
+            .with_nets(&self.net)?
+            .with_fs(&self.fs)?;
+        Ok(config
+            .with_devices(devices)
+            .with_seccomp(self.seccomp)
+            .with_exit_device(self.exit_device))
     }
 }
 

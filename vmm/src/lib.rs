@@ -13,7 +13,9 @@
 //!   `evmm-virtio` crate;
 //! * [`devices`]: the legacy devices and the I/O buses;
 //! * [`event_loop`], [`signals`], [`terminal`], [`metrics`]: the main thread's loop,
-//!   stop signals, the console's terminal, `--metrics`.
+//!   stop signals, the console's terminal, `--metrics`;
+//! * [`run_command`]: `evmm run`, a command in a guest with the host's files as its
+//!   root (virtiofsd, a generated initramfs, the exit device).
 
 pub mod arch;
 pub mod boot;
@@ -25,6 +27,7 @@ pub mod eintr;
 pub mod error;
 pub mod event_loop;
 pub mod metrics;
+pub mod run_command;
 pub mod signals;
 pub mod terminal;
 pub mod vstate;

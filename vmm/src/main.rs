@@ -20,6 +20,10 @@ fn init_logging(cli: &Cli) {
 }
 
 fn main() -> ExitCode {
+    let mut args = std::env::args_os().skip(1);
+    if args.next().is_some_and(|a| a == "run") {
+        return evmm::run_command::main(args);
+    }
     let cli = Cli::parse();
     init_logging(&cli);
 
@@ -44,6 +48,10 @@ fn main() -> ExitCode {
         Ok(reason) if reason.is_error() => {
             eprintln!("error: {reason}");
             ExitCode::FAILURE
+        }
+        Ok(evmm::vstate::exit::ExitReason::GuestStatus(status)) => {
+            log::info!("the guest's exit status: {status}");
+            ExitCode::from(status)
         }
         Ok(reason) => {
             log::info!("{reason}");

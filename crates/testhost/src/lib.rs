@@ -3,7 +3,7 @@
 //! guest consoles.
 
 pub mod boottime;
-pub mod cpio;
+pub use evmm_cpio as cpio;
 pub mod cputime;
 pub mod error;
 pub mod evmm;

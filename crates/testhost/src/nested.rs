@@ -310,9 +310,11 @@ impl NestedHost {
         let repo = repo_root();
         cpio.dir("payload")?;
         cpio.dir("payload/bin")?;
+        // The guest images for `evmm run`, whose default kernel is the stock one.
         let env = format!(
-            "EVMM_NONCE={nonce}\nEVMM_CWD={}\n",
-            shell_quote(&repo.display().to_string())
+            "EVMM_NONCE={nonce}\nEVMM_CWD={}\nexport EVMM_GUEST_IMAGES={}\n",
+            shell_quote(&repo.display().to_string()),
+            shell_quote(&self.images.dir.display().to_string())
         );
         cpio.file("payload/env", 0o644, env.as_bytes())?;
         let cmd: Vec<String> = argv.iter().map(|a| shell_quote(a.as_ref())).collect();

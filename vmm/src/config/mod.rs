@@ -1,6 +1,7 @@
 //! A validated VM configuration.
 
 pub mod disk;
+pub mod fs;
 pub mod net;
 pub mod vhost_user;
 
@@ -84,10 +85,18 @@ pub enum ConfigError {
         /// What is wrong with it.
         source: net::NetOptionError,
     },
-    /// More `--disk`, `--vhost-user-blk` and `--net` devices together than there are
-    /// slots.
+    /// A `--fs` value cannot be parsed.
+    #[error("--fs {spec}: {source}")]
+    Fs {
+        /// The value as given.
+        spec: String,
+        /// What is wrong with it.
+        source: fs::FsOptionError,
+    },
+    /// More `--disk`, `--vhost-user-blk`, `--net` and `--fs` devices together than
+    /// there are slots.
     #[error(
-        "{0} virtio devices given (--disk, --vhost-user-blk and --net together); \
+        "{0} virtio devices given (--disk, --vhost-user-blk, --net and --fs together); \
          evmm supports at most {MAX_VIRTIO_MMIO_DEVICES}"
     )]
     TooManyDevices(usize),
@@ -127,6 +136,8 @@ pub struct DeviceConfig {
     pub vhost_user_blk: Vec<VhostUserBlkConfig>,
     /// virtio-net devices, in `--net` order, after the block devices.
     pub nets: Vec<NetSpec>,
+    /// virtio-fs devices served by vhost-user backends, in `--fs` order, last.
+    pub fs: Vec<fs::VhostUserFsConfig>,
     /// How queue notifications are delivered.
     pub notify: NotifyMode,
     /// Where to write the device counters at exit.
@@ -168,6 +179,7 @@ impl DeviceConfig {
             disks,
             vhost_user_blk: Vec::new(),
             nets: Vec::new(),
+            fs: Vec::new(),
             notify,
             metrics,
         })
@@ -207,9 +219,24 @@ impl DeviceConfig {
         Ok(DeviceConfig { nets, ..self })
     }
 
+    /// The same devices plus the `--fs` values, parsed. Nothing is connected yet.
+    pub fn with_fs(self, specs: &[String]) -> Result<Self, ConfigError> {
+        self.check_room(specs.len())?;
+        let fs = specs
+            .iter()
+            .map(|spec| {
+                fs::parse_fs(spec).map_err(|source| ConfigError::Fs {
+                    spec: spec.clone(),
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(DeviceConfig { fs, ..self })
+    }
+
     /// The number of virtio devices.
     pub fn count(&self) -> usize {
-        self.disks.len() + self.vhost_user_blk.len() + self.nets.len()
+        self.disks.len() + self.vhost_user_blk.len() + self.nets.len() + self.fs.len()
     }
 
     fn check_room(&self, more: usize) -> Result<(), ConfigError> {
@@ -238,6 +265,11 @@ pub struct VmConfig {
     pub devices: DeviceConfig,
     /// The threads' seccomp filters.
     pub seccomp: evmm_seccomp::Mode,
+    /// The exit device on its I/O port (`--exit-device`).
+    pub exit_device: bool,
+    /// Standard input goes to the guest's console (the terminal in raw mode);
+    /// `false` leaves standard input and the terminal alone (`evmm run`).
+    pub console_input: bool,
 }
 
 impl VmConfig {
@@ -294,6 +326,8 @@ impl VmConfig {
             vcpus: vcpus as u8,
             devices: DeviceConfig::default(),
             seccomp: evmm_seccomp::Mode::default(),
+            exit_device: false,
+            console_input: true,
         })
     }
 
@@ -305,6 +339,23 @@ impl VmConfig {
     /// The same configuration with seccomp filters in `mode`.
     pub fn with_seccomp(self, seccomp: evmm_seccomp::Mode) -> Self {
         VmConfig { seccomp, ..self }
+    }
+
+    /// The same configuration with standard input forwarded to the console (`true`)
+    /// or left alone.
+    pub fn with_console_input(self, console_input: bool) -> Self {
+        VmConfig {
+            console_input,
+            ..self
+        }
+    }
+
+    /// The same configuration with the exit device on (`true`) or off.
+    pub fn with_exit_device(self, exit_device: bool) -> Self {
+        VmConfig {
+            exit_device,
+            ..self
+        }
     }
 }
 

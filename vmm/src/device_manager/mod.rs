@@ -16,7 +16,9 @@ use evmm_virtio::net::{default_mac, Net, NetConfig, NetError, Tap};
 use evmm_virtio::transport::mmio::MmioTransport;
 use evmm_virtio::vhost::net::VhostNetError;
 use evmm_virtio::vhost::user::VhostUserError;
-use evmm_virtio::vhost::{VhostNet, VhostUserBlk, VhostUserBlkConfig};
+use evmm_virtio::vhost::{
+    VhostNet, VhostUserBlk, VhostUserBlkConfig, VhostUserFs, VhostUserFsConfig,
+};
 use evmm_virtio::VirtioDevice;
 use kvm_ioctls::{Cap, Kvm, VmFd};
 
@@ -132,6 +134,22 @@ pub fn connect_vhost_user(
         .collect()
 }
 
+/// Connects to the backend of every `--fs` device, in its slot (`slots` as many as
+/// `configs`); as [`connect_vhost_user`].
+pub fn connect_fs(
+    configs: &[VhostUserFsConfig],
+    slots: &[MmioSlot],
+) -> Result<Vec<VhostUserFs>, DeviceError> {
+    configs
+        .iter()
+        .zip(slots)
+        .map(|(c, s)| {
+            c.connect(&format!("vhost-user-fs@{:#x}", s.base))
+                .map_err(Into::into)
+        })
+        .collect()
+}
+
 /// Opens the tap of every `--net` device, in its slot (`slots` as many as `specs`),
 /// and with `vhost=on` its vhost-net descriptors for guest memory `mem`. Done before
 /// anything touches KVM, so a missing tap or vhost-net is reported first.
@@ -193,9 +211,10 @@ pub fn open_nets(
 /// What a device is, for the log and the metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceInfo {
-    /// `"virtio-blk"`, `"vhost-user-blk"`, `"virtio-net"` or `"vhost-net"`.
+    /// `"virtio-blk"`, `"vhost-user-blk"`, `"virtio-net"`, `"vhost-net"` or
+    /// `"vhost-user-fs"`.
     pub kind: &'static str,
-    /// The disk's `id=`, or the network device's MAC.
+    /// The disk's `id=`, the network device's MAC, or the file system's tag.
     pub id: Option<String>,
     /// The disk file, the backend's socket, or the tap.
     pub path: String,
@@ -243,6 +262,23 @@ impl PendingDevice {
                 readonly: device.avail_features()
                     & (1 << virtio_bindings::virtio_blk::VIRTIO_BLK_F_RO)
                     != 0,
+            },
+            device: Box::new(device),
+        }
+    }
+}
+
+impl PendingDevice {
+    /// A `--fs`.
+    pub fn vhost_user_fs(slot: MmioSlot, config: &VhostUserFsConfig, device: VhostUserFs) -> Self {
+        PendingDevice {
+            slot,
+            info: DeviceInfo {
+                kind: "vhost-user-fs",
+                id: Some(config.tag.clone()),
+                path: device.socket().display().to_string(),
+                queues: device.queue_count(),
+                readonly: false,
             },
             device: Box::new(device),
         }

@@ -19,6 +19,9 @@ pub enum ExitReason {
     TripleFault,
     /// evmm received this signal (SIGTERM, SIGINT, SIGHUP).
     Signal(i32),
+    /// The guest wrote this status to the exit device (`--exit-device`); evmm exits
+    /// with it.
+    GuestStatus(u8),
     /// A vCPU hit an error evmm cannot continue from.
     Error(String),
 }
@@ -37,6 +40,9 @@ impl std::fmt::Display for ExitReason {
             ExitReason::Reset => write!(f, "guest reset"),
             ExitReason::TripleFault => write!(f, "guest triple fault (treated as reset)"),
             ExitReason::Signal(n) => write!(f, "stopped by signal {n}"),
+            ExitReason::GuestStatus(n) => {
+                write!(f, "the guest wrote status {n} to the exit device")
+            }
             ExitReason::Error(e) => write!(f, "{e}"),
         }
     }

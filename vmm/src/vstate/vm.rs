@@ -24,6 +24,7 @@ use crate::config::VmConfig;
 use crate::device_manager::{self, DeviceError, PendingDevice, VirtioDevices};
 use crate::devices::acpi_pm::AcpiSleep;
 use crate::devices::bus::{Bus, BusError};
+use crate::devices::exit_port::{ExitPort, EXIT_PORT};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{IrqTrigger, SerialDevice};
 use crate::event_loop;
@@ -120,6 +121,8 @@ pub struct Vm {
     devices: VirtioDevices,
     metrics_path: Option<PathBuf>,
     seccomp: evmm_seccomp::Mode,
+    /// Whether standard input is the console's (see [`VmConfig::console_input`]).
+    console_input: bool,
     serial: Arc<Mutex<SerialDevice>>,
     exit: Arc<VmExit>,
     _vm: VmFd,
@@ -184,10 +187,12 @@ impl Vm {
         let slots = device_manager::mmio_slots(config.devices.count())?;
         let disks = device_manager::open_disks(disk_configs)?;
         let (disk_slots, rest) = slots.split_at(disk_configs.len());
-        let (vhost_user_slots, net_slots) = rest.split_at(vhost_user_configs.len());
+        let (vhost_user_slots, rest) = rest.split_at(vhost_user_configs.len());
+        let (net_slots, fs_slots) = rest.split_at(config.devices.nets.len());
         let nets = device_manager::open_nets(&config.devices.nets, net_slots, mem)?;
         start_worker_spawner(config.seccomp)?;
         let vhost_user = device_manager::connect_vhost_user(vhost_user_configs, vhost_user_slots)?;
+        let fs = device_manager::connect_fs(&config.devices.fs, fs_slots)?;
         let mut dsdt_devices = vec![DsdtDevice::com1()];
         dsdt_devices.extend(slots.iter().map(|s| s.dsdt_device()));
         let cmdline = device_manager::kernel_cmdline(&config.cmdline, &slots);
@@ -255,6 +260,13 @@ impl Vm {
             2,
             Arc::new(Mutex::new(AcpiSleep::new(exit.clone()))),
         )?;
+        if config.exit_device {
+            pio.insert(
+                u64::from(EXIT_PORT),
+                1,
+                Arc::new(Mutex::new(ExitPort::new(exit.clone()))),
+            )?;
+        }
         let pio = Arc::new(pio);
         let mut mmio = Bus::new("mmio");
         let pending = disk_slots
@@ -269,6 +281,13 @@ impl Vm {
                     .map(|(&slot, dev)| PendingDevice::vhost_user_blk(slot, dev)),
             )
             .chain(nets)
+            .chain(
+                fs_slots
+                    .iter()
+                    .zip(&config.devices.fs)
+                    .zip(fs)
+                    .map(|((&slot, c), dev)| PendingDevice::vhost_user_fs(slot, c, dev)),
+            )
             .collect();
         let devices =
             VirtioDevices::attach(&kvm, &vm, &mut mmio, mem, config.devices.notify, pending)?;
@@ -298,6 +317,7 @@ impl Vm {
             devices,
             metrics_path: config.devices.metrics.clone(),
             seccomp: config.seccomp,
+            console_input: config.console_input,
             serial,
             exit,
             _vm: vm,
@@ -312,9 +332,13 @@ impl Vm {
     pub fn run(mut self) -> Result<ExitReason, VmError> {
         let mut signals = StopSignals::new().map_err(io_err("set up signal handling"))?;
         vcpu::install_kick_handler()?;
-        let raw_mode = match RawModeGuard::new(libc::STDIN_FILENO) {
-            Ok(guard) => guard,
-            Err(e) => {
+        let raw_mode = match self
+            .console_input
+            .then(|| RawModeGuard::new(libc::STDIN_FILENO))
+        {
+            None => None,
+            Some(Ok(guard)) => guard,
+            Some(Err(e)) => {
                 log::warn!("cannot put the terminal in raw mode: {e}");
                 None
             }
@@ -338,7 +362,8 @@ impl Vm {
         if let Err(e) = evmm_seccomp::confine(ThreadKind::Main, seccomp) {
             self.exit.request(ExitReason::Error(e.to_string()));
         }
-        let loop_result = event_loop::run(&self.exit, &self.serial, &mut signals, true);
+        let loop_result =
+            event_loop::run(&self.exit, &self.serial, &mut signals, self.console_input);
         if loop_result.is_err() {
             self.exit
                 .request(ExitReason::Error("main event loop failed".into()));

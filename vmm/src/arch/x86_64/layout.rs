@@ -90,6 +90,8 @@ pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_GSI: u32 = 4;
 /// First I/O port of the i8042 controller (0x60..=0x64).
 pub const I8042_PORT: u16 = 0x60;
+/// I/O port of the exit device (`--exit-device`), where QEMU's isa-debug-exit usually sits.
+pub const EXIT_PORT: u16 = 0xf4;
 /// ACPI sleep control register (FADT `SLEEP_CONTROL_REG`).
 pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;
 /// ACPI sleep status register (FADT `SLEEP_STATUS_REG`).
