@@ -42,7 +42,8 @@ if [ "$share_ro" = 1 ]; then
 else
     mount -t virtiofs evmm-root /newroot || fail "cannot mount the share (virtio-fs tag evmm-root)"
 fi
-for fs in proc:proc sysfs:sys devtmpfs:dev tmpfs:tmp tmpfs:run; do
+# /tmp stays the share's (under the overlay when read-only): host files there are visible.
+for fs in proc:proc sysfs:sys devtmpfs:dev tmpfs:run; do
     [ -d "/newroot/${fs#*:}" ] && mount -t "${fs%:*}" "${fs%:*}" "/newroot/${fs#*:}"
 done
 [ -x /newroot/bin/sh ] || fail "the share has no /bin/sh to run the command with"
