@@ -17,7 +17,7 @@ const COMMON: &[&str] = &[
 /// QEMU on KVM through `evmm-qemu`, which adds the `-cpu` model that QEMU starts with
 /// on the KVM where the command runs (this host or the nested host; see
 /// [`crate::qemu_cpu`]), followed by [`COMMON`] and `extra`.
-fn kvm_base_argv(extra: &[&str]) -> Vec<String> {
+pub fn kvm_base_argv(extra: &[&str]) -> Vec<String> {
     ["evmm-qemu"]
         .into_iter()
         .chain(COMMON.iter().copied())

@@ -13,6 +13,7 @@ use evmm::run_command::virtiofsd::{self, Virtiofsd};
 use evmm_testhost::boottime::summary;
 use evmm_testhost::guest::all_marker_fields;
 use evmm_testhost::process::run_with_limit;
+use evmm_testhost::qemu::kvm_base_argv;
 use evmm_testhost::qemu_cpu::kvm_cpu_model;
 use evmm_testhost::route::bench_main;
 use evmm_testhost::GuestImages;
@@ -225,47 +226,40 @@ fn time_qemu(
         &bind_point,
         &dir.join("virtiofsd.log"),
     )?;
-    let argv: Vec<String> = [
-        "evmm-qemu",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-no-reboot",
-        "-serial",
-        "stdio",
-        "-L",
-        "/usr/share/qemu",
-        "-M",
-        "microvm,accel=kvm",
-        "-m",
-        &memory.to_string(),
-        "-smp",
-        "1",
-        "-global",
-        "virtio-mmio.force-legacy=false",
-        "-object",
-        &format!("memory-backend-memfd,id=mem,size={memory}M,share=on"),
-        "-machine",
-        "memory-backend=mem",
-        "-kernel",
-        &images.vmlinuz.display().to_string(),
-        "-initrd",
-        &initramfs.display().to_string(),
-        "-append",
-        "console=ttyS0 quiet loglevel=1 panic=-1 reboot=t",
-        "-chardev",
-        &format!("socket,id=vfs,path={}", socket.display()),
-        "-device",
-        &format!(
-            "vhost-user-fs-device,chardev=vfs,tag={}",
-            evmm::run_command::TAG
-        ),
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut argv = kvm_base_argv(&["-L", "/usr/share/qemu"]);
+    argv.extend(
+        [
+            "-M",
+            "microvm,accel=kvm",
+            "-m",
+            &memory.to_string(),
+            "-smp",
+            "1",
+            "-global",
+            "virtio-mmio.force-legacy=false",
+            "-object",
+            &format!("memory-backend-memfd,id=mem,size={memory}M,share=on"),
+            "-machine",
+            "memory-backend=mem",
+            "-kernel",
+            &images.vmlinuz.display().to_string(),
+            "-initrd",
+            &initramfs.display().to_string(),
+            "-append",
+            "console=ttyS0 quiet loglevel=1 panic=-1 reboot=t",
+            "-chardev",
+            &format!("socket,id=vfs,path={}", socket.display()),
+            "-device",
+            &format!(
+                "vhost-user-fs-device,chardev=vfs,tag={}",
+                evmm::run_command::TAG
+            ),
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=1",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
     let out = run_with_limit(&argv, RUN_LIMIT)?;
     daemon.stop();
     let wall = start.elapsed();
