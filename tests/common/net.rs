@@ -27,7 +27,10 @@ pub fn run(
 }
 
 /// As [`run`] with at most `attempts` nested attempts (1 for a caller that retries
-/// itself), returning what went wrong instead of panicking.
+/// itself), returning what went wrong instead of panicking. A run whose guest ended
+/// without its result while the VMM exited 0 (the silent L2 reset of README's Known
+/// problems, seen under QEMU as under evmm) is printed and made again, within the
+/// same number of attempts.
 pub fn try_run(
     vmm: Vec<String>,
     plan: &NetPlan,
@@ -36,9 +39,53 @@ pub fn try_run(
     attempts: u32,
 ) -> Result<(String, NetOutput), String> {
     let _one = ONE_TAP.lock().unwrap_or_else(|e| e.into_inner());
-    let route = Route::detect().map_err(|e| e.to_string())?;
+    let attempts = attempts.max(1);
+    let mut attempt = 1;
+    loop {
+        match run_once(&vmm, plan, tap_mtu, multi_queue, attempts) {
+            Err(Failure::SilentGuestEnd(text)) if attempt < attempts => {
+                eprintln!(
+                    "attempt {attempt} of {attempts}: the guest ended without its result and \
+                     the VMM exited 0 (a silent L2 reset, README Known problems); again"
+                );
+                eprintln!("{}", last_lines(&text, 15));
+                attempt += 1;
+            }
+            Err(Failure::SilentGuestEnd(text)) => {
+                return Err(format!(
+                    "the guest ended without its result and the VMM exited 0 in each of \
+                     {attempts} attempts; output:\n{text}"
+                ))
+            }
+            Err(Failure::Other(e)) => return Err(e),
+            Ok(out) => return Ok(out),
+        }
+    }
+}
+
+/// Why one network run failed.
+enum Failure {
+    /// The guest started, printed no result, and the VMM exited 0: it reset.
+    SilentGuestEnd(String),
+    /// Anything else, with the output.
+    Other(String),
+}
+
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn run_once(
+    vmm: &[String],
+    plan: &NetPlan,
+    tap_mtu: u32,
+    multi_queue: bool,
+    attempts: u32,
+) -> Result<(String, NetOutput), Failure> {
+    let route = Route::detect().map_err(|e| Failure::Other(e.to_string()))?;
     eprintln!("{route}");
-    let mut run = NetRun::new(vmm, plan.peer.clone()).for_route(&route);
+    let mut run = NetRun::new(vmm.to_vec(), plan.peer.clone()).for_route(&route);
     run.tap.mtu = tap_mtu;
     run.tap.multi_queue = multi_queue;
     let started = Instant::now();
@@ -48,7 +95,7 @@ pub fn try_run(
             Duration::from_secs(900),
             attempts,
         )
-        .map_err(|e| format!("the run failed: {e}"))?;
+        .map_err(|e| Failure::Other(format!("the run failed: {e}")))?;
     eprintln!(
         "network run: {:.1} s in all ({})",
         started.elapsed().as_secs_f64(),
@@ -58,7 +105,7 @@ pub fn try_run(
     for line in text.lines().filter(|l| l.contains("EVMM-NET-")) {
         eprintln!("{}", line.trim_end());
     }
-    let fail = |what: String| Err(format!("{what}; output:\n{text}"));
+    let fail = |what: String| Err(Failure::Other(format!("{what}; output:\n{text}")));
     if out.status != 0 {
         return fail("the run's script failed".into());
     }
@@ -71,6 +118,9 @@ pub fn try_run(
         return fail(format!("a guest module did not load ({warnings:?})"));
     }
     let parsed = NetOutput::parse(&text);
+    if parsed.guest_ended_silently(&console) {
+        return Err(Failure::SilentGuestEnd(text));
+    }
     if !parsed.problems().is_empty() {
         return fail(format!("{:?}", parsed.problems()));
     }

@@ -204,7 +204,9 @@ impl NestedHost {
         let lines = qemu.lines()?;
         let started = Instant::now();
 
-        let diagnostics = || tail(&console, 30) + &tail(&stderr_log, 10);
+        // A lost L1 keeps its whole console (boot messages, a lockup's backtraces) in
+        // target/nested-lost/; the error carries its path and its last lines.
+        let diagnostics = || keep_console(&console, &nonce) + &tail(&console, 60) + &tail(&stderr_log, 10);
         let ready = format!("{READY}{nonce}");
         wait_for_line(&lines, started + self.boot_limit, |l| l == ready).map_err(|_| {
             let console = diagnostics();
@@ -297,7 +299,11 @@ impl NestedHost {
             "-initrd".into(),
             initrd.display().to_string(),
             "-append".into(),
-            "console=ttyS0 panic=-1 quiet".into(),
+            // Not quiet, and a soft lockup panics with every CPU's backtrace: L1's
+            // console is a file of its own (the command's output is on ttyS1), and a
+            // frozen L1 then ends at once with its stacks on record instead of at the
+            // command's time limit (README, Known problems).
+            "console=ttyS0 panic=-1 softlockup_panic=1 softlockup_all_cpu_backtrace=1".into(),
         ]);
         args
     }
@@ -556,6 +562,24 @@ fn nonce() -> String {
 }
 
 /// The last `n` lines of a file (empty when it cannot be read).
+/// Copies a lost L1's console log to `target/nested-lost/` and returns a line naming
+/// the copy (empty when there is nothing to keep or it cannot be written).
+fn keep_console(console: &Path, nonce: &str) -> String {
+    let dir = target_dir().join("nested-lost");
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let kept = dir.join(format!("{secs}-{nonce}-console.log"));
+    match fs::create_dir_all(&dir).and_then(|_| fs::copy(console, &kept)) {
+        Ok(_) => format!("(L1's whole console: {})\n", kept.display()),
+        Err(e) => {
+            log::warn!("cannot keep L1's console {}: {e}", console.display());
+            String::new()
+        }
+    }
+}
+
 fn tail(path: &Path, n: usize) -> String {
     let mut text = String::new();
     if let Ok(mut f) = File::open(path) {
