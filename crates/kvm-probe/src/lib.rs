@@ -6,4 +6,4 @@
 pub mod long_mode;
 pub mod probe;
 
-pub use probe::{probe, ProbeError, ProbeReport, Ring0, MAX_ITERATIONS};
+pub use probe::{probe, probe_native_quickly, ProbeError, ProbeReport, Ring0, MAX_ITERATIONS};

@@ -293,11 +293,47 @@ pub fn probe(iterations: Option<u64>) -> Result<ProbeReport, ProbeError> {
             return Err(ProbeError::InvalidIterations(n));
         }
     }
+    probe_for(iterations, TARGET_RUN_TIME)
+}
+
+/// Calibration target of [`probe_native_quickly`]'s first look.
+pub const QUICK_RUN_TIME: Duration = Duration::from_millis(2);
+
+/// A ring-0 figure of the quick look at or under this (ns) is taken as native
+/// without the full probe. Noise only lengthens a run, so an emulated ring 0
+/// (hundreds of ns per iteration) cannot come out this fast.
+pub const QUICK_NATIVE_NS: f64 = 10.0;
+
+/// For a caller that needs only "does ring 0 run natively" at start-up (`evmm run`):
+/// a look with runs of [`QUICK_RUN_TIME`] (a tenth of [`probe`]'s), accepted when it
+/// finds ring 0 native and under [`QUICK_NATIVE_NS`]; anything else (emulated, or
+/// noise) is settled by the full [`probe`].
+pub fn probe_native_quickly() -> Result<ProbeReport, ProbeError> {
+    match probe_for(None, QUICK_RUN_TIME) {
+        Ok(r) if quick_look_settles_it(&r) => Ok(r),
+        Ok(r) => {
+            debug!("quick probe not conclusive ({r}); running the full probe");
+            probe(None)
+        }
+        Err(e) => {
+            debug!("quick probe failed ({e}); running the full probe");
+            probe(None)
+        }
+    }
+}
+
+/// A quick look is trusted only when it says native, with a ring-0 figure no
+/// emulator reaches.
+fn quick_look_settles_it(r: &ProbeReport) -> bool {
+    r.ring0 == Ring0::Native && r.cpl0_ns_per_iteration <= QUICK_NATIVE_NS
+}
+
+fn probe_for(iterations: Option<u64>, target: Duration) -> Result<ProbeReport, ProbeError> {
     let kvm_flavor = KvmFlavor::detect();
     let mut guest = ProbeVm::new()?;
 
-    let cpl0 = guest.measure(0, iterations)?;
-    let cpl3 = guest.measure(3, iterations)?;
+    let cpl0 = guest.measure(0, iterations, target)?;
+    let cpl3 = guest.measure(3, iterations, target)?;
     let ring0 = classify(cpl0.ns_per_iteration, cpl3.ns_per_iteration);
 
     let report = ProbeReport {
@@ -324,10 +360,11 @@ fn measure_with(
     mut run: impl FnMut(u64) -> Result<Duration, ProbeError>,
     cpl: u8,
     iterations: Option<u64>,
+    target: Duration,
 ) -> Result<Measurement, ProbeError> {
     let (mut n, retries) = match iterations {
         Some(n) => (n, 0),
-        None => (calibrate_with(&mut run, cpl)?, NOISE_RETRIES),
+        None => (calibrate_with(&mut run, cpl, target)?, NOISE_RETRIES),
     };
     let mut attempt = 0;
     loop {
@@ -360,21 +397,22 @@ fn measure_with(
     }
 }
 
-/// Grow N until one run takes at least [`TARGET_RUN_TIME`]. The first run of a fresh vCPU
+/// Grow N until one run takes at least `target` ([`TARGET_RUN_TIME`] for [`probe`]). The first run of a fresh vCPU
 /// pays for faulting in its memory (far more under nested paging), so it is a warm-up, not a
 /// measurement; each step then takes the faster of two runs, so that one run delayed by the
 /// host cannot end the calibration early.
 fn calibrate_with(
     run: &mut impl FnMut(u64) -> Result<Duration, ProbeError>,
     cpl: u8,
+    target_time: Duration,
 ) -> Result<u64, ProbeError> {
-    let target = TARGET_RUN_TIME.as_secs_f64();
+    let target = target_time.as_secs_f64();
     run(START_ITERATIONS)?;
     let mut n = START_ITERATIONS;
     loop {
         let t = run(n)?.min(run(n)?);
         debug!("CPL{cpl} calibration: {n} iterations in {t:?}");
-        if t >= TARGET_RUN_TIME || n >= MAX_CALIBRATED_ITERATIONS {
+        if t >= target_time || n >= MAX_CALIBRATED_ITERATIONS {
             return Ok(n);
         }
         // Aim 25% past the target; grow at least 10%, at most 16x a step.
@@ -444,8 +482,13 @@ impl ProbeVm {
     }
 
     /// Time the loop at `cpl` for N and 2N iterations.
-    fn measure(&mut self, cpl: u8, iterations: Option<u64>) -> Result<Measurement, ProbeError> {
-        measure_with(|n| self.run_loop(cpl, n), cpl, iterations)
+    fn measure(
+        &mut self,
+        cpl: u8,
+        iterations: Option<u64>,
+        target: Duration,
+    ) -> Result<Measurement, ProbeError> {
+        measure_with(|n| self.run_loop(cpl, n), cpl, iterations, target)
     }
 
     /// Run the loop once at `cpl` for `n` iterations; returns the time spent
@@ -558,7 +601,7 @@ mod tests {
         // The first run (the warm-up) and one run of the first step are slow: calibration
         // still grows N until a run really takes the target time.
         let mut run = fake_loop(2.0, &[0, 1]);
-        let n = calibrate_with(&mut run, 0).unwrap();
+        let n = calibrate_with(&mut run, 0, TARGET_RUN_TIME).unwrap();
         assert!(
             Duration::from_nanos((2.0 * n as f64) as u64)
                 >= TARGET_RUN_TIME - Duration::from_micros(10),
@@ -576,10 +619,10 @@ mod tests {
             calls += 1;
             probe_run(n)
         };
-        calibrate_with(&mut counting, 0).unwrap();
+        calibrate_with(&mut counting, 0, TARGET_RUN_TIME).unwrap();
         let first_n_runs: Vec<usize> = (0..REPEATS).map(|r| calls + 2 * r).collect();
         let slow: &'static [usize] = Vec::leak(first_n_runs);
-        let m = measure_with(fake_loop(2.0, slow), 0, None).unwrap();
+        let m = measure_with(fake_loop(2.0, slow), 0, None, TARGET_RUN_TIME).unwrap();
         assert!(
             (m.ns_per_iteration - 2.0).abs() < 0.01,
             "{}",
@@ -587,7 +630,7 @@ mod tests {
         );
         let calibrated = {
             let mut run = fake_loop(2.0, &[]);
-            calibrate_with(&mut run, 0).unwrap()
+            calibrate_with(&mut run, 0, TARGET_RUN_TIME).unwrap()
         };
         assert_eq!(m.iterations, calibrated * 4);
     }
@@ -595,7 +638,7 @@ mod tests {
     #[test]
     fn noise_at_the_callers_n_is_reported() {
         // Runs 0, 2, 4 are the N runs: slow them all.
-        let err = measure_with(fake_loop(2.0, &[0, 2, 4]), 3, Some(1000)).err();
+        let err = measure_with(fake_loop(2.0, &[0, 2, 4]), 3, Some(1000), TARGET_RUN_TIME).err();
         assert!(
             matches!(
                 err,
@@ -620,6 +663,23 @@ mod tests {
         assert_eq!(classify(0.30, 0.29), Ring0::Native);
         // Genuine KVM inside a TCG L1: slow but uniform.
         assert_eq!(classify(2.2, 2.1), Ring0::Native);
+    }
+
+    #[test]
+    fn only_a_clearly_native_quick_look_skips_the_full_probe() {
+        let report = |cpl0, cpl3| ProbeReport {
+            ring0: classify(cpl0, cpl3),
+            cpl0_ns_per_iteration: cpl0,
+            cpl3_ns_per_iteration: cpl3,
+            cpl0_iterations: 1,
+            cpl3_iterations: 1,
+            kvm: KvmFlavor::Pvm,
+        };
+        assert!(quick_look_settles_it(&report(0.3, 0.3)));
+        assert!(quick_look_settles_it(&report(2.2, 2.1)));
+        // Emulated, or native by the rules but slow enough to want a closer look.
+        assert!(!quick_look_settles_it(&report(841.4, 0.53)));
+        assert!(!quick_look_settles_it(&report(30.0, 20.0)));
     }
 
     #[test]

@@ -206,7 +206,8 @@ impl NestedHost {
 
         // A lost L1 keeps its whole console (boot messages, a lockup's backtraces) in
         // target/nested-lost/; the error carries its path and its last lines.
-        let diagnostics = || keep_console(&console, &nonce) + &tail(&console, 60) + &tail(&stderr_log, 10);
+        let diagnostics =
+            || keep_console(&console, &nonce) + &tail(&console, 60) + &tail(&stderr_log, 10);
         let ready = format!("{READY}{nonce}");
         wait_for_line(&lines, started + self.boot_limit, |l| l == ready).map_err(|_| {
             let console = diagnostics();

@@ -290,10 +290,11 @@ fn run_vm_thread(config: VmConfig, kvm_device: &Path) -> Result<ExitReason, RunE
     }
 }
 
-/// Fails unless this KVM runs guest ring-0 code natively.
+/// Fails unless this KVM runs guest ring-0 code natively (a quick look, the full
+/// probe when that is not conclusive).
 fn check_kvm() -> Result<(), RunError> {
     use evmm_kvm_probe::Ring0;
-    match evmm_kvm_probe::probe(None) {
+    match evmm_kvm_probe::probe_native_quickly() {
         Ok(report) if report.ring0 == Ring0::Native => Ok(()),
         Ok(report) => Err(RunError::NoLinuxKvm(format!(
             "guest ring-0 code is emulated ({report})"
