@@ -12,6 +12,7 @@ use clap::Parser;
 use evmm::run_command::virtiofsd::{self, Virtiofsd};
 use evmm_testhost::boottime::summary;
 use evmm_testhost::guest::all_marker_fields;
+use evmm_testhost::nested::shell_quote;
 use evmm_testhost::process::run_with_limit;
 use evmm_testhost::qemu::kvm_base_argv;
 use evmm_testhost::qemu_cpu::kvm_cpu_model;
@@ -56,12 +57,16 @@ struct Sample {
     read: Option<Duration>,
 }
 
-/// What the guest runs: `true`, or reading the file with its own timing.
+/// What the guest runs: `true`, or reading the file with its own timing. The
+/// guest's root is the host's, whose `date` may be busybox's (no `%N`): the clock is
+/// the guest kernel's `/proc/uptime`, in hundredths of a second (`1$2 - 100` keeps
+/// a fraction such as `05` from being read as octal).
 fn commands(file: &Path) -> [(&'static str, Vec<String>); 2] {
     let read = format!(
-        "s=$(date +%s%N); cat {} > /dev/null || exit 1; e=$(date +%s%N); \
-         echo \"EVMM-RUN-READ ns=$((e - s))\"",
-        file.display()
+        "cs() {{ set -- ${{1%.*}} ${{1#*.}}; echo $(($1 * 100 + 1$2 - 100)); }}; \
+         read a _ < /proc/uptime; cat {} > /dev/null || exit 1; read b _ < /proc/uptime; \
+         echo \"EVMM-RUN-READ ns=$((($(cs $b) - $(cs $a)) * 10000000))\"",
+        shell_quote(&file.display().to_string())
     );
     [
         ("true", vec!["true".into()]),
@@ -291,4 +296,27 @@ fn read_time(console: &str) -> Option<Duration> {
         .first()
         .and_then(|f| f.get("ns")?.parse().ok())
         .map(Duration::from_nanos)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_read_command_times_itself_with_any_sh() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a file");
+        std::fs::write(&file, vec![7u8; 1 << 20]).unwrap();
+        let [_, (_, argv)] = commands(&file);
+        for sh in ["sh", "busybox"] {
+            let mut cmd = std::process::Command::new(sh);
+            if sh == "busybox" {
+                cmd.arg("sh");
+            }
+            let out = cmd.args(&argv[1..]).output().unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "{sh}: {out:?}");
+            assert!(read_time(&text).is_some(), "{sh}: {text}");
+        }
+    }
 }
