@@ -48,6 +48,8 @@
 //! guest's RFLAGS say, so they fault.) The two TPR writes per request lie
 //! outside the timed interval.
 
+mod echo_tap;
+
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -289,6 +291,11 @@ struct Args {
     /// Print only the summary statistics, not every sample.
     #[arg(long)]
     no_samples: bool,
+    /// The network floor: each kick sends the notify guest's probe frame on this tap
+    /// and the answer waits for its echo (`evmm-net-echo` on the tap's other side);
+    /// poll and irq modes only.
+    #[arg(long, value_name = "NAME")]
+    tap: Option<String>,
 }
 
 /// An error with its context, printed by `main`.
@@ -512,7 +519,16 @@ fn long_mode_sregs(base: &kvm_sregs) -> kvm_sregs {
 type Series = (&'static str, Vec<u64>);
 
 /// Runs one mode; returns the series and the interrupt count.
-fn run_mode(floor: &mut Floor, mode: Mode, requests: u64) -> Result<(Vec<Series>, u64), Error> {
+fn run_mode(
+    floor: &mut Floor,
+    mode: Mode,
+    requests: u64,
+    tap: Option<&str>,
+) -> Result<(Vec<Series>, u64), Error> {
+    let mut echo = tap
+        .map(echo_tap::EchoTap::open)
+        .transpose()
+        .map_err(ctx("the tap"))?;
     let kick = EventFd::new(0).map_err(ctx("eventfd"))?;
     let irq = EventFd::new(0).map_err(ctx("eventfd"))?;
     floor
@@ -552,7 +568,15 @@ fn run_mode(floor: &mut Floor, mode: Mode, requests: u64) -> Result<(Vec<Series>
                     }
                     return;
                 }
+                let mut seq = 0u64;
                 while kick.read().is_ok() && !stop.load(Ordering::Acquire) {
+                    if let Some(tap) = echo.as_mut() {
+                        if let Err(e) = tap.round_trip(seq) {
+                            eprintln!("evmm-notify-floor: the tap round trip {seq}: {e}");
+                            break;
+                        }
+                        seq += 1;
+                    }
                     match mode {
                         Mode::Poll | Mode::Shm => {
                             flag.fetch_add(1, Ordering::Release);
@@ -674,15 +698,22 @@ fn run(args: &Args) -> Result<(), Error> {
         "NOTIFY-INFO source=floor tsc_khz={} gsi={IRQ_GSI} vector={IRQ_VECTOR:#x} kick={KICK_ADDR:#x}",
         floor.tsc_khz
     );
-    let modes = match args.mode {
-        Some(m) => vec![m],
-        None => vec![Mode::Poll, Mode::Irq, Mode::Shm],
+    let modes = match (args.mode, &args.tap) {
+        (Some(Mode::Shm), Some(_)) => return Err("--tap needs a kick: poll or irq mode".into()),
+        (Some(m), _) => vec![m],
+        (None, None) => vec![Mode::Poll, Mode::Irq, Mode::Shm],
+        (None, Some(_)) => vec![Mode::Poll, Mode::Irq],
+    };
+    let kind = if args.tap.is_some() {
+        "floor_echo"
+    } else {
+        "floor"
     };
     for mode in modes {
-        let (series, irqs) = run_mode(&mut floor, mode, args.requests)?;
+        let (series, irqs) = run_mode(&mut floor, mode, args.requests, args.tap.as_deref())?;
         for (name, samples) in series {
             let mut line = format!(
-                "NOTIFY-RESULT kind=floor mode={name} n={} irqs={irqs} {}",
+                "NOTIFY-RESULT kind={kind} mode={name} n={} irqs={irqs} {}",
                 samples.len(),
                 summary(&samples)
             );
