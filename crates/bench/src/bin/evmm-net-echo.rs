@@ -59,7 +59,9 @@ fn main() -> std::process::ExitCode {
 fn run(cli: &Cli) -> io::Result<()> {
     for sig in [libc::SIGTERM, libc::SIGINT] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        if unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) } == libc::SIG_ERR {
+        if unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) }
+            == libc::SIG_ERR
+        {
             return Err(io::Error::last_os_error());
         }
     }
