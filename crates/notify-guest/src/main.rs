@@ -4,19 +4,23 @@
 //! (so it runs under evmm and QEMU `-M microvm` alike), finds a virtio-blk
 //! device from `virtio_mmio.device=<size>@<base>:<gsi>` on its command line,
 //! drives it itself (virtio-mmio version 2, one split queue) and measures the
-//! notify path with the TSC from ring 3. See `README.md` next to this file
-//! for the output format and the measurement definitions.
+//! notify path with the TSC from ring 3; with a virtio-net device instead
+//! (or `notify.net=1`) it times UDP echoes through it ([`net`]). See
+//! `README.md` next to this file for the output format and the measurement
+//! definitions.
 #![no_std]
 #![no_main]
 
 mod boot;
 mod chaos;
+mod net;
 mod virtio;
 
 use core::fmt::Write;
 use core::panic::PanicInfo;
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
+use net::NetDevice;
 use virtio::{BlkDevice, ReqKind};
 
 /// Vector the device's IOAPIC pin is routed to.
@@ -312,6 +316,8 @@ struct Config {
     chaos: Option<u64>,
     /// `notify.chaos.steps=N`.
     chaos_steps: u64,
+    /// `notify.net=1`: use a virtio-net device only.
+    net: bool,
 }
 
 fn parse_num(s: &[u8]) -> Option<u64> {
@@ -352,6 +358,7 @@ fn parse_cmdline(cmdline: &[u8]) -> Config {
         raw: true,
         chaos: None,
         chaos_steps: chaos::DEFAULT_STEPS,
+        net: false,
     };
     let mut n = 0;
     for tok in cmdline.split(|c| c.is_ascii_whitespace()) {
@@ -368,6 +375,8 @@ fn parse_cmdline(cmdline: &[u8]) -> Config {
             }
         } else if let Some(v) = tok.strip_prefix(b"notify.raw=") {
             cfg.raw = v != b"0";
+        } else if let Some(v) = tok.strip_prefix(b"notify.net=") {
+            cfg.net = v != b"0";
         } else if let Some(v) = tok.strip_prefix(b"notify.chaos.steps=") {
             if let Some(n) = parse_num(v) {
                 cfg.chaos_steps = n.min(chaos::MAX_STEPS);
@@ -435,8 +444,8 @@ fn heapsort(v: &mut [u32]) {
 
 /// Prints one `NOTIFY-RESULT` line.
 fn print_series(
-    kind: ReqKind,
-    mode: Mode,
+    kind: &str,
+    mode: &str,
     samples: &[u32],
     irqs: u64,
     kicks: u64,
@@ -455,8 +464,8 @@ fn print_series(
     let _ = write!(
         o,
         "NOTIFY-RESULT kind={} mode={} n={} irqs={} kicks={} errors={} min={} p50={} p90={} p99={} p999={} max={} mean={}",
-        kind.name(),
-        mode.name(),
+        kind,
+        mode,
         n,
         irqs,
         kicks,
@@ -515,7 +524,16 @@ pub extern "C" fn guest_main() -> ! {
 
     let mut dev = None;
     for spec in cfg.devices.iter().flatten() {
-        match BlkDevice::probe(spec.base as usize) {
+        let base = spec.base as usize;
+        let found = virtio::identify(base).and_then(|ids| {
+            if !cfg.net {
+                if let Some(d) = BlkDevice::check(base, ids)? {
+                    return Ok(Some(Found::Blk(d)));
+                }
+            }
+            Ok(NetDevice::check(base, ids)?.map(Found::Net))
+        });
+        match found {
             Ok(Some(d)) => {
                 dev = Some((d, *spec));
                 break;
@@ -526,9 +544,17 @@ pub extern "C" fn guest_main() -> ! {
             }
         }
     }
-    let Some((mut dev, spec)) = dev else {
-        println!("NOTIFY-ERROR no virtio-blk device (virtio-mmio version 2) in virtio_mmio.device= on the command line");
-        power_off();
+    let (mut dev, spec) = match dev {
+        Some((Found::Blk(d), spec)) => (d, spec),
+        Some((Found::Net(d), spec)) => run_net(d, spec, &cfg),
+        None if cfg.net => {
+            println!("NOTIFY-ERROR no virtio-net device (virtio-mmio version 2) in virtio_mmio.device= on the command line");
+            power_off();
+        }
+        None => {
+            println!("NOTIFY-ERROR no virtio-blk or virtio-net device (virtio-mmio version 2) in virtio_mmio.device= on the command line");
+            power_off();
+        }
     };
 
     setup_lapic();
@@ -628,11 +654,53 @@ pub extern "C" fn guest_main() -> ! {
         for (s, &(kind, mode)) in SERIES.iter().enumerate().skip(i).take(series) {
             // SAFETY: ring-3-only storage, no other reference alive.
             let samples = unsafe { &(&*addr_of!(SAMPLES))[s][..n] };
-            print_series(kind, mode, samples, irqs, kicks, errors, cfg.raw);
+            print_series(
+                kind.name(),
+                mode.name(),
+                samples,
+                irqs,
+                kicks,
+                errors,
+                cfg.raw,
+            );
         }
         i += series;
     }
     println!("NOTIFY-DONE requests={n}");
+    power_off();
+}
+
+/// The device the benchmark drives.
+enum Found {
+    Blk(BlkDevice),
+    Net(NetDevice),
+}
+
+/// The net mode: sets the device up, runs both passes, prints, powers off.
+fn run_net(mut dev: NetDevice, spec: DevSpec, cfg: &Config) -> ! {
+    setup_lapic();
+    setup_ioapic(spec.gsi);
+    if let Err(e) = dev.init() {
+        println!("NOTIFY-ERROR device={:#x} init: {e}", spec.base);
+        power_off();
+    }
+    let d = net::MAC_DST;
+    println!(
+        "NOTIFY-INFO source=guest device={:#x} gsi={} vector={:#x} queue_size={} requests={} features=version_1 kind=net mac_dst={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        spec.base,
+        spec.gsi,
+        IRQ_VECTOR,
+        dev.queue_size(),
+        cfg.requests,
+        d[0],
+        d[1],
+        d[2],
+        d[3],
+        d[4],
+        d[5]
+    );
+    dev.bench(cfg.requests, cfg.raw);
+    println!("NOTIFY-DONE requests={}", cfg.requests);
     power_off();
 }
 

@@ -51,12 +51,12 @@ pub(crate) const STATUS_FEATURES_OK: u32 = 8;
 pub(crate) const STATUS_FAILED: u32 = 128;
 
 /// `VIRTIO_F_VERSION_1` is bit 32: bit 0 of the high feature word.
-const F_VERSION_1_HIGH: u32 = 1;
+pub(crate) const F_VERSION_1_HIGH: u32 = 1;
 
 pub(crate) const DESC_F_NEXT: u16 = 1;
 pub(crate) const DESC_F_WRITE: u16 = 2;
-const AVAIL_F_NO_INTERRUPT: u16 = 1;
-const USED_F_NO_NOTIFY: u16 = 1;
+pub(crate) const AVAIL_F_NO_INTERRUPT: u16 = 1;
+pub(crate) const USED_F_NO_NOTIFY: u16 = 1;
 
 const BLK_T_IN: u32 = 0;
 const BLK_T_GET_ID: u32 = 8;
@@ -87,36 +87,40 @@ impl ReqKind {
     }
 }
 
+/// A split-queue descriptor.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Desc {
-    addr: u64,
-    len: u32,
-    flags: u16,
-    next: u16,
+pub(crate) struct Desc {
+    pub(crate) addr: u64,
+    pub(crate) len: u32,
+    pub(crate) flags: u16,
+    pub(crate) next: u16,
 }
 
+/// The available ring (for queues of up to [`QUEUE_SIZE`]).
 #[repr(C)]
-struct Avail {
-    flags: u16,
-    idx: u16,
-    ring: [u16; QUEUE_SIZE as usize],
-    used_event: u16,
+pub(crate) struct Avail {
+    pub(crate) flags: u16,
+    pub(crate) idx: u16,
+    pub(crate) ring: [u16; QUEUE_SIZE as usize],
+    pub(crate) used_event: u16,
 }
 
+/// A used-ring element.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct UsedElem {
-    id: u32,
-    len: u32,
+pub(crate) struct UsedElem {
+    pub(crate) id: u32,
+    pub(crate) len: u32,
 }
 
+/// The used ring (for queues of up to [`QUEUE_SIZE`]).
 #[repr(C)]
-struct Used {
-    flags: u16,
-    idx: u16,
-    ring: [UsedElem; QUEUE_SIZE as usize],
-    avail_event: u16,
+pub(crate) struct Used {
+    pub(crate) flags: u16,
+    pub(crate) idx: u16,
+    pub(crate) ring: [UsedElem; QUEUE_SIZE as usize],
+    pub(crate) avail_event: u16,
 }
 
 /// The queue and the request buffers, each part on its own page.
@@ -186,6 +190,38 @@ pub struct Measurement {
     pub timeout: bool,
 }
 
+/// The identification registers of a virtio-mmio window.
+#[derive(Clone, Copy)]
+pub struct DeviceIds {
+    /// MagicValue ([`MAGIC`] for a virtio-mmio device).
+    pub magic: u32,
+    /// Version (2: modern virtio-mmio).
+    pub version: u32,
+    /// DeviceID.
+    pub id: u32,
+}
+
+/// Reads the identification registers at `base` and prints them
+/// (`NOTIFY-DEVICE`); an error if the window is not mapped.
+pub fn identify(base: usize) -> Result<DeviceIds, &'static str> {
+    if base == 0 || base >= 1 << 32 {
+        return Err("device window must be below 4 GiB (only that is mapped)");
+    }
+    // SAFETY: base is below 4 GiB, inside the identity map; a VMM puts a
+    // virtio-mmio window there (per the command line).
+    let (magic, version, id) = unsafe {
+        (
+            mmio_read(base + REG_MAGIC),
+            mmio_read(base + REG_VERSION),
+            mmio_read(base + REG_DEVICE_ID),
+        )
+    };
+    crate::println!(
+        "NOTIFY-DEVICE base={base:#x} magic={magic:#x} version={version} device_id={id}"
+    );
+    Ok(DeviceIds { magic, version, id })
+}
+
 /// A virtio-blk device on virtio-mmio.
 pub struct BlkDevice {
     base: usize,
@@ -195,7 +231,8 @@ pub struct BlkDevice {
     capacity: u64,
 }
 
-fn sat(v: u64) -> u32 {
+/// `v` as a u32, saturated.
+pub(crate) fn sat(v: u64) -> u32 {
     u32::try_from(v).unwrap_or(u32::MAX)
 }
 
@@ -203,21 +240,12 @@ impl BlkDevice {
     /// Checks the registers at `base`: `Ok(None)` if it is not a block
     /// device, an error if it is one this driver cannot drive.
     pub fn probe(base: usize) -> Result<Option<Self>, &'static str> {
-        if base == 0 || base >= 1 << 32 {
-            return Err("device window must be below 4 GiB (only that is mapped)");
-        }
-        // SAFETY: base is below 4 GiB, inside the identity map; a VMM puts a
-        // virtio-mmio window there (per the command line).
-        let (magic, version, id) = unsafe {
-            (
-                mmio_read(base + REG_MAGIC),
-                mmio_read(base + REG_VERSION),
-                mmio_read(base + REG_DEVICE_ID),
-            )
-        };
-        crate::println!(
-            "NOTIFY-DEVICE base={base:#x} magic={magic:#x} version={version} device_id={id}"
-        );
+        Self::check(base, identify(base)?)
+    }
+
+    /// [`Self::probe`] on the registers [`identify`] read.
+    pub fn check(base: usize, ids: DeviceIds) -> Result<Option<Self>, &'static str> {
+        let DeviceIds { magic, version, id } = ids;
         if magic != MAGIC || id != DEVICE_ID_BLOCK {
             return Ok(None);
         }
