@@ -5,6 +5,7 @@
 pub mod boottime;
 pub use evmm_cpio as cpio;
 pub mod cputime;
+pub mod echo_netns;
 pub mod error;
 pub mod evmm;
 pub mod guest;

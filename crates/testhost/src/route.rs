@@ -139,8 +139,17 @@ pub fn rerun_where_guests_boot_with(limit: Duration, files: &[PathBuf]) -> Resul
     if let Route::Direct { .. } = route {
         return Ok(None);
     }
-    let mut argv: Vec<String> = std::env::args().collect();
-    // The release binaries are on PATH in L1.
+    let argv: Vec<String> = std::env::args().collect();
+    rerun_in_nested_host(&argv, limit, files).map(Some)
+}
+
+/// Runs this benchmark program in the nested host whatever the route, with `argv`
+/// (`argv[0]` is taken by its file name: the release binaries are on PATH in L1),
+/// printing its output as it comes and writing back the files it sends
+/// ([`write_output`]); returns its exit status. For a benchmark whose table has rows
+/// that only the nested host can run (kernel vhost, here).
+pub fn rerun_in_nested_host(argv: &[String], limit: Duration, files: &[PathBuf]) -> Result<i32> {
+    let mut argv = argv.to_vec();
     if let Some(name) = argv
         .first()
         .and_then(|a| std::path::Path::new(a).file_name())
@@ -168,7 +177,7 @@ pub fn rerun_where_guests_boot_with(limit: Duration, files: &[PathBuf]) -> Resul
         out.status,
         out.timing()
     );
-    Ok(Some(out.status))
+    Ok(out.status)
 }
 
 /// The `main` of a benchmark program: with `nested_limit`, first
