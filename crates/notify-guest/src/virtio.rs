@@ -507,7 +507,10 @@ impl BlkDevice {
                 m.wake = u32::MAX;
                 m.timeout = true;
             } else {
-                m.irq = sat(irq_tsc().wrapping_sub(start));
+                // With the kick skipped (a polling device), the completion's
+                // interrupt can run between the TPR write and the start TSC:
+                // it then took no time after the start, not 2^64 cycles.
+                m.irq = sat(irq_tsc().saturating_sub(start));
                 m.wake = sat(wake.wrapping_sub(start));
             }
         } else {
