@@ -53,6 +53,12 @@ fn main() -> ExitCode {
             log::info!("the guest's exit status: {status}");
             ExitCode::from(status)
         }
+        Ok(reason @ evmm::vstate::exit::ExitReason::TripleFault) => {
+            // Ended as a reset (exit 0, as QEMU with -no-reboot), but a guest that
+            // triple-faults died without a word of its own: say so.
+            log::warn!("{reason}");
+            ExitCode::SUCCESS
+        }
         Ok(reason) => {
             log::info!("{reason}");
             ExitCode::SUCCESS

@@ -189,10 +189,10 @@ fn i8042_reset_exits_0_with_several_vcpus() {
 }
 
 #[test]
-fn triple_fault_exits_0() {
+fn triple_fault_exits_0_and_says_so_at_the_default_log_level() {
     let mut c = code::print("T");
     c.extend(code::UD2);
-    let out = run_tiny(&c, false, &["--log-level", "info"]);
+    let out = run_tiny(&c, false, &[]);
     assert_eq!(out.status, Some(0), "stderr: {}", out.stderr);
     assert_eq!(out.stdout, "T");
     assert!(
