@@ -476,6 +476,9 @@ fn print_tables(r: &Report) {
     if let Some(x) = ratio(vhost, own) {
         println!("\nkick → RX interrupt, p50: the kernel's vhost worker takes {x:.2}× evmm's own worker's time");
     }
+    if let Some(x) = ratio(vhost, exit) {
+        println!("kick → RX interrupt, p50: the kernel's vhost worker takes {x:.2}× the exit-per-kick path's time");
+    }
     if let Some(x) = ratio(own, exit) {
         println!("kick → RX interrupt, p50: evmm's ioeventfd path takes {x:.2}× the exit-per-kick path's time");
     }
