@@ -16,13 +16,11 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use core::sync::atomic::{fence, Ordering};
 
 use crate::virtio::{
-    sat, Avail, Desc, DeviceIds, Used, UsedElem, AVAIL_F_NO_INTERRUPT, DESC_F_WRITE,
-    F_VERSION_1_HIGH, MAGIC, QUEUE_SIZE, REG_DEVICE_FEATURES, REG_DEVICE_FEATURES_SEL,
-    REG_DRIVER_FEATURES, REG_DRIVER_FEATURES_SEL, REG_INTERRUPT_ACK, REG_INTERRUPT_STATUS,
-    REG_QUEUE_DESC_HIGH, REG_QUEUE_DESC_LOW, REG_QUEUE_DEVICE_HIGH, REG_QUEUE_DEVICE_LOW,
-    REG_QUEUE_DRIVER_HIGH, REG_QUEUE_DRIVER_LOW, REG_QUEUE_NOTIFY, REG_QUEUE_NUM,
-    REG_QUEUE_NUM_MAX, REG_QUEUE_READY, REG_QUEUE_SEL, REG_STATUS, SPIN_LIMIT, STATUS_ACKNOWLEDGE,
-    STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK, USED_F_NO_NOTIFY,
+    negotiate_version_1, sat, Avail, Desc, DeviceIds, Used, UsedElem, AVAIL_F_NO_INTERRUPT,
+    DESC_F_WRITE, MAGIC, QUEUE_SIZE, REG_INTERRUPT_ACK, REG_INTERRUPT_STATUS, REG_QUEUE_DESC_HIGH,
+    REG_QUEUE_DESC_LOW, REG_QUEUE_DEVICE_HIGH, REG_QUEUE_DEVICE_LOW, REG_QUEUE_DRIVER_HIGH,
+    REG_QUEUE_DRIVER_LOW, REG_QUEUE_NOTIFY, REG_QUEUE_NUM, REG_QUEUE_NUM_MAX, REG_QUEUE_READY,
+    REG_QUEUE_SEL, REG_STATUS, SPIN_LIMIT, STATUS_DRIVER_OK, STATUS_FAILED, USED_F_NO_NOTIFY,
 };
 use crate::{irq_count, irq_tsc, mmio_read, mmio_write, LAPIC_BASE, LAPIC_TPR, TPR_BLOCK_ALL};
 
@@ -243,31 +241,7 @@ impl NetDevice {
     /// Resets the device, negotiates VERSION_1 only, sets up both queues,
     /// posts the receive buffers and sets DRIVER_OK.
     pub fn init(&mut self) -> Result<(), &'static str> {
-        self.wr(REG_STATUS, 0);
-        let mut tries = 0;
-        while self.rd(REG_STATUS) != 0 {
-            tries += 1;
-            if tries > 1000 {
-                return Err("device reset did not complete");
-            }
-        }
-        self.wr(REG_STATUS, STATUS_ACKNOWLEDGE);
-        self.wr(REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-        self.wr(REG_DEVICE_FEATURES_SEL, 1);
-        if self.rd(REG_DEVICE_FEATURES) & F_VERSION_1_HIGH == 0 {
-            self.wr(REG_STATUS, STATUS_FAILED);
-            return Err("device does not offer VIRTIO_F_VERSION_1");
-        }
-        self.wr(REG_DRIVER_FEATURES_SEL, 1);
-        self.wr(REG_DRIVER_FEATURES, F_VERSION_1_HIGH);
-        self.wr(REG_DRIVER_FEATURES_SEL, 0);
-        self.wr(REG_DRIVER_FEATURES, 0);
-        let s = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
-        self.wr(REG_STATUS, s);
-        if self.rd(REG_STATUS) & STATUS_FEATURES_OK == 0 {
-            self.wr(REG_STATUS, STATUS_FAILED);
-            return Err("device rejected the features (FEATURES_OK not set)");
-        }
+        let s = negotiate_version_1(|off| self.rd(off), |off, v| self.wr(off, v))?;
 
         // One size for both queues: the smaller of QUEUE_SIZE and either
         // maximum, rounded down to a power of two.

@@ -222,6 +222,41 @@ pub fn identify(base: usize) -> Result<DeviceIds, &'static str> {
     Ok(DeviceIds { magic, version, id })
 }
 
+/// Resets a virtio-mmio device (through `rd`/`wr` of its registers), acknowledges
+/// it, negotiates `VIRTIO_F_VERSION_1` only and sets FEATURES_OK; returns the status
+/// written so far (DRIVER_OK is the caller's, once its queues are set up).
+pub(crate) fn negotiate_version_1(
+    rd: impl Fn(usize) -> u32,
+    wr: impl Fn(usize, u32),
+) -> Result<u32, &'static str> {
+    wr(REG_STATUS, 0);
+    let mut tries = 0;
+    while rd(REG_STATUS) != 0 {
+        tries += 1;
+        if tries > 1000 {
+            return Err("device reset did not complete");
+        }
+    }
+    wr(REG_STATUS, STATUS_ACKNOWLEDGE);
+    wr(REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    wr(REG_DEVICE_FEATURES_SEL, 1);
+    if rd(REG_DEVICE_FEATURES) & F_VERSION_1_HIGH == 0 {
+        wr(REG_STATUS, STATUS_FAILED);
+        return Err("device does not offer VIRTIO_F_VERSION_1");
+    }
+    wr(REG_DRIVER_FEATURES_SEL, 1);
+    wr(REG_DRIVER_FEATURES, F_VERSION_1_HIGH);
+    wr(REG_DRIVER_FEATURES_SEL, 0);
+    wr(REG_DRIVER_FEATURES, 0);
+    let s = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+    wr(REG_STATUS, s);
+    if rd(REG_STATUS) & STATUS_FEATURES_OK == 0 {
+        wr(REG_STATUS, STATUS_FAILED);
+        return Err("device rejected the features (FEATURES_OK not set)");
+    }
+    Ok(s)
+}
+
 /// A virtio-blk device on virtio-mmio.
 pub struct BlkDevice {
     base: usize,
@@ -274,31 +309,7 @@ impl BlkDevice {
     /// Resets the device, negotiates VERSION_1 only, sets up queue 0 and
     /// sets DRIVER_OK.
     pub fn init(&mut self) -> Result<(), &'static str> {
-        self.wr(REG_STATUS, 0);
-        let mut tries = 0;
-        while self.rd(REG_STATUS) != 0 {
-            tries += 1;
-            if tries > 1000 {
-                return Err("device reset did not complete");
-            }
-        }
-        self.wr(REG_STATUS, STATUS_ACKNOWLEDGE);
-        self.wr(REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-        self.wr(REG_DEVICE_FEATURES_SEL, 1);
-        if self.rd(REG_DEVICE_FEATURES) & F_VERSION_1_HIGH == 0 {
-            self.wr(REG_STATUS, STATUS_FAILED);
-            return Err("device does not offer VIRTIO_F_VERSION_1");
-        }
-        self.wr(REG_DRIVER_FEATURES_SEL, 1);
-        self.wr(REG_DRIVER_FEATURES, F_VERSION_1_HIGH);
-        self.wr(REG_DRIVER_FEATURES_SEL, 0);
-        self.wr(REG_DRIVER_FEATURES, 0);
-        let s = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
-        self.wr(REG_STATUS, s);
-        if self.rd(REG_STATUS) & STATUS_FEATURES_OK == 0 {
-            self.wr(REG_STATUS, STATUS_FAILED);
-            return Err("device rejected the features (FEATURES_OK not set)");
-        }
+        let s = negotiate_version_1(|off| self.rd(off), |off, v| self.wr(off, v))?;
 
         self.wr(REG_QUEUE_SEL, 0);
         if self.rd(REG_QUEUE_READY) != 0 {

@@ -23,7 +23,6 @@ use evmm_testhost::notify_output::{NotifyRun, Stats};
 use evmm_testhost::process::slug;
 use evmm_testhost::qemu::notify_guest_microvm_net_argv;
 use evmm_testhost::route::{bench_main, rerun_in_nested_host, write_output};
-use plotters::prelude::*;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -503,70 +502,11 @@ fn plot(
             ))
         })
         .collect();
-    let hi = series
-        .iter()
-        .filter_map(|(_, v)| {
-            Stats::of(&v.iter().map(|&x| x as u64).collect::<Vec<_>>()).map(|s| s.p99)
-        })
-        .fold(1.0, f64::max)
-        * 1.2;
-    const BUCKETS: usize = 60;
-    let width = hi / BUCKETS as f64;
-    let root = SVGBackend::new(svg, (900, 500)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let hists: Vec<(&str, Vec<(f64, f64)>)> = series
-        .iter()
-        .map(|(name, v)| {
-            let mut counts = vec![0u64; BUCKETS];
-            for &x in v {
-                if x < hi {
-                    counts[(x / width) as usize] += 1;
-                }
-            }
-            let n = v.len().max(1) as f64;
-            let points = counts
-                .iter()
-                .enumerate()
-                .map(|(i, &c)| ((i as f64 + 0.5) * width, 100.0 * c as f64 / n))
-                .collect();
-            (*name, points)
-        })
-        .collect();
-    let ymax = hists
-        .iter()
-        .flat_map(|(_, h)| h.iter().map(|p| p.1))
-        .fold(1.0, f64::max)
-        * 1.1;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            format!("UDP echo: kick → RX interrupt handler ({host})"),
-            ("sans-serif", 22),
-        )
-        .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(55)
-        .build_cartesian_2d(0.0..hi, 0.0..ymax)?;
-    chart
-        .configure_mesh()
-        .x_desc("latency (µs)")
-        .y_desc("% of requests")
-        .draw()?;
-    for (i, (name, h)) in hists.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
-        chart
-            .draw_series(LineSeries::new(h.iter().copied(), color.stroke_width(2)))?
-            .label(*name)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()?;
-    root.present()?;
-    Ok(())
+    evmm_bench::histogram::latency_svg(
+        svg,
+        &format!("UDP echo: kick → RX interrupt handler ({host})"),
+        &series,
+    )
 }
 
 #[cfg(test)]

@@ -1,0 +1,3 @@
+//! What the benchmark programs of `src/bin/` share.
+
+pub mod histogram;
