@@ -1,3 +1,5 @@
 //! What the benchmark programs of `src/bin/` share.
 
 pub mod histogram;
+pub mod kick_stages;
+pub mod tracefs;
