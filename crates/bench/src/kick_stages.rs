@@ -5,9 +5,12 @@
 //! `kvm_fast_mmio`) write of the vCPU thread to the QueueNotify address (the time
 //! before it, from the guest's own start mark, is the caller's: the guest knows it);
 //! the stages end at, in order:
-//! 1. `signal`: the first `sched_waking` of a task other than the vCPU and kworkers
-//!    (the consumer: a device worker, a backend's queue thread, QEMU's loop);
-//! 2. `wakeup`: the consumer switched in (`sched_switch next_pid=`);
+//! 1. `signal`: the first `sched_waking` by the vCPU thread of a task other than
+//!    itself and kworkers (the consumer: a device worker, a backend's queue thread,
+//!    QEMU's loop; the ioeventfd signals it on the vCPU's way, and so does a VMM that
+//!    took the write as an exit);
+//! 2. `wakeup`: the consumer switched in (`sched_switch next_pid=`), or its first
+//!    event of its own when no switch to it is traced (it had not slept yet);
 //! 3. `work`: the consumer raises the interrupt: it wakes a kworker (an irqfd on an
 //!    IOAPIC pin is injected from a workqueue) or calls `kvm_set_irq` itself;
 //! 4. `inject`: `kvm_set_irq gsi G level 1`;
@@ -88,16 +91,20 @@ fn one(events: &[Event], n: usize, k: usize, end: usize, a: &Anchors) -> Option<
     let after = &events[k + 1..end];
     let (wi, woken) = after.iter().enumerate().find(|(_, e)| {
         e.name == "sched_waking"
+            && e.tid == a.vcpu_tid
             && e.field("pid").and_then(|p| p.parse::<u32>().ok()) != Some(a.vcpu_tid)
             && !e.field("comm").unwrap_or("").starts_with("kworker")
     })?;
     let consumer: u32 = woken.field("pid")?.parse().ok()?;
     let after = &after[wi + 1..];
+    // Switched in, or, when the wake-up found it not yet switched out (no
+    // `sched_switch` to it), its first event of its own.
     let (ri, running) = after.iter().enumerate().find(|(_, e)| {
-        e.name == "sched_switch"
-            && e.field("next_pid").and_then(|p| p.parse::<u32>().ok()) == Some(consumer)
+        (e.name == "sched_switch"
+            && e.field("next_pid").and_then(|p| p.parse::<u32>().ok()) == Some(consumer))
+            || e.tid == consumer
     })?;
-    let after = &after[ri + 1..];
+    let after = &after[ri..];
     let level1 = format!("gsi {} level 1", a.gsi);
     let (ai, raised) = after.iter().enumerate().find(|(_, e)| {
         e.tid == consumer
@@ -158,6 +165,7 @@ vcpu0-7 [001] ..... 200: kvm_emulate_insn: 0:10a6ea:41 c7 02 00 00 00 00 (prot64
 vcpu0-7 [001] ..... 204: kvm_mmio: mmio write len 4 gpa 0xc0000050 val 0x0
 vcpu0-7 [001] ..... 205: kvm_mmio: mmio write len 4 gpa 0xfee00080 val 0x0
 vcpu0-7 [001] d..5. 210: sched_waking: comm=kworker/1:1 pid=11 prio=120 target_cpu=001
+sshd-4 [000] d..5. 211: sched_waking: comm=rcu_preempt pid=15 prio=120 target_cpu=000
 vcpu0-7 [001] d..5. 212: sched_waking: comm=evmm-blk pid=9 prio=120 target_cpu=000
 rustc-3 [000] d..2. 250: sched_switch: prev_comm=rustc prev_pid=3 prev_prio=120 prev_state=R ==> next_comm=evmm-blk next_pid=9 next_prio=120
 evmm-blk-9 [000] d..4. 290: sched_waking: comm=kworker/0:0 pid=10 prio=120 target_cpu=000
@@ -175,6 +183,20 @@ vcpu0-7 [001] ..... 340: kvm_emulate_insn: 0:1000c0:0f 31 (prot64)
         assert_eq!(r[0].stages(), [8, 38, 40, 10, 40]);
         assert_eq!(r[0].total(), 136);
         assert_eq!(r[0].consumer, "evmm-blk");
+    }
+
+    #[test]
+    fn a_consumer_never_switched_in_runs_from_its_first_event() {
+        let t = "\
+vcpu0-7 [001] ..... 204: kvm_mmio: mmio write len 4 gpa 0xc0000050 val 0x0
+vcpu0-7 [001] d..5. 212: sched_waking: comm=evmm-blk pid=9 prio=120 target_cpu=000
+evmm-blk-9 [000] d..4. 290: sched_waking: comm=kworker/0:0 pid=10 prio=120 target_cpu=000
+kworker/0:0-10 [000] ..... 300: kvm_set_irq: gsi 5 level 1 source 0
+vcpu0-7 [001] ..... 340: kvm_emulate_insn: 0:1000c0:0f 31 (prot64)
+";
+        let r = requests(&parse(t), &A());
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(r[0].tsc, [204, 212, 290, 290, 300, 340]);
     }
 
     #[test]

@@ -51,6 +51,12 @@ impl TraceInstance {
         Ok(t)
     }
 
+    /// Keeps only the events of `event` (`system/event`, enabled) that match `expr`
+    /// (tracefs filter syntax, e.g. `id == 232`).
+    pub fn filter(&self, event: &str, expr: &str) -> io::Result<()> {
+        self.write(&format!("events/{event}/filter"), expr)
+    }
+
     /// Starts or stops recording.
     pub fn record(&self, on: bool) -> io::Result<()> {
         self.write("tracing_on", if on { "1" } else { "0" })

@@ -3,7 +3,8 @@
 //! path twice, once as it is and once with the host's tracepoints recorded
 //! ([`evmm_bench::tracefs`]: kvm_emulate_insn, kvm_exit, kvm_entry, kvm_mmio,
 //! kvm_fast_mmio, kvm_set_irq, kvm_msi_set_irq, kvm_inj_virq, kvm_userspace_exit,
-//! sched_waking, sched_switch, on the host TSC), cuts every interrupted request into
+//! sched_waking, sched_switch, and the return from the wait system calls, on the host
+//! TSC), cuts every interrupted request into
 //! its stages ([`evmm_bench::kick_stages`]), and prints per path the p50/p90/p99 of
 //! each stage, their sum against the traced and untraced end-to-end figures (the
 //! tracing's own cost), and draws a swimlane of the typical (median) request per path.
@@ -47,7 +48,13 @@ struct Cli {
     out: PathBuf,
 }
 
-const TRACEPOINTS: [&str; 11] = [
+/// The system calls a consumer returns from when a kick wakes it (x86-64 numbers:
+/// poll, epoll_wait, pselect6, ppoll, epoll_pwait, epoll_pwait2): their `sys_exit`
+/// marks it running even when no `sched_switch` to it is traced.
+const WAIT_EXITS: &str = "id == 7 || id == 232 || id == 270 || id == 271 || id == 281 || id == 441";
+
+const TRACEPOINTS: [&str; 12] = [
+    "raw_syscalls/sys_exit",
     "kvm/kvm_emulate_insn",
     "kvm/kvm_exit",
     "kvm/kvm_entry",
@@ -121,6 +128,7 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
         eprintln!("{}: untraced, then traced", p.name);
         let untraced = run_guest(&p, &disk, &socket, None, cli)?;
         let trace = TraceInstance::new(&TRACEPOINTS, BUFFER_KB)?;
+        trace.filter("raw_syscalls/sys_exit", WAIT_EXITS)?;
         let traced = run_guest(&p, &disk, &socket, Some(&trace), cli)?;
         let text = trace.text()?;
         let lost = trace.overruns();
