@@ -2,4 +2,5 @@
 
 pub mod histogram;
 pub mod kick_stages;
+pub mod notify_run;
 pub mod tracefs;

@@ -17,8 +17,8 @@
 //! (histogram of kick → RX interrupt) into DIR. benches/net-notify-latency runs it.
 
 use clap::Parser;
+use evmm_bench::notify_run::guest_elf;
 use evmm_testhost::echo_netns::{self, EchoSummary};
-use evmm_testhost::images::notify_guest;
 use evmm_testhost::notify_output::{NotifyRun, Stats};
 use evmm_testhost::process::slug;
 use evmm_testhost::qemu::notify_guest_microvm_net_argv;
@@ -112,11 +112,7 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&cli.out)?;
-    let guest = match &cli.guest {
-        Some(g) if !g.is_file() => return Err(format!("no notify guest at {}", g.display()).into()),
-        Some(g) => g.clone(),
-        None => notify_guest()?,
-    };
+    let guest = guest_elf(cli.guest.as_deref())?;
     let in_nested_host = std::env::var_os("EVMM_SEND_BACK").is_some();
     let host = if in_nested_host { "nested" } else { "direct" };
     eprintln!(

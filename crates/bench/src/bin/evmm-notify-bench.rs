@@ -19,7 +19,7 @@
 //! emulated, so this runs on this host's /dev/kvm. benches/notify-latency runs it.
 
 use clap::Parser;
-use evmm_testhost::images::notify_guest;
+use evmm_bench::notify_run::{guest_elf, TempDisk};
 use evmm_testhost::notify_output::{NotifyRun, Stats};
 use evmm_testhost::process::run_with_limit;
 use evmm_testhost::process::slug;
@@ -108,21 +108,10 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&cli.out)?;
-    let guest = match &cli.guest {
-        Some(g) if !g.is_file() => return Err(format!("no notify guest at {}", g.display()).into()),
-        Some(g) => g.clone(),
-        None => notify_guest()?,
-    };
+    let guest = guest_elf(cli.guest.as_deref())?;
     // The disk file lives on tmpfs, so reads measure the notify path, not a disk.
-    let shm = Path::new("/dev/shm");
-    let disk = if shm.is_dir() {
-        shm.join(format!("evmm-notify-bench-{}.img", std::process::id()))
-    } else {
-        cli.out.join("disk.img")
-    };
-    let f = std::fs::File::create(&disk)?;
-    f.set_len(DISK_MIB << 20)?;
-    let _cleanup = RemoveOnDrop(disk.clone());
+    let disk_file = TempDisk::new("evmm-notify-bench", DISK_MIB << 20, &cli.out)?;
+    let disk = disk_file.path().to_path_buf();
     let socket = cli.out.join("vhost-user-blk.sock");
     let qemu_cpu = kvm_cpu_model()?;
     eprintln!("QEMU's CPU model: {qemu_cpu}");
@@ -442,12 +431,4 @@ fn plot(
         })
         .collect();
     evmm_bench::histogram::latency_svg(svg, "GET_ID: kick → interrupt handler", &series)
-}
-
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }

@@ -19,8 +19,8 @@
 
 use clap::Parser;
 use evmm_bench::kick_stages::{requests, Anchors, Request, STAGES};
+use evmm_bench::notify_run::{guest_elf, TempDisk};
 use evmm_bench::tracefs::{parse, TraceInstance};
-use evmm_testhost::images::notify_guest;
 use evmm_testhost::notify_output::{NotifyRun, Stats};
 use evmm_testhost::process::{run_with_limit, slug};
 use evmm_testhost::qemu::notify_guest_microvm_argv;
@@ -110,15 +110,9 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&cli.out)?;
-    let guest = match &cli.guest {
-        Some(g) => g.clone(),
-        None => notify_guest()?,
-    };
-    let shm = Path::new("/dev/shm");
-    let disk = if shm.is_dir() { shm } else { cli.out.as_path() }
-        .join(format!("evmm-notify-trace-{}.img", std::process::id()));
-    std::fs::File::create(&disk)?.set_len(64 << 20)?;
-    let _cleanup = RemoveOnDrop(disk.clone());
+    let guest = guest_elf(cli.guest.as_deref())?;
+    let disk_file = TempDisk::new("evmm-notify-trace", 64 << 20, &cli.out)?;
+    let disk = disk_file.path().to_path_buf();
     let socket = cli.out.join("vhost-user-blk.sock");
     let cpu = kvm_cpu_model()?;
     let tsc_mhz = tsc_mhz()?;
@@ -535,14 +529,6 @@ fn tsc_mhz() -> Result<f64, Box<dyn std::error::Error>> {
         .tsc_khz
         .map(|k| k as f64 / 1000.0)
         .ok_or_else(|| "evmm-notify-floor did not report the TSC rate".into())
-}
-
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 #[cfg(test)]
