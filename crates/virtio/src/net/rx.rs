@@ -167,7 +167,13 @@ impl Receiver {
         };
         if n > capacity || n < HDR_LEN {
             queue.set_next_avail(start);
-            m.rx_dropped_too_big.inc();
+            // A read shorter than the header the tap always prepends is the tap's
+            // fault, not a frame too big for the buffers.
+            if n < HDR_LEN {
+                m.tap_errors.inc();
+            } else {
+                m.rx_dropped_too_big.inc();
+            }
             return Received::Dropped;
         }
         self.used.clear();

@@ -312,6 +312,25 @@ fn mergeable_buffers_too_few_for_the_largest_frame_make_the_frame_wait() {
 }
 
 #[test]
+fn a_read_shorter_than_the_header_is_a_tap_error_and_the_buffers_stay() {
+    let mem = guest_memory();
+    let vq = MockSplitQueue::new(&mem, QSIZE);
+    let (tap, net) = tap_pair();
+    add_chain(&vq, 0, &[Desc(BUF, 1530, true)]);
+    let mut q = make_queue(&vq);
+    let m = NetQueueMetrics::default();
+    let mut rx = Receiver::new(false, 1530);
+    net.send(&[1, 2, 3, 4, 5]).unwrap();
+    assert!(matches!(
+        receive(&mut rx, &mut q, &mem, &tap, &m),
+        Received::Dropped
+    ));
+    assert_eq!((used_idx(&mem), q.next_avail()), (0, 0));
+    let s = m.snapshot();
+    assert_eq!((s.tap_errors, s.rx_dropped_too_big), (1, 0));
+}
+
+#[test]
 fn a_frame_larger_than_the_posted_buffers_is_dropped_and_the_buffers_stay() {
     let mem = guest_memory();
     let vq = MockSplitQueue::new(&mem, QSIZE);
