@@ -386,12 +386,6 @@ fn assert_probe(text: &str, dev: &str, expected: &[(&str, &str)]) {
 #[test]
 fn a_failing_disk_gives_the_guest_io_errors_and_failed_flushes_while_evmm_runs_on() {
     let text = case_output("failing");
-    std::fs::write("/tmp/faults-wt/failing.txt", &text).unwrap();
-    std::fs::write(
-        "/tmp/faults-wt/all.txt",
-        &shared_run().as_ref().unwrap().output,
-    )
-    .unwrap();
     let later = [EIO; LATER_FLUSHES].join(":");
     let ok_later = ["0"; LATER_FLUSHES].join(":");
     // direct=on: the host refuses the write itself, the guest gets EIO for it; nothing
