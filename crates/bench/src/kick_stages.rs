@@ -2,13 +2,14 @@
 //! the host's tracepoints ([`crate::tracefs`]), one request at a time.
 //!
 //! Each request starts where KVM sees the guest's store: a `kvm_mmio` (or
-//! `kvm_fast_mmio`) write of the vCPU thread to the QueueNotify address (the time
-//! before it, from the guest's own start mark, is the caller's: the guest knows it);
-//! the stages end at, in order:
+//! `kvm_fast_mmio`) write of the vCPU thread to the QueueNotify address, of the
+//! kicked queue's index where the tracepoint shows the value (the time before it,
+//! from the guest's own start mark, is the caller's: the guest knows it); the stages
+//! end at, in order:
 //! 1. `signal`: the first `sched_waking` by the vCPU thread of a task other than
 //!    itself and kworkers (the consumer: a device worker, a backend's queue thread,
-//!    QEMU's loop; the ioeventfd signals it on the vCPU's way, and so does a VMM that
-//!    took the write as an exit);
+//!    QEMU's loop, the kernel's vhost worker; the ioeventfd signals it on the vCPU's
+//!    way, and so does a VMM that took the write as an exit);
 //! 2. `wakeup`: the consumer switched in (`sched_switch next_pid=`), or its first
 //!    event of its own when no switch to it is traced (it had not slept yet);
 //! 3. `work`: the consumer raises the interrupt: it wakes a kworker (an irqfd on an
@@ -18,13 +19,32 @@
 //!    its first instruction (`rdtsc`, `0f 31`) is a `kvm_emulate_insn` of the vCPU;
 //!    elsewhere the vCPU's first `kvm_entry` after `kvm_inj_virq`.
 //!
+//! On the network path ([`Anchors::echo`]: a program answers each frame on the tap's
+//! other side) `work` is cut where the frame crosses the tap and comes back: `tx`
+//! until the echo is woken, `echo wakeup` until it runs, `echo` until it wakes the
+//! consumer again (its answer arrived), `rx wakeup` until the consumer runs again (or
+//! its first event, when it had not slept), `rx` until it raises the interrupt.
+//!
 //! A request whose stages do not all appear before the next kick (a polled request:
 //! no interrupt) is left out.
 
 use crate::tracefs::Event;
 
-/// The stage names, in order.
+/// The stage names of the disk path, in order.
 pub const STAGES: [&str; 5] = ["signal", "wakeup", "work", "inject", "deliver"];
+
+/// The stage names of the network path (an echo across the tap), in order.
+pub const NET_STAGES: [&str; 9] = [
+    "signal",
+    "wakeup",
+    "tx",
+    "echo wakeup",
+    "echo",
+    "rx wakeup",
+    "rx",
+    "inject",
+    "deliver",
+];
 
 /// What the stages are read against.
 #[derive(Debug, Clone)]
@@ -33,40 +53,64 @@ pub struct Anchors {
     pub vcpu_tid: u32,
     /// The QueueNotify address as the tracepoints print it (`0xc0000050`).
     pub notify_gpa: String,
+    /// The kicked queue's index, where the tracepoint prints the written value
+    /// (`kvm_mmio` does, `kvm_fast_mmio` does not): other queues' kicks are not
+    /// requests. `None`: every write is.
+    pub notify_val: Option<u32>,
     /// The device's GSI.
     pub gsi: u32,
+    /// The task name of the program answering each frame across the tap, on the
+    /// network path.
+    pub echo: Option<String>,
+}
+
+impl Anchors {
+    /// The names of the stages [`requests`] cuts, in order.
+    pub fn stage_names(&self) -> &'static [&'static str] {
+        if self.echo.is_some() {
+            &NET_STAGES
+        } else {
+            &STAGES
+        }
+    }
 }
 
 /// One request's stage boundaries (host TSC) and who consumed the kick.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
-    /// Which QueueNotify write of the trace this is (0 for the first).
+    /// Which request-kick of the trace this is (0 for the first).
     pub kick: usize,
-    /// `[kick, woken, running, raised, injected, handler]`.
-    pub tsc: [u64; 6],
+    /// The kick, then the end of each stage of [`Anchors::stage_names`].
+    pub tsc: Vec<u64>,
     /// The consumer's task name.
     pub consumer: String,
 }
 
 impl Request {
     /// The length of each stage, in TSC cycles.
-    pub fn stages(&self) -> [u64; 5] {
-        let mut d = [0; 5];
-        for (i, v) in d.iter_mut().enumerate() {
-            *v = self.tsc[i + 1].saturating_sub(self.tsc[i]);
-        }
-        d
+    pub fn stages(&self) -> Vec<u64> {
+        self.tsc
+            .windows(2)
+            .map(|w| w[1].saturating_sub(w[0]))
+            .collect()
     }
 
     /// From KVM seeing the store to the guest's handler, cycles.
     pub fn total(&self) -> u64 {
-        self.tsc[5].saturating_sub(self.tsc[0])
+        match (self.tsc.first(), self.tsc.last()) {
+            (Some(a), Some(b)) => b.saturating_sub(*a),
+            _ => 0,
+        }
     }
 }
 
 fn is_kick(e: &Event, a: &Anchors) -> bool {
     e.tid == a.vcpu_tid
-        && ((e.name == "kvm_mmio" && e.fields.starts_with("mmio write"))
+        && ((e.name == "kvm_mmio"
+            && e.fields.starts_with("mmio write")
+            && a.notify_val.is_none_or(|v| {
+                e.fields.split_whitespace().last() == Some(format!("0x{v:x}").as_str())
+            }))
             || e.name == "kvm_fast_mmio")
         && e.fields.contains(&format!("gpa {}", a.notify_gpa))
 }
@@ -86,37 +130,78 @@ pub fn requests(events: &[Event], a: &Anchors) -> Vec<Request> {
     out
 }
 
+fn pid_of(e: &Event, field: &str) -> Option<u32> {
+    e.field(field).and_then(|p| p.parse().ok())
+}
+
+/// The first event of `after` at which `task` runs: switched in, or an event of its
+/// own (it had not slept).
+fn runs(after: &[Event], task: u32) -> Option<usize> {
+    after.iter().position(|e| {
+        (e.name == "sched_switch" && pid_of(e, "next_pid") == Some(task)) || e.tid == task
+    })
+}
+
 fn one(events: &[Event], n: usize, k: usize, end: usize, a: &Anchors) -> Option<Request> {
     let kick = &events[k];
-    let after = &events[k + 1..end];
-    let (wi, woken) = after.iter().enumerate().find(|(_, e)| {
+    let window = &events[k + 1..end];
+    let mut at = 0;
+    let mut marks = vec![kick.tsc];
+    // signal
+    let wi = window.iter().position(|e| {
         e.name == "sched_waking"
             && e.tid == a.vcpu_tid
-            && e.field("pid").and_then(|p| p.parse::<u32>().ok()) != Some(a.vcpu_tid)
+            && pid_of(e, "pid") != Some(a.vcpu_tid)
             && !e.field("comm").unwrap_or("").starts_with("kworker")
     })?;
-    let consumer: u32 = woken.field("pid")?.parse().ok()?;
-    let after = &after[wi + 1..];
-    // Switched in, or, when the wake-up found it not yet switched out (no
-    // `sched_switch` to it), its first event of its own.
-    let (ri, running) = after.iter().enumerate().find(|(_, e)| {
-        (e.name == "sched_switch"
-            && e.field("next_pid").and_then(|p| p.parse::<u32>().ok()) == Some(consumer))
-            || e.tid == consumer
-    })?;
-    let after = &after[ri..];
+    let woken = &window[wi];
+    let consumer = pid_of(woken, "pid")?;
+    marks.push(woken.tsc);
+    at += wi + 1;
+    // wakeup
+    at += runs(&window[at..], consumer)?;
+    marks.push(window[at].tsc);
+    if let Some(echo) = &a.echo {
+        // tx: the frame crosses the tap and wakes the echo.
+        at += window[at..]
+            .iter()
+            .position(|e| e.name == "sched_waking" && e.field("comm") == Some(echo.as_str()))?;
+        let echo_pid = pid_of(&window[at], "pid")?;
+        marks.push(window[at].tsc);
+        at += 1;
+        // echo wakeup
+        at += runs(&window[at..], echo_pid)?;
+        marks.push(window[at].tsc);
+        // echo: its answer wakes the consumer, or reaches it awake (its next event
+        // other than going to sleep).
+        at += window[at..].iter().position(|e| {
+            (e.name == "sched_waking" && pid_of(e, "pid") == Some(consumer))
+                || (e.tid == consumer && e.name != "sched_switch")
+        })?;
+        marks.push(window[at].tsc);
+        if window[at].tid != consumer {
+            at += 1;
+        }
+        // rx wakeup
+        at += runs(&window[at..], consumer)?;
+        marks.push(window[at].tsc);
+    }
+    // work (or rx)
     let level1 = format!("gsi {} level 1", a.gsi);
-    let (ai, raised) = after.iter().enumerate().find(|(_, e)| {
+    at += window[at..].iter().position(|e| {
         e.tid == consumer
             && ((e.name == "sched_waking" && e.field("comm").unwrap_or("").starts_with("kworker"))
                 || (e.name == "kvm_set_irq" && e.fields.starts_with(&level1))
                 || e.name == "kvm_msi_set_irq")
     })?;
-    let after_raise = &after[ai..];
-    let (ii, injected) = after_raise.iter().enumerate().find(|(_, e)| {
+    marks.push(window[at].tsc);
+    // inject
+    at += window[at..].iter().position(|e| {
         (e.name == "kvm_set_irq" && e.fields.starts_with(&level1)) || e.name == "kvm_msi_set_irq"
     })?;
-    let after = &after_raise[ii + 1..];
+    marks.push(window[at].tsc);
+    // deliver
+    let after = &window[at + 1..];
     let handler = after
         .iter()
         .find(|e| {
@@ -130,16 +215,10 @@ fn one(events: &[Event], n: usize, k: usize, end: usize, a: &Anchors) -> Option<
                 .iter()
                 .find(|e| e.tid == a.vcpu_tid && e.name == "kvm_entry")
         })?;
+    marks.push(handler.tsc);
     Some(Request {
         kick: n,
-        tsc: [
-            kick.tsc,
-            woken.tsc,
-            running.tsc,
-            raised.tsc,
-            injected.tsc,
-            handler.tsc,
-        ],
+        tsc: marks,
         consumer: woken.field("comm").unwrap_or("?").to_string(),
     })
 }
@@ -152,7 +231,9 @@ mod tests {
     const A: fn() -> Anchors = || Anchors {
         vcpu_tid: 7,
         notify_gpa: "0xc0000050".into(),
+        notify_val: None,
         gsi: 5,
+        echo: None,
     };
 
     /// A polled request (no interrupt), then one through an irqfd on an IOAPIC pin.
@@ -214,5 +295,62 @@ vcpu0-7 [001] ..... 330: kvm_entry: vcpu 0
         let r = requests(&parse(t), &A());
         assert_eq!(r.len(), 1, "{r:?}");
         assert_eq!(r[0].tsc, [204, 212, 250, 290, 290, 330]);
+    }
+
+    fn net() -> Anchors {
+        Anchors {
+            notify_val: Some(1),
+            echo: Some("evmm-net-echo".into()),
+            ..A()
+        }
+    }
+
+    /// A receive-queue refill kick (queue 0) is not a request; the transmit kick's
+    /// frame crosses the tap to the echo and back to the sleeping worker.
+    #[test]
+    fn a_network_request_is_cut_where_the_frame_crosses_the_tap() {
+        let t = "\
+vcpu0-7 [001] ..... 100: kvm_mmio: mmio write len 4 gpa 0xc0000050 val 0x0
+vcpu0-7 [001] d..5. 101: sched_waking: comm=evmm-net pid=9 prio=120 target_cpu=000
+vcpu0-7 [001] ..... 204: kvm_mmio: mmio write len 4 gpa 0xc0000050 val 0x1
+vcpu0-7 [001] d..5. 212: sched_waking: comm=evmm-net pid=9 prio=120 target_cpu=000
+rustc-3 [000] d..2. 250: sched_switch: prev_comm=rustc prev_pid=3 prev_prio=120 prev_state=R ==> next_comm=evmm-net next_pid=9 next_prio=120
+evmm-net-9 [000] d..4. 260: sched_waking: comm=evmm-net-echo pid=12 prio=120 target_cpu=000
+evmm-net-9 [000] d..2. 262: sched_switch: prev_comm=evmm-net prev_pid=9 prev_prio=120 prev_state=S ==> next_comm=evmm-net-echo next_pid=12 next_prio=120
+evmm-net-echo-12 [000] d..4. 280: sched_waking: comm=evmm-net pid=9 prio=120 target_cpu=000
+evmm-net-echo-12 [000] d..2. 281: sched_switch: prev_comm=evmm-net-echo prev_pid=12 prev_prio=120 prev_state=S ==> next_comm=evmm-net next_pid=9 next_prio=120
+evmm-net-9 [000] d..4. 290: sched_waking: comm=kworker/0:0 pid=10 prio=120 target_cpu=000
+kworker/0:0-10 [000] ..... 300: kvm_set_irq: gsi 5 level 1 source 0
+vcpu0-7 [001] ..... 340: kvm_emulate_insn: 0:1000c0:0f 31 (prot64)
+";
+        let r = requests(&parse(t), &net());
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(r[0].kick, 0, "the refill kick is not counted");
+        assert_eq!(r[0].tsc, [204, 212, 250, 260, 262, 280, 281, 290, 300, 340]);
+        assert_eq!(r[0].stages().len(), NET_STAGES.len());
+        assert_eq!(r[0].total(), 136);
+        assert_eq!(r[0].consumer, "evmm-net");
+    }
+
+    /// A kernel vhost worker still running when the answer arrives: no wake-up, it
+    /// goes on with its next event; its own switch-out does not count.
+    #[test]
+    fn an_answer_that_finds_the_consumer_awake_needs_no_wakeup() {
+        let t = "\
+vcpu0-7 [001] ..... 204: kvm_mmio: mmio write len 4 gpa 0xc0000050 val 0x1
+vcpu0-7 [001] d..5. 212: sched_waking: comm=vhost-6 pid=9 prio=120 target_cpu=000
+x-3 [000] d..2. 250: sched_switch: prev_comm=x prev_pid=3 prev_prio=120 prev_state=R ==> next_comm=vhost-6 next_pid=9 next_prio=120
+vhost-6-9 [000] d..4. 260: sched_waking: comm=evmm-net-echo pid=12 prio=120 target_cpu=001
+vhost-6-9 [000] d..2. 262: sched_switch: prev_comm=vhost-6 prev_pid=9 prev_prio=120 prev_state=R ==> next_comm=y next_pid=4 next_prio=120
+y-4 [000] d..2. 263: sched_switch: prev_comm=y prev_pid=4 prev_prio=120 prev_state=S ==> next_comm=vhost-6 next_pid=9 next_prio=120
+z-5 [001] d..2. 270: sched_switch: prev_comm=z prev_pid=5 prev_prio=120 prev_state=R ==> next_comm=evmm-net-echo next_pid=12 next_prio=120
+vhost-6-9 [000] d..4. 290: sched_waking: comm=kworker/0:0 pid=10 prio=120 target_cpu=000
+kworker/0:0-10 [000] ..... 300: kvm_set_irq: gsi 5 level 1 source 0
+vcpu0-7 [001] ..... 320: kvm_inj_virq: IRQ 0x40
+vcpu0-7 [001] ..... 330: kvm_entry: vcpu 0
+";
+        let r = requests(&parse(t), &net());
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(r[0].tsc, [204, 212, 250, 260, 270, 290, 290, 290, 300, 330]);
     }
 }

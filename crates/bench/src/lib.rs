@@ -3,4 +3,5 @@
 pub mod histogram;
 pub mod kick_stages;
 pub mod notify_run;
+pub mod swimlane;
 pub mod tracefs;

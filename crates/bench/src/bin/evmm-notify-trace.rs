@@ -1,33 +1,42 @@
-//! `evmm-notify-trace [--requests N] [--out DIR]`: where the time of a kick goes,
-//! stage by stage. Runs the notify guest (crates/notify-guest, virtio-blk) on each
-//! path twice, once as it is and once with the host's tracepoints recorded
+//! `evmm-notify-trace [--requests N] [--out DIR] [--only blk|net|both] [--here]`: where
+//! the time of a kick goes, stage by stage. Runs the notify guest (crates/notify-guest)
+//! on each path twice, once as it is and once with the host's tracepoints recorded
 //! ([`evmm_bench::tracefs`]: kvm_emulate_insn, kvm_exit, kvm_entry, kvm_mmio,
 //! kvm_fast_mmio, kvm_set_irq, kvm_msi_set_irq, kvm_inj_virq, kvm_userspace_exit,
 //! sched_waking, sched_switch, and the return from the wait system calls, on the host
-//! TSC), cuts every interrupted request into
-//! its stages ([`evmm_bench::kick_stages`]), and prints per path the p50/p90/p99 of
-//! each stage, their sum against the traced and untraced end-to-end figures (the
-//! tracing's own cost), and draws a swimlane of the typical (median) request per path.
-//! Paths: evmm (ioeventfd + irqfd), evmm `--notify exit`, evmm + evmm-vhost-user-blk,
-//! QEMU microvm. Needs root (tracefs). benches/notify-trace runs it.
+//! TSC), cuts every interrupted request into its stages ([`evmm_bench::kick_stages`]),
+//! and prints per path the p50/p90/p99 of each stage, their sum against the traced and
+//! untraced end-to-end figures (the tracing's own cost), and draws a swimlane of the
+//! typical (median) request per path ([`evmm_bench::swimlane`]).
+//!
+//! Disk paths (virtio-blk GET_ID): evmm (ioeventfd + irqfd), evmm `--notify exit`,
+//! evmm + evmm-vhost-user-blk, QEMU microvm. Network paths (the guest's net mode: a
+//! UDP frame on TX, `evmm-net-echo` answering it on the tap's other side, in a network
+//! namespace of the run's own): evmm's in-VMM worker, evmm `--notify exit`, evmm
+//! `vhost=on` (the kernel's vhost worker), QEMU microvm `vhost=off` and `vhost=on`.
+//! The vhost paths need /dev/vhost-net: unless `--here`, the network paths run again
+//! in the nested test host, where it exists, with their own table and picture.
+//! Needs root (tracefs). benches/notify-trace runs it.
 //!
 //! Clocks: every stage boundary is a host tracepoint on the host TSC (`trace_clock`
 //! `x86-tsc`); the guest's own figures are its TSC, which runs at the host's rate
 //! (KVM's guest TSC is the host's plus a constant offset), so the two compare as
-//! durations without converting instants. Requests are matched by their QueueNotify
-//! writes, in order; a polled request (no interrupt) has no stages and is left out.
+//! durations without converting instants. Requests are matched by their kicks
+//! (QueueNotify writes of the request queue), in order; a polled request (no
+//! interrupt) has no stages and is left out.
 
-use clap::Parser;
-use evmm_bench::kick_stages::{requests, Anchors, Request, STAGES};
+use clap::{Parser, ValueEnum};
+use evmm_bench::kick_stages::{requests, Anchors, Request};
 use evmm_bench::notify_run::{guest_elf, TempDisk};
+use evmm_bench::swimlane::{self, Panel};
 use evmm_bench::tracefs::{parse, TraceInstance};
+use evmm_testhost::echo_netns;
 use evmm_testhost::notify_output::{NotifyRun, Stats};
 use evmm_testhost::process::{run_with_limit, slug};
-use evmm_testhost::qemu::notify_guest_microvm_argv;
+use evmm_testhost::qemu::{notify_guest_microvm_argv, notify_guest_microvm_net_argv};
 use evmm_testhost::qemu_cpu::kvm_cpu_model;
-use evmm_testhost::route::bench_main;
+use evmm_testhost::route::{bench_main, rerun_in_nested_host, write_output};
 use evmm_testhost::{Backend, BackendKind};
-use plotters::prelude::*;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -40,12 +49,25 @@ struct Cli {
     /// The notify guest; default: built from crates/notify-guest.
     #[arg(long)]
     guest: Option<PathBuf>,
-    /// Requests per series (the guest runs 8 series; half of them interrupt).
+    /// Requests per series (the guest runs a poll pass and an interrupt pass).
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(10..=2000))]
     requests: u32,
     /// Where the JSON, the picture and the consoles go.
     #[arg(long, default_value = "target/notify-trace")]
     out: PathBuf,
+    /// Which devices' paths: the disk's, the network's, or both.
+    #[arg(long, value_enum, default_value_t = Only::Both)]
+    only: Only,
+    /// Only this host's paths: no nested run for the kernel's vhost-net path.
+    #[arg(long)]
+    here: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Only {
+    Blk,
+    Net,
+    Both,
 }
 
 /// The system calls a consumer returns from when a kick wakes it (x86-64 numbers:
@@ -69,16 +91,59 @@ const TRACEPOINTS: [&str; 12] = [
 ];
 const GUEST_ID: &str = "notify-id";
 const RUN_LIMIT: Duration = Duration::from_secs(300);
+/// Longest the nested run may take.
+const NESTED_LIMIT: Duration = Duration::from_secs(2400);
 /// Per-CPU trace buffer.
 const BUFFER_KB: u32 = 65536;
+/// The tap of the network paths (in a network namespace of each run's own).
+const TAP: &str = "evmmn0";
+/// The program answering each frame on the tap's other side.
+const ECHO: &str = "evmm-net-echo";
+/// evmm's first virtio-mmio window and GSI; QEMU microvm's window the guests use.
+const EVMM_NOTIFY: (&str, u32) = ("0xc0000050", 5);
+const QEMU_NOTIFY: (&str, u32) = ("0xfeb02e50", 47);
+
+/// Where a path's device sits and what serves it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Device {
+    /// virtio-blk, maybe through a vhost-user backend started first.
+    Blk(Option<BackendKind>),
+    /// virtio-net on a tap, `evmm-net-echo` answering on its other side.
+    Net,
+}
+
+impl Device {
+    /// The guest's series of the request kind: (kind, poll pass, interrupt pass).
+    fn series(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Device::Blk(_) => ("get_id", "poll", "irq"),
+            Device::Net => ("udp_echo", "kick", "rx_irq"),
+        }
+    }
+}
 
 /// A path and where its device sits.
 struct TracePath {
     name: &'static str,
     argv: Vec<String>,
-    backend: Option<BackendKind>,
-    notify_gpa: &'static str,
-    gsi: u32,
+    device: Device,
+    notify: (&'static str, u32),
+    /// Only where /dev/vhost-net exists.
+    needs_vhost_net: bool,
+}
+
+impl TracePath {
+    fn anchors(&self, vcpu_tid: u32) -> Anchors {
+        let net = self.device == Device::Net;
+        Anchors {
+            vcpu_tid,
+            notify_gpa: self.notify.0.into(),
+            // The transmit queue's kicks; the receive queue's refills are not requests.
+            notify_val: net.then_some(1),
+            gsi: self.notify.1,
+            echo: net.then(|| ECHO.to_string()),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -111,6 +176,54 @@ fn main() -> ExitCode {
 fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&cli.out)?;
     let guest = guest_elf(cli.guest.as_deref())?;
+    let in_nested_host = std::env::var_os("EVMM_SEND_BACK").is_some();
+    let host = if in_nested_host { "nested" } else { "direct" };
+    eprintln!(
+        "paths on {}",
+        if in_nested_host {
+            "the nested host (L1: its KVM on QEMU's emulated SVM)"
+        } else {
+            "this host's KVM"
+        }
+    );
+    trace_here(cli, &guest, host, in_nested_host)?;
+    if cli.here || in_nested_host || cli.only == Only::Blk {
+        return Ok(());
+    }
+    eprintln!("now the network paths in the nested test host, where /dev/vhost-net exists");
+    let argv: Vec<String> = vec![
+        std::env::args()
+            .next()
+            .unwrap_or_else(|| "evmm-notify-trace".into()),
+        "--requests".into(),
+        cli.requests.to_string(),
+        "--out".into(),
+        cli.out.display().to_string(),
+        "--guest".into(),
+        guest.display().to_string(),
+        "--only".into(),
+        "net".into(),
+        "--here".into(),
+    ];
+    let status = rerun_in_nested_host(&argv, NESTED_LIMIT, &[guest])?;
+    if status != 0 {
+        return Err(format!("the nested run exited {status}").into());
+    }
+    Ok(())
+}
+
+/// Every selected path of this host, untraced then traced; the tables, the JSON and
+/// the swimlanes (`notify-trace.*`, `notify-trace-nested.*` in the nested host).
+fn trace_here(
+    cli: &Cli,
+    guest: &Path,
+    host: &str,
+    must_have_vhost: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let vhost_net = Path::new("/dev/vhost-net").exists();
+    if must_have_vhost && !vhost_net {
+        return Err("the nested host has no /dev/vhost-net (vhost_net not loaded?)".into());
+    }
     let disk_file = TempDisk::new("evmm-notify-trace", 64 << 20, &cli.out)?;
     let disk = disk_file.path().to_path_buf();
     let socket = cli.out.join("vhost-user-blk.sock");
@@ -118,62 +231,81 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     let tsc_mhz = tsc_mhz()?;
     let mut reports = Vec::new();
     let mut typical = Vec::new();
-    for p in paths(cli, &guest, &disk, &socket, &cpu.model) {
-        eprintln!("{}: untraced, then traced", p.name);
-        let untraced = run_guest(&p, &disk, &socket, None, cli)?;
+    let all = paths(cli, guest, &disk, &cpu.model);
+    let total = all.len();
+    for (i, p) in all.iter().enumerate() {
+        if p.needs_vhost_net && !vhost_net {
+            eprintln!(
+                "[{}/{total}] {}: not here (no /dev/vhost-net; the nested run has it)",
+                i + 1,
+                p.name
+            );
+            continue;
+        }
+        eprintln!("[{}/{total}] {}: untraced, then traced", i + 1, p.name);
+        let untraced = run_guest(p, &disk, &socket, None, cli, host)?;
         let trace = TraceInstance::new(&TRACEPOINTS, BUFFER_KB)?;
         trace.filter("raw_syscalls/sys_exit", WAIT_EXITS)?;
-        let traced = run_guest(&p, &disk, &socket, Some(&trace), cli)?;
+        let traced = run_guest(p, &disk, &socket, Some(&trace), cli, host)?;
         let text = trace.text()?;
         let lost = trace.overruns();
         drop(trace);
-        std::fs::write(cli.out.join(format!("{}.trace", slug(p.name))), &text)?;
+        std::fs::write(
+            cli.out.join(format!("{host}-{}.trace", slug(p.name))),
+            &text,
+        )?;
         let events = parse(&text);
-        let vcpu_tid = busiest_kicker(&events, p.notify_gpa).ok_or_else(|| {
+        let vcpu_tid = busiest_kicker(&events, p.notify.0).ok_or_else(|| {
             format!(
                 "{}: no QueueNotify write to {} in the trace",
-                p.name, p.notify_gpa
+                p.name, p.notify.0
             )
         })?;
-        let reqs = requests(
-            &events,
-            &Anchors {
-                vcpu_tid,
-                notify_gpa: p.notify_gpa.into(),
-                gsi: p.gsi,
-            },
-        );
-        let matched = with_guest_marks(&reqs, &traced);
+        let anchors = p.anchors(vcpu_tid);
+        let reqs = requests(&events, &anchors);
+        let matched = with_guest_marks(&reqs, &traced, p.device);
         if matched.is_empty() {
             return Err(format!(
-                "{}: no GET_ID request with all its stages in the trace ({} with stages)",
+                "{}: no request of the interrupt pass with all its stages in the trace ({} with stages)",
                 p.name,
                 reqs.len()
             )
             .into());
         }
+        let (kind, _, irq) = p.device.series();
         let untraced_p50 = untraced
-            .series("get_id", "irq")
+            .series(kind, irq)
             .and_then(|s| Stats::of(&s.cycles))
             .map_or(0.0, |s| s.p50 / tsc_mhz);
-        let report = report(p.name, &matched, tsc_mhz, untraced_p50, lost);
-        typical.push((p.name, median_request(&matched)));
-        reports.push(report);
+        let names = anchors.stage_names();
+        reports.push(report(p.name, names, &matched, tsc_mhz, untraced_p50, lost));
+        let median = median_request(&matched);
+        typical.push(Panel {
+            name: p.name.to_string(),
+            stages: stage_names_with_store(names)
+                .into_iter()
+                .zip(median.stages())
+                .map(|(n, c)| (n, c as f64 / tsc_mhz))
+                .collect(),
+        });
     }
-    print_tables(&reports);
-    let json = cli.out.join("notify-trace.json");
-    std::fs::write(&json, serde_json::to_string_pretty(&reports)?)?;
-    let svg = cli.out.join("notify-trace.svg");
-    swimlanes(&svg, &typical, tsc_mhz)?;
+    print_tables(host, &reports);
+    let suffix = if host == "nested" { "-nested" } else { "" };
+    let json = cli.out.join(format!("notify-trace{suffix}.json"));
+    write_output(&json, serde_json::to_string_pretty(&reports)?.as_bytes())?;
+    let svg = cli.out.join(format!("notify-trace{suffix}.svg"));
+    swimlane::draw(&svg, &typical)?;
+    write_output(&svg, &std::fs::read(&svg)?)?;
     eprintln!("wrote {}, {} and the traces", json.display(), svg.display());
     Ok(())
 }
 
-fn paths(cli: &Cli, guest: &Path, disk: &Path, socket: &Path, cpu: &str) -> Vec<TracePath> {
+fn paths(cli: &Cli, guest: &Path, disk: &Path, cpu: &str) -> Vec<TracePath> {
     let g = guest.display().to_string();
     let d = disk.display().to_string();
-    let cmdline = format!("notify.requests={}", cli.requests);
-    let evmm = |extra: &[&str]| -> Vec<String> {
+    let blk_cmdline = format!("notify.requests={}", cli.requests);
+    let net_cmdline = format!("notify.net=1 notify.requests={}", cli.requests);
+    let evmm = |cmdline: &str, extra: &[&str]| -> Vec<String> {
         let mut v: Vec<String> = [
             "evmm",
             "--kernel",
@@ -181,7 +313,7 @@ fn paths(cli: &Cli, guest: &Path, disk: &Path, socket: &Path, cpu: &str) -> Vec<
             "--memory",
             "256",
             "--cmdline",
-            &cmdline,
+            cmdline,
         ]
         .iter()
         .map(|s| s.to_string())
@@ -190,51 +322,105 @@ fn paths(cli: &Cli, guest: &Path, disk: &Path, socket: &Path, cpu: &str) -> Vec<
         v
     };
     let disk_arg = format!("path={d},id={GUEST_ID},poll=off");
-    let socket_arg = format!("socket={}", socket.display());
-    vec![
-        TracePath {
-            name: "evmm ioeventfd + irqfd",
-            argv: evmm(&["--disk", &disk_arg]),
-            backend: None,
-            notify_gpa: "0xc0000050",
-            gsi: 5,
-        },
-        TracePath {
-            name: "evmm --notify exit",
-            argv: evmm(&["--disk", &disk_arg, "--notify", "exit"]),
-            backend: None,
-            notify_gpa: "0xc0000050",
-            gsi: 5,
-        },
-        TracePath {
-            name: "evmm + evmm-vhost-user-blk",
-            argv: evmm(&["--vhost-user-blk", &socket_arg]),
-            backend: Some(BackendKind::Evmm),
-            notify_gpa: "0xc0000050",
-            gsi: 5,
-        },
-        TracePath {
-            name: "QEMU microvm",
-            argv: notify_guest_microvm_argv(cpu, &g, &d, GUEST_ID, cli.requests, 256),
-            backend: None,
-            notify_gpa: "0xfeb02e50",
-            gsi: 47,
-        },
-    ]
+    let socket_arg = format!("socket={}", cli.out.join("vhost-user-blk.sock").display());
+    let tap = format!("tap={TAP}");
+    let tap_vhost = format!("tap={TAP},vhost=on");
+    let path = |name, argv, device, notify, needs_vhost_net| TracePath {
+        name,
+        argv,
+        device,
+        notify,
+        needs_vhost_net,
+    };
+    let mut v = Vec::new();
+    if cli.only != Only::Net {
+        v.extend([
+            path(
+                "evmm ioeventfd + irqfd",
+                evmm(&blk_cmdline, &["--disk", &disk_arg]),
+                Device::Blk(None),
+                EVMM_NOTIFY,
+                false,
+            ),
+            path(
+                "evmm --notify exit",
+                evmm(&blk_cmdline, &["--disk", &disk_arg, "--notify", "exit"]),
+                Device::Blk(None),
+                EVMM_NOTIFY,
+                false,
+            ),
+            path(
+                "evmm + evmm-vhost-user-blk",
+                evmm(&blk_cmdline, &["--vhost-user-blk", &socket_arg]),
+                Device::Blk(Some(BackendKind::Evmm)),
+                EVMM_NOTIFY,
+                false,
+            ),
+            path(
+                "QEMU microvm",
+                notify_guest_microvm_argv(cpu, &g, &d, GUEST_ID, cli.requests, 256),
+                Device::Blk(None),
+                QEMU_NOTIFY,
+                false,
+            ),
+        ]);
+    }
+    if cli.only != Only::Blk {
+        let qemu = |vhost| notify_guest_microvm_net_argv(&g, TAP, vhost, cli.requests, 256);
+        v.extend([
+            path(
+                "net: evmm in-VMM worker",
+                evmm(&net_cmdline, &["--net", &tap]),
+                Device::Net,
+                EVMM_NOTIFY,
+                false,
+            ),
+            path(
+                "net: evmm --notify exit",
+                evmm(&net_cmdline, &["--net", &tap, "--notify", "exit"]),
+                Device::Net,
+                EVMM_NOTIFY,
+                false,
+            ),
+            path(
+                "net: evmm vhost=on (kernel vhost-net)",
+                evmm(&net_cmdline, &["--net", &tap_vhost]),
+                Device::Net,
+                EVMM_NOTIFY,
+                true,
+            ),
+            path(
+                "net: QEMU microvm, vhost=off",
+                qemu(false),
+                Device::Net,
+                QEMU_NOTIFY,
+                false,
+            ),
+            path(
+                "net: QEMU microvm, vhost=on",
+                qemu(true),
+                Device::Net,
+                QEMU_NOTIFY,
+                true,
+            ),
+        ]);
+    }
+    v
 }
 
-/// One run of the guest on `p` (its backend started first), recording into `trace`
-/// while it runs when given.
+/// One run of the guest on `p` (its backend started first, or in a network namespace
+/// of its own with the echo on the tap's other side), recording into `trace` while
+/// it runs when given.
 fn run_guest(
     p: &TracePath,
     disk: &Path,
     socket: &Path,
     trace: Option<&TraceInstance>,
     cli: &Cli,
+    host: &str,
 ) -> Result<NotifyRun, Box<dyn std::error::Error>> {
-    let _backend = p
-        .backend
-        .map(|kind| {
+    let backend = match p.device {
+        Device::Blk(Some(kind)) => {
             let mut argv = kind.argv(
                 &disk.display().to_string(),
                 &socket.display().to_string(),
@@ -243,32 +429,40 @@ fn run_guest(
             if kind == BackendKind::Evmm {
                 argv.extend(["--poll".into(), "off".into()]);
             }
-            Backend::spawn(kind, &argv, socket, None)
-        })
-        .transpose()?;
+            Some(Backend::spawn(kind, &argv, socket, None)?)
+        }
+        _ => None,
+    };
     if let Some(t) = trace {
         t.record(true)?;
     }
-    let out = run_with_limit(&p.argv, RUN_LIMIT);
+    let out = match p.device {
+        Device::Blk(_) => run_with_limit(&p.argv, RUN_LIMIT)
+            .map_err(|e| e.to_string())
+            .map(|o| (o.stdout, o.status.map(|s| s.success()) == Some(true))),
+        Device::Net => echo_netns::run(TAP, &p.argv, RUN_LIMIT, None)
+            .map(|r| (r.console, r.vmm_status == Some(0))),
+    };
     if let Some(t) = trace {
         t.record(false)?;
     }
-    let out = out?;
+    drop(backend);
+    let (console, ok) = out.map_err(|e| format!("{}: {e}", p.name))?;
     let tag = if trace.is_some() {
         "traced"
     } else {
         "untraced"
     };
     std::fs::write(
-        cli.out.join(format!("{}-{tag}.console", slug(p.name))),
-        &out.stdout,
+        cli.out
+            .join(format!("{host}-{}-{tag}.console", slug(p.name))),
+        &console,
     )?;
-    let run = NotifyRun::parse(&out.stdout);
-    if out.status.map(|s| s.success()) != Some(true) || run.done != Some(u64::from(cli.requests)) {
+    let run = NotifyRun::parse(&console);
+    if !ok || run.done != Some(u64::from(cli.requests)) {
         return Err(format!(
-            "{} ({tag}) did not complete ({:?}, errors {:?}); console in {}",
+            "{} ({tag}) did not complete (errors {:?}); console in {}",
             p.name,
-            out.status,
             run.errors,
             cli.out.display()
         )
@@ -292,7 +486,7 @@ fn busiest_kicker(events: &[evmm_bench::tracefs::Event], gpa: &str) -> Option<u3
         .map(|(tid, _)| tid)
 }
 
-/// A request of the GET_ID interrupt pass with the guest's own kick → handler figure
+/// A request of the interrupt pass with the guest's own kick → handler figure
 /// (cycles) of the same request.
 #[derive(Debug, Clone)]
 struct Matched {
@@ -303,27 +497,19 @@ struct Matched {
 impl Matched {
     /// The stages, the guest's first: from its start mark (just before the store) to
     /// KVM seeing the store (trap and emulation), the rest of its figure.
-    fn stages(&self) -> [u64; 6] {
-        let h = self.host.stages();
-        [
-            self.guest.saturating_sub(self.host.total()),
-            h[0],
-            h[1],
-            h[2],
-            h[3],
-            h[4],
-        ]
+    fn stages(&self) -> Vec<u64> {
+        let mut v = vec![self.guest.saturating_sub(self.host.total())];
+        v.extend(self.host.stages());
+        v
     }
 }
 
-/// Pairs the traced requests of the GET_ID interrupt pass with the guest's samples of
-/// that pass, by their QueueNotify write: the pass's first kick follows the poll
-/// pass's (its `kicks=`), and each request kicks once.
-fn with_guest_marks(reqs: &[Request], traced: &NotifyRun) -> Vec<Matched> {
-    let (Some(poll), Some(irq)) = (
-        traced.series("get_id", "poll"),
-        traced.series("get_id", "irq"),
-    ) else {
+/// Pairs the traced requests of the interrupt pass with the guest's samples of that
+/// pass, by their kicks: the pass's first kick follows the poll pass's (its
+/// `kicks=`), and each request kicks once.
+fn with_guest_marks(reqs: &[Request], traced: &NotifyRun, device: Device) -> Vec<Matched> {
+    let (kind, poll, irq) = device.series();
+    let (Some(poll), Some(irq)) = (traced.series(kind, poll), traced.series(kind, irq)) else {
         return Vec::new();
     };
     let first = poll.kicks.unwrap_or(0) as usize;
@@ -344,12 +530,15 @@ fn with_guest_marks(reqs: &[Request], traced: &NotifyRun) -> Vec<Matched> {
 }
 
 /// The stage names of the table: the guest's first.
-const ALL_STAGES: [&str; 6] = [
-    "store", STAGES[0], STAGES[1], STAGES[2], STAGES[3], STAGES[4],
-];
+fn stage_names_with_store(host: &[&'static str]) -> Vec<&'static str> {
+    let mut v = vec!["store"];
+    v.extend_from_slice(host);
+    v
+}
 
 fn report(
     name: &str,
+    host_stages: &[&'static str],
     reqs: &[Matched],
     tsc_mhz: f64,
     guest_untraced_p50_us: f64,
@@ -358,7 +547,7 @@ fn report(
     let us = |v: f64| v / tsc_mhz;
     let mut stages = Vec::new();
     let mut sum = 0.0;
-    for (i, stage) in ALL_STAGES.iter().enumerate() {
+    for (i, stage) in stage_names_with_store(host_stages).into_iter().enumerate() {
         let s = Stats::of(&reqs.iter().map(|r| r.stages()[i]).collect::<Vec<_>>())
             .expect("at least one request");
         sum += us(s.p50);
@@ -401,8 +590,41 @@ fn median_request(reqs: &[Matched]) -> Matched {
     sorted[sorted.len() / 2].clone()
 }
 
-fn print_tables(reports: &[PathReport]) {
-    println!("\nWhere a kick's time goes, stage by stage (host tracepoints; GET_ID requests with an interrupt), µs\n");
+/// The wide table of one set of stages: a row per path, `p50 (p90)` per stage.
+fn print_wide(reports: &[&PathReport]) {
+    let Some(first) = reports.first() else {
+        return;
+    };
+    let names: Vec<&str> = first.stages.iter().map(|s| s.stage).collect();
+    println!(
+        "\n| path | {} | sum | guest, traced | guest, untraced |",
+        names.join(" | ")
+    );
+    println!(
+        "| --- |{} ---: | ---: | ---: |",
+        " ---: |".repeat(names.len())
+    );
+    for r in reports {
+        let cells: Vec<String> = r
+            .stages
+            .iter()
+            .map(|s| format!("{:.1} ({:.1})", s.p50_us, s.p90_us))
+            .collect();
+        println!(
+            "| {} | {} | {:.1} | {:.1} | {:.1} |",
+            r.path,
+            cells.join(" | "),
+            r.sum_of_p50s_us,
+            r.traced_total_p50_us,
+            r.guest_untraced_p50_us
+        );
+    }
+}
+
+fn print_tables(host: &str, reports: &[PathReport]) {
+    println!(
+        "\nWhere a kick's time goes, stage by stage ({host} host; host tracepoints; requests with an interrupt), µs\n"
+    );
     println!("| path | consumer | stage | p50 | p90 | p99 |");
     println!("| --- | --- | --- | ---: | ---: | ---: |");
     for r in reports {
@@ -427,90 +649,25 @@ fn print_tables(reports: &[PathReport]) {
             r.lost_events
         );
     }
+    println!("\np50 (p90) of each stage, µs:");
+    let (blk, net): (Vec<&PathReport>, Vec<&PathReport>) = reports
+        .iter()
+        .partition(|r| r.stages.len() == STORE_AND_BLK_STAGES);
+    print_wide(&blk);
+    print_wide(&net);
     println!(
         "\nStages: store = from the guest's start mark (its TSC just before the QueueNotify store) until KVM sees the store \
          (the guest's figure less the host's stages); signal = until the consumer is woken \
          (the ioeventfd's eventfd_signal, or evmm's vCPU thread after an exit); wakeup = until it runs; \
          work = until it raises the interrupt (wakes the kworker of an irqfd, or calls kvm_set_irq); \
+         on the network path work is tx (until the frame wakes the echo), echo wakeup, echo (until its answer \
+         wakes the consumer), rx wakeup and rx; \
          inject = until kvm_set_irq; deliver = until the guest's handler runs."
     );
 }
 
-/// One panel per path: the median request's stages as boxes in the lane of the thread
-/// that spends them, with the stage's time written on it.
-fn swimlanes(
-    svg: &Path,
-    typical: &[(&str, Matched)],
-    tsc_mhz: f64,
-) -> Result<(), Box<dyn std::error::Error>> {
-    const LANES: [&str; 5] = [
-        "guest (vCPU)",
-        "KVM (vCPU thread)",
-        "consumer",
-        "kworker (irqfd)",
-        "guest handler",
-    ];
-    // The lane each stage runs in.
-    const STAGE_LANE: [usize; 6] = [0, 1, 2, 2, 3, 4];
-    let panel_h = 190;
-    let height = (panel_h * typical.len().max(1)) as u32 + 20;
-    let root = SVGBackend::new(svg, (1000, height)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let panels = root.split_evenly((typical.len().max(1), 1));
-    for ((name, req), area) in typical.iter().zip(panels.iter()) {
-        let total = req.guest as f64 / tsc_mhz;
-        let lengths = req.stages();
-        let mut chart = ChartBuilder::on(area)
-            .caption(
-                format!(
-                    "{name}: a median request, {total:.1} µs from the guest's kick to its handler"
-                ),
-                ("sans-serif", 16),
-            )
-            .margin(8)
-            .x_label_area_size(25)
-            .y_label_area_size(140)
-            .build_cartesian_2d(0.0..total.max(1.0) * 1.02, 0.0..LANES.len() as f64)?;
-        chart
-            .configure_mesh()
-            .disable_mesh()
-            .y_labels(LANES.len() + 1)
-            .y_label_formatter(&|y| {
-                (LANES.len())
-                    .checked_sub(1 + *y as usize)
-                    .and_then(|i| LANES.get(i))
-                    .map_or(String::new(), |s| s.to_string())
-            })
-            .x_desc("µs since the guest's kick")
-            .draw()?;
-        let mut at = 0u64;
-        for (i, stage) in ALL_STAGES.iter().enumerate() {
-            let x0 = at as f64 / tsc_mhz;
-            at += lengths[i];
-            let x1 = at as f64 / tsc_mhz;
-            let lane = (LANES.len() - 1 - STAGE_LANE[i]) as f64;
-            let color = Palette99::pick(i).mix(0.6);
-            chart.draw_series(std::iter::once(Rectangle::new(
-                [(x0, lane + 0.2), (x1.max(x0 + total * 0.003), lane + 0.8)],
-                color.filled(),
-            )))?;
-            chart.draw_series(std::iter::once(Text::new(
-                format!("{stage} {:.1}", x1 - x0),
-                (x0, lane + 0.85 - 0.25 * (i % 2) as f64),
-                ("sans-serif", 12),
-            )))?;
-            if i + 1 < ALL_STAGES.len() && STAGE_LANE[i + 1] != STAGE_LANE[i] {
-                let next = (LANES.len() - 1 - STAGE_LANE[i + 1]) as f64;
-                chart.draw_series(std::iter::once(PathElement::new(
-                    vec![(x1, lane + 0.5), (x1, next + 0.5)],
-                    BLACK.stroke_width(1),
-                )))?;
-            }
-        }
-    }
-    root.present()?;
-    Ok(())
-}
+/// The disk path's stages with the guest's store.
+const STORE_AND_BLK_STAGES: usize = evmm_bench::kick_stages::STAGES.len() + 1;
 
 /// The host's TSC rate in MHz, from KVM's view of it (the probe guest's `tsc_khz`).
 fn tsc_mhz() -> Result<f64, Box<dyn std::error::Error>> {
@@ -550,7 +707,7 @@ mod tests {
     fn req(kick: usize, total: u64, c: &str) -> Request {
         Request {
             kick,
-            tsc: [0, 1, 2, 3, 4, total],
+            tsc: vec![0, 1, 2, 3, 4, total],
             consumer: c.into(),
         }
     }
@@ -583,7 +740,7 @@ mod tests {
             req(6, 70, "w"),
             req(4, 80, "w"),
         ];
-        let m = with_guest_marks(&reqs, &run);
+        let m = with_guest_marks(&reqs, &run, Device::Blk(None));
         let pairs: Vec<(usize, u64)> = m.iter().map(|m| (m.host.kick, m.guest)).collect();
         // Kick 5's sample timed out; kick 6 is past the pass.
         assert_eq!(pairs, [(3, 100), (4, 200)]);
