@@ -12,10 +12,13 @@
 //!    way, and so does a VMM that took the write as an exit);
 //! 2. `wakeup`: the consumer switched in (`sched_switch next_pid=`), or its first
 //!    event of its own when no switch to it is traced (it had not slept yet);
-//! 3. `work`: the consumer raises the interrupt: it wakes a kworker (an irqfd on an
+//! 3. `work`: the consumer enters the system call that raises the interrupt (the
+//!    irqfd's `write`, QEMU's `KVM_IRQ_LINE` ioctl: `sys_enter`; a kernel thread
+//!    such as vhost's makes none, and its work runs to the next mark);
+//! 4. `raise`: the interrupt is raised: the consumer wakes a kworker (an irqfd on an
 //!    IOAPIC pin is injected from a workqueue) or calls `kvm_set_irq` itself;
-//! 4. `inject`: `kvm_set_irq gsi G level 1`;
-//! 5. `deliver`: the guest's handler runs: on a host that emulates guest ring 0 (PVM)
+//! 5. `inject`: `kvm_set_irq gsi G level 1`;
+//! 6. `deliver`: the guest's handler runs: on a host that emulates guest ring 0 (PVM)
 //!    its first instruction (`rdtsc`, `0f 31`) is a `kvm_emulate_insn` of the vCPU;
 //!    elsewhere the vCPU's first `kvm_entry` after `kvm_inj_virq`.
 //!
@@ -23,7 +26,8 @@
 //! other side) `work` is cut where the frame crosses the tap and comes back: `tx`
 //! until the echo is woken, `echo wakeup` until it runs, `echo` until it wakes the
 //! consumer again (its answer arrived), `rx wakeup` until the consumer runs again (or
-//! its first event, when it had not slept), `rx` until it raises the interrupt.
+//! its first event, when it had not slept), `rx` until it enters the system call that
+//! raises the interrupt.
 //!
 //! A request whose stages do not all appear before the next kick (a polled request:
 //! no interrupt) is left out.
@@ -31,10 +35,10 @@
 use crate::tracefs::Event;
 
 /// The stage names of the disk path, in order.
-pub const STAGES: [&str; 5] = ["signal", "wakeup", "work", "inject", "deliver"];
+pub const STAGES: [&str; 6] = ["signal", "wakeup", "work", "raise", "inject", "deliver"];
 
 /// The stage names of the network path (an echo across the tap), in order.
-pub const NET_STAGES: [&str; 9] = [
+pub const NET_STAGES: [&str; 10] = [
     "signal",
     "wakeup",
     "tx",
@@ -42,6 +46,7 @@ pub const NET_STAGES: [&str; 9] = [
     "echo",
     "rx wakeup",
     "rx",
+    "raise",
     "inject",
     "deliver",
 ];
@@ -186,14 +191,25 @@ fn one(events: &[Event], n: usize, k: usize, end: usize, a: &Anchors) -> Option<
         at += runs(&window[at..], consumer)?;
         marks.push(window[at].tsc);
     }
-    // work (or rx)
+    // work (or rx): until the system call that raises the interrupt (the irqfd's
+    // write, QEMU's KVM_IRQ_LINE) enters; raise: until it has (a kernel thread makes
+    // no system call: its raise is empty).
     let level1 = format!("gsi {} level 1", a.gsi);
-    at += window[at..].iter().position(|e| {
-        e.tid == consumer
-            && ((e.name == "sched_waking" && e.field("comm").unwrap_or("").starts_with("kworker"))
-                || (e.name == "kvm_set_irq" && e.fields.starts_with(&level1))
-                || e.name == "kvm_msi_set_irq")
-    })?;
+    let raised = at
+        + window[at..].iter().position(|e| {
+            e.tid == consumer
+                && ((e.name == "sched_waking"
+                    && e.field("comm").unwrap_or("").starts_with("kworker"))
+                    || (e.name == "kvm_set_irq" && e.fields.starts_with(&level1))
+                    || e.name == "kvm_msi_set_irq")
+        })?;
+    let entered = window[at..raised]
+        .iter()
+        .rev()
+        .find(|e| e.tid == consumer && e.name == "sys_enter")
+        .map_or(window[raised].tsc, |e| e.tsc);
+    marks.push(entered);
+    at = raised;
     marks.push(window[at].tsc);
     // inject
     at += window[at..].iter().position(|e| {
@@ -249,6 +265,8 @@ vcpu0-7 [001] d..5. 210: sched_waking: comm=kworker/1:1 pid=11 prio=120 target_c
 sshd-4 [000] d..5. 211: sched_waking: comm=rcu_preempt pid=15 prio=120 target_cpu=000
 vcpu0-7 [001] d..5. 212: sched_waking: comm=evmm-blk pid=9 prio=120 target_cpu=000
 rustc-3 [000] d..2. 250: sched_switch: prev_comm=rustc prev_pid=3 prev_prio=120 prev_state=R ==> next_comm=evmm-blk next_pid=9 next_prio=120
+evmm-blk-9 [000] ..... 280: sys_enter: NR 1 (3, 7ffd1000, 8, 0, 0, 0)
+evmm-blk-9 [000] ..... 285: sys_enter: NR 1 (6, 7ffd1000, 8, 0, 0, 0)
 evmm-blk-9 [000] d..4. 290: sched_waking: comm=kworker/0:0 pid=10 prio=120 target_cpu=000
 kworker/0:0-10 [000] ..... 300: kvm_set_irq: gsi 5 level 1 source 0
 kworker/0:0-10 [000] ..... 301: kvm_set_irq: gsi 5 level 0 source 0
@@ -260,8 +278,8 @@ vcpu0-7 [001] ..... 340: kvm_emulate_insn: 0:1000c0:0f 31 (prot64)
         let r = requests(&parse(TRACE), &A());
         assert_eq!(r.len(), 1, "{r:?}");
         assert_eq!(r[0].kick, 1);
-        assert_eq!(r[0].tsc, [204, 212, 250, 290, 300, 340]);
-        assert_eq!(r[0].stages(), [8, 38, 40, 10, 40]);
+        assert_eq!(r[0].tsc, [204, 212, 250, 285, 290, 300, 340]);
+        assert_eq!(r[0].stages(), [8, 38, 35, 5, 10, 40]);
         assert_eq!(r[0].total(), 136);
         assert_eq!(r[0].consumer, "evmm-blk");
     }
@@ -277,7 +295,7 @@ vcpu0-7 [001] ..... 340: kvm_emulate_insn: 0:1000c0:0f 31 (prot64)
 ";
         let r = requests(&parse(t), &A());
         assert_eq!(r.len(), 1, "{r:?}");
-        assert_eq!(r[0].tsc, [204, 212, 290, 290, 300, 340]);
+        assert_eq!(r[0].tsc, [204, 212, 290, 290, 290, 300, 340]);
     }
 
     #[test]
@@ -288,13 +306,14 @@ vcpu0-7 [001] ..... 200: kvm_exit: reason npf
 vcpu0-7 [001] ..... 204: kvm_fast_mmio: fast mmio at gpa 0xc0000050
 vcpu0-7 [001] d..5. 212: sched_waking: comm=qemu-system-x86 pid=5 prio=120 target_cpu=000
 x-3 [000] d..2. 250: sched_switch: prev_comm=x prev_pid=3 prev_prio=120 prev_state=R ==> next_comm=qemu-system-x86 next_pid=5 next_prio=120
+qemu-system-x86-5 [000] ..... 280: sys_enter: NR 16 (9, ae03, 7ffd1000, 0, 0, 0)
 qemu-system-x86-5 [000] ..... 290: kvm_set_irq: gsi 5 level 1 source 0
 vcpu0-7 [001] ..... 320: kvm_inj_virq: IRQ 0x40
 vcpu0-7 [001] ..... 330: kvm_entry: vcpu 0
 ";
         let r = requests(&parse(t), &A());
         assert_eq!(r.len(), 1, "{r:?}");
-        assert_eq!(r[0].tsc, [204, 212, 250, 290, 290, 330]);
+        assert_eq!(r[0].tsc, [204, 212, 250, 280, 290, 290, 330]);
     }
 
     fn net() -> Anchors {
@@ -319,6 +338,7 @@ evmm-net-9 [000] d..4. 260: sched_waking: comm=evmm-net-echo pid=12 prio=120 tar
 evmm-net-9 [000] d..2. 262: sched_switch: prev_comm=evmm-net prev_pid=9 prev_prio=120 prev_state=S ==> next_comm=evmm-net-echo next_pid=12 next_prio=120
 evmm-net-echo-12 [000] d..4. 280: sched_waking: comm=evmm-net pid=9 prio=120 target_cpu=000
 evmm-net-echo-12 [000] d..2. 281: sched_switch: prev_comm=evmm-net-echo prev_pid=12 prev_prio=120 prev_state=S ==> next_comm=evmm-net next_pid=9 next_prio=120
+evmm-net-9 [000] ..... 288: sys_enter: NR 1 (6, 7ffd1000, 8, 0, 0, 0)
 evmm-net-9 [000] d..4. 290: sched_waking: comm=kworker/0:0 pid=10 prio=120 target_cpu=000
 kworker/0:0-10 [000] ..... 300: kvm_set_irq: gsi 5 level 1 source 0
 vcpu0-7 [001] ..... 340: kvm_emulate_insn: 0:1000c0:0f 31 (prot64)
@@ -326,7 +346,10 @@ vcpu0-7 [001] ..... 340: kvm_emulate_insn: 0:1000c0:0f 31 (prot64)
         let r = requests(&parse(t), &net());
         assert_eq!(r.len(), 1, "{r:?}");
         assert_eq!(r[0].kick, 0, "the refill kick is not counted");
-        assert_eq!(r[0].tsc, [204, 212, 250, 260, 262, 280, 281, 290, 300, 340]);
+        assert_eq!(
+            r[0].tsc,
+            [204, 212, 250, 260, 262, 280, 281, 288, 290, 300, 340]
+        );
         assert_eq!(r[0].stages().len(), NET_STAGES.len());
         assert_eq!(r[0].total(), 136);
         assert_eq!(r[0].consumer, "evmm-net");
@@ -351,6 +374,9 @@ vcpu0-7 [001] ..... 330: kvm_entry: vcpu 0
 ";
         let r = requests(&parse(t), &net());
         assert_eq!(r.len(), 1, "{r:?}");
-        assert_eq!(r[0].tsc, [204, 212, 250, 260, 270, 290, 290, 290, 300, 330]);
+        assert_eq!(
+            r[0].tsc,
+            [204, 212, 250, 260, 270, 290, 290, 290, 290, 300, 330]
+        );
     }
 }

@@ -3,8 +3,8 @@
 //! on each path twice, once as it is and once with the host's tracepoints recorded
 //! ([`evmm_bench::tracefs`]: kvm_emulate_insn, kvm_exit, kvm_entry, kvm_mmio,
 //! kvm_fast_mmio, kvm_set_irq, kvm_msi_set_irq, kvm_inj_virq, kvm_userspace_exit,
-//! sched_waking, sched_switch, and the return from the wait system calls, on the host
-//! TSC), cuts every interrupted request into its stages ([`evmm_bench::kick_stages`]),
+//! sched_waking, sched_switch, the return from the wait system calls and the entry of
+//! write and ioctl, on the host TSC), cuts every interrupted request into its stages ([`evmm_bench::kick_stages`]),
 //! and prints per path the p50/p90/p99 of each stage, their sum against the traced and
 //! untraced end-to-end figures (the tracing's own cost), and draws a swimlane of the
 //! typical (median) request per path ([`evmm_bench::swimlane`]).
@@ -75,7 +75,12 @@ enum Only {
 /// marks it running even when no `sched_switch` to it is traced.
 const WAIT_EXITS: &str = "id == 7 || id == 232 || id == 270 || id == 271 || id == 281 || id == 441";
 
-const TRACEPOINTS: [&str; 12] = [
+/// The system calls that raise an interrupt: write (an irqfd) and ioctl
+/// (`KVM_IRQ_LINE`); their `sys_enter` ends a consumer's work.
+const RAISE_ENTERS: &str = "id == 1 || id == 16";
+
+const TRACEPOINTS: [&str; 13] = [
+    "raw_syscalls/sys_enter",
     "raw_syscalls/sys_exit",
     "kvm/kvm_emulate_insn",
     "kvm/kvm_exit",
@@ -246,6 +251,7 @@ fn trace_here(
         let untraced = run_guest(p, &disk, &socket, None, cli, host)?;
         let trace = TraceInstance::new(&TRACEPOINTS, BUFFER_KB)?;
         trace.filter("raw_syscalls/sys_exit", WAIT_EXITS)?;
+        trace.filter("raw_syscalls/sys_enter", RAISE_ENTERS)?;
         let traced = run_guest(p, &disk, &socket, Some(&trace), cli, host)?;
         let text = trace.text()?;
         let lost = trace.overruns();
@@ -659,7 +665,8 @@ fn print_tables(host: &str, reports: &[PathReport]) {
         "\nStages: store = from the guest's start mark (its TSC just before the QueueNotify store) until KVM sees the store \
          (the guest's figure less the host's stages); signal = until the consumer is woken \
          (the ioeventfd's eventfd_signal, or evmm's vCPU thread after an exit); wakeup = until it runs; \
-         work = until it raises the interrupt (wakes the kworker of an irqfd, or calls kvm_set_irq); \
+         work = until it enters the system call that raises the interrupt (write of the irqfd, KVM_IRQ_LINE; \
+         a kernel thread has none); raise = until the interrupt is raised (the kworker of an irqfd woken, or kvm_set_irq); \
          on the network path work is tx (until the frame wakes the echo), echo wakeup, echo (until its answer \
          wakes the consumer), rx wakeup and rx; \
          inject = until kvm_set_irq; deliver = until the guest's handler runs."
