@@ -55,14 +55,14 @@ pub fn draw(svg: &Path, panels: &[Panel]) -> Result<(), Box<dyn std::error::Erro
             .margin(8)
             .x_label_area_size(25)
             .y_label_area_size(140)
-            .build_cartesian_2d(0.0..total.max(1.0) * 1.02, 0.0..LANES.len() as f64)?;
+            .build_cartesian_2d(0.0..total.max(1.0) * 1.02, -0.5..LANES.len() as f64 - 0.5)?;
         chart
             .configure_mesh()
             .disable_mesh()
-            .y_labels(LANES.len() + 1)
+            .y_labels(LANES.len())
             .y_label_formatter(&|y| {
                 (LANES.len())
-                    .checked_sub(1 + *y as usize)
+                    .checked_sub(1 + y.round() as usize)
                     .and_then(|i| LANES.get(i))
                     .map_or(String::new(), |s| s.to_string())
             })
@@ -75,18 +75,18 @@ pub fn draw(svg: &Path, panels: &[Panel]) -> Result<(), Box<dyn std::error::Erro
             let lane = row(lane_of(stage));
             let color = Palette99::pick(i).mix(0.6);
             chart.draw_series(std::iter::once(Rectangle::new(
-                [(x0, lane + 0.2), (x1.max(x0 + total * 0.003), lane + 0.8)],
+                [(x0, lane - 0.3), (x1.max(x0 + total * 0.003), lane + 0.3)],
                 color.filled(),
             )))?;
             chart.draw_series(std::iter::once(Text::new(
                 format!("{stage} {us:.1}"),
-                (x0, lane + 0.85 - 0.25 * (i % 2) as f64),
+                (x0, lane + 0.42 - 0.25 * (i % 2) as f64),
                 ("sans-serif", 12),
             )))?;
             if let Some((next, _)) = panel.stages.get(i + 1) {
                 if lane_of(next) != lane_of(stage) {
                     chart.draw_series(std::iter::once(PathElement::new(
-                        vec![(x1, lane + 0.5), (x1, row(lane_of(next)) + 0.5)],
+                        vec![(x1, lane), (x1, row(lane_of(next)))],
                         BLACK.stroke_width(1),
                     )))?;
                 }
