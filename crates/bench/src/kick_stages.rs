@@ -14,20 +14,24 @@
 //!    event of its own when no switch to it is traced (it had not slept yet);
 //! 3. `work`: the consumer enters the system call that raises the interrupt (the
 //!    irqfd's `write`, QEMU's `KVM_IRQ_LINE` ioctl: `sys_enter`; a kernel thread
-//!    such as vhost's makes none, and its work runs to the next mark);
-//! 4. `raise`: the interrupt is raised: the consumer wakes a kworker (an irqfd on an
-//!    IOAPIC pin is injected from a workqueue) or calls `kvm_set_irq` itself;
+//!    such as vhost's makes none, and its work runs to the next mark), or wakes a
+//!    relay that raises it for it (QEMU's loop reading a vhost worker's call
+//!    eventfd, where its transport has no irqfd);
+//! 4. `raise`: the interrupt is raised: the consumer (or the relay) wakes a kworker
+//!    (an irqfd on an IOAPIC pin is injected from a workqueue) or calls
+//!    `kvm_set_irq` itself;
 //! 5. `inject`: `kvm_set_irq gsi G level 1`;
 //! 6. `deliver`: the guest's handler runs: on a host that emulates guest ring 0 (PVM)
 //!    its first instruction (`rdtsc`, `0f 31`) is a `kvm_emulate_insn` of the vCPU;
 //!    elsewhere the vCPU's first `kvm_entry` after `kvm_inj_virq`.
 //!
 //! On the network path ([`Anchors::echo`]: a program answers each frame on the tap's
-//! other side) `work` is cut where the frame crosses the tap and comes back: `tx`
-//! until the echo is woken, `echo wakeup` until it runs, `echo` until it wakes the
-//! consumer again (its answer arrived), `rx wakeup` until the consumer runs again (or
-//! its first event, when it had not slept), `rx` until it enters the system call that
-//! raises the interrupt.
+//! other side; the `net` tracepoints filtered to the tap) `work` is cut where the
+//! frame crosses the tap and comes back: `tx` until the frame enters the host's stack
+//! from the tap (`netif_receive_skb`), `echo wakeup` until the echo runs, `echo` until
+//! its answer is queued on the tap (`net_dev_queue`), `rx wakeup` until the consumer
+//! runs again (nothing when it is still on a CPU), `rx` until it enters the system
+//! call that raises the interrupt.
 //!
 //! A request whose stages do not all appear before the next kick (a polled request:
 //! no interrupt) is left out.
@@ -140,11 +144,28 @@ fn pid_of(e: &Event, field: &str) -> Option<u32> {
 }
 
 /// The first event of `after` at which `task` runs: switched in, or an event of its
-/// own (it had not slept).
+/// own other than being switched out (it had not slept).
 fn runs(after: &[Event], task: u32) -> Option<usize> {
     after.iter().position(|e| {
-        (e.name == "sched_switch" && pid_of(e, "next_pid") == Some(task)) || e.tid == task
+        (e.name == "sched_switch" && pid_of(e, "next_pid") == Some(task))
+            || (e.tid == task && e.name != "sched_switch")
     })
+}
+
+/// Whether `task`, running at the start of `span`, is still on a CPU at its end (not
+/// switched out, or switched back in).
+fn on_cpu(span: &[Event], task: u32) -> bool {
+    span.iter()
+        .filter(|e| e.name == "sched_switch")
+        .fold(true, |on, e| {
+            if pid_of(e, "prev_pid") == Some(task) {
+                false
+            } else if pid_of(e, "next_pid") == Some(task) {
+                true
+            } else {
+                on
+            }
+        })
 }
 
 fn one(events: &[Event], n: usize, k: usize, end: usize, a: &Anchors) -> Option<Request> {
@@ -167,49 +188,64 @@ fn one(events: &[Event], n: usize, k: usize, end: usize, a: &Anchors) -> Option<
     at += runs(&window[at..], consumer)?;
     marks.push(window[at].tsc);
     if let Some(echo) = &a.echo {
-        // tx: the frame crosses the tap and wakes the echo.
+        // tx: the frame enters the host's stack from the tap.
+        at += window[at..]
+            .iter()
+            .position(|e| e.name == "netif_receive_skb" || e.name == "netif_rx")?;
+        marks.push(window[at].tsc);
+        let consumer_ran = at;
+        // echo wakeup: the echo runs.
         at += window[at..]
             .iter()
             .position(|e| e.name == "sched_waking" && e.field("comm") == Some(echo.as_str()))?;
         let echo_pid = pid_of(&window[at], "pid")?;
-        marks.push(window[at].tsc);
         at += 1;
-        // echo wakeup
         at += runs(&window[at..], echo_pid)?;
         marks.push(window[at].tsc);
-        // echo: its answer wakes the consumer, or reaches it awake (its next event
-        // other than going to sleep).
-        at += window[at..].iter().position(|e| {
-            (e.name == "sched_waking" && pid_of(e, "pid") == Some(consumer))
-                || (e.tid == consumer && e.name != "sched_switch")
-        })?;
+        // echo: its answer is queued on the tap.
+        at += window[at..]
+            .iter()
+            .position(|e| e.name == "net_dev_queue" && e.tid == echo_pid)?;
         marks.push(window[at].tsc);
-        if window[at].tid != consumer {
+        // rx wakeup: the consumer runs: at once if it is still on a CPU, else when it
+        // is switched in (woken, or preempted meanwhile).
+        if !on_cpu(&window[consumer_ran..at], consumer) {
             at += 1;
+            at += runs(&window[at..], consumer)?;
         }
-        // rx wakeup
-        at += runs(&window[at..], consumer)?;
         marks.push(window[at].tsc);
     }
     // work (or rx): until the system call that raises the interrupt (the irqfd's
-    // write, QEMU's KVM_IRQ_LINE) enters; raise: until it has (a kernel thread makes
-    // no system call: its raise is empty).
+    // write, QEMU's KVM_IRQ_LINE) enters, or until the consumer hands its completion
+    // to a task that raises it (a kernel vhost worker signalling a VMM that has no
+    // irqfd for it: the VMM's loop is the relay); raise: until the interrupt is
+    // raised (a kernel thread makes no system call: without a relay its raise is empty).
     let level1 = format!("gsi {} level 1", a.gsi);
-    let raised = at
+    let raises = |e: &Event, by: u32| {
+        e.tid == by
+            && ((e.name == "sched_waking" && e.field("comm").unwrap_or("").starts_with("kworker"))
+                || (e.name == "kvm_set_irq" && e.fields.starts_with(&level1))
+                || e.name == "kvm_msi_set_irq")
+    };
+    let handoff = at
         + window[at..].iter().position(|e| {
-            e.tid == consumer
-                && ((e.name == "sched_waking"
-                    && e.field("comm").unwrap_or("").starts_with("kworker"))
-                    || (e.name == "kvm_set_irq" && e.fields.starts_with(&level1))
-                    || e.name == "kvm_msi_set_irq")
+            raises(e, consumer)
+                || (e.tid == consumer
+                    && e.name == "sched_waking"
+                    && !e.field("comm").unwrap_or("").starts_with("kworker")
+                    && pid_of(e, "pid") != Some(a.vcpu_tid))
         })?;
-    let entered = window[at..raised]
+    let entered = window[at..handoff]
         .iter()
         .rev()
         .find(|e| e.tid == consumer && e.name == "sys_enter")
-        .map_or(window[raised].tsc, |e| e.tsc);
+        .map_or(window[handoff].tsc, |e| e.tsc);
     marks.push(entered);
-    at = raised;
+    at = handoff;
+    if !raises(&window[at], consumer) {
+        let relay = pid_of(&window[at], "pid")?;
+        at += window[at..].iter().position(|e| raises(e, relay))?;
+    }
     marks.push(window[at].tsc);
     // inject
     at += window[at..].iter().position(|e| {
@@ -334,8 +370,10 @@ vcpu0-7 [001] d..5. 101: sched_waking: comm=evmm-net pid=9 prio=120 target_cpu=0
 vcpu0-7 [001] ..... 204: kvm_mmio: mmio write len 4 gpa 0xc0000050 val 0x1
 vcpu0-7 [001] d..5. 212: sched_waking: comm=evmm-net pid=9 prio=120 target_cpu=000
 rustc-3 [000] d..2. 250: sched_switch: prev_comm=rustc prev_pid=3 prev_prio=120 prev_state=R ==> next_comm=evmm-net next_pid=9 next_prio=120
+evmm-net-9 [000] ..... 258: netif_receive_skb: dev=evmmn0 skbaddr=00000000a1b2c3d4 len=74
 evmm-net-9 [000] d..4. 260: sched_waking: comm=evmm-net-echo pid=12 prio=120 target_cpu=000
 evmm-net-9 [000] d..2. 262: sched_switch: prev_comm=evmm-net prev_pid=9 prev_prio=120 prev_state=S ==> next_comm=evmm-net-echo next_pid=12 next_prio=120
+evmm-net-echo-12 [000] ..... 278: net_dev_queue: dev=evmmn0 skbaddr=00000000a1b2c3d5 len=74
 evmm-net-echo-12 [000] d..4. 280: sched_waking: comm=evmm-net pid=9 prio=120 target_cpu=000
 evmm-net-echo-12 [000] d..2. 281: sched_switch: prev_comm=evmm-net-echo prev_pid=12 prev_prio=120 prev_state=S ==> next_comm=evmm-net next_pid=9 next_prio=120
 evmm-net-9 [000] ..... 288: sys_enter: NR 1 (6, 7ffd1000, 8, 0, 0, 0)
@@ -348,25 +386,27 @@ vcpu0-7 [001] ..... 340: kvm_emulate_insn: 0:1000c0:0f 31 (prot64)
         assert_eq!(r[0].kick, 0, "the refill kick is not counted");
         assert_eq!(
             r[0].tsc,
-            [204, 212, 250, 260, 262, 280, 281, 288, 290, 300, 340]
+            [204, 212, 250, 258, 262, 278, 281, 288, 290, 300, 340]
         );
         assert_eq!(r[0].stages().len(), NET_STAGES.len());
         assert_eq!(r[0].total(), 136);
         assert_eq!(r[0].consumer, "evmm-net");
     }
 
-    /// A kernel vhost worker still running when the answer arrives: no wake-up, it
-    /// goes on with its next event; its own switch-out does not count.
+    /// A kernel vhost worker preempted and back on its CPU when the answer arrives:
+    /// no wake-up; it makes no system call, so its raise is empty.
     #[test]
     fn an_answer_that_finds_the_consumer_awake_needs_no_wakeup() {
         let t = "\
 vcpu0-7 [001] ..... 204: kvm_mmio: mmio write len 4 gpa 0xc0000050 val 0x1
 vcpu0-7 [001] d..5. 212: sched_waking: comm=vhost-6 pid=9 prio=120 target_cpu=000
 x-3 [000] d..2. 250: sched_switch: prev_comm=x prev_pid=3 prev_prio=120 prev_state=R ==> next_comm=vhost-6 next_pid=9 next_prio=120
+vhost-6-9 [000] ..... 258: netif_receive_skb: dev=evmmn0 skbaddr=00000000a1b2c3d4 len=74
 vhost-6-9 [000] d..4. 260: sched_waking: comm=evmm-net-echo pid=12 prio=120 target_cpu=001
 vhost-6-9 [000] d..2. 262: sched_switch: prev_comm=vhost-6 prev_pid=9 prev_prio=120 prev_state=R ==> next_comm=y next_pid=4 next_prio=120
 y-4 [000] d..2. 263: sched_switch: prev_comm=y prev_pid=4 prev_prio=120 prev_state=S ==> next_comm=vhost-6 next_pid=9 next_prio=120
 z-5 [001] d..2. 270: sched_switch: prev_comm=z prev_pid=5 prev_prio=120 prev_state=R ==> next_comm=evmm-net-echo next_pid=12 next_prio=120
+evmm-net-echo-12 [001] ..... 275: net_dev_queue: dev=evmmn0 skbaddr=00000000a1b2c3d5 len=74
 vhost-6-9 [000] d..4. 290: sched_waking: comm=kworker/0:0 pid=10 prio=120 target_cpu=000
 kworker/0:0-10 [000] ..... 300: kvm_set_irq: gsi 5 level 1 source 0
 vcpu0-7 [001] ..... 320: kvm_inj_virq: IRQ 0x40
@@ -376,7 +416,36 @@ vcpu0-7 [001] ..... 330: kvm_entry: vcpu 0
         assert_eq!(r.len(), 1, "{r:?}");
         assert_eq!(
             r[0].tsc,
-            [204, 212, 250, 260, 270, 290, 290, 290, 290, 300, 330]
+            [204, 212, 250, 258, 270, 275, 275, 290, 290, 300, 330]
+        );
+    }
+
+    /// QEMU with vhost=on on virtio-mmio: the vhost worker signals the call eventfd,
+    /// QEMU's loop (no irqfd) raises the line itself.
+    #[test]
+    fn a_completion_handed_to_a_relay_is_raised_by_the_relay() {
+        let t = "\
+vcpu0-7 [001] ..... 204: kvm_mmio: mmio write len 4 gpa 0xc0000050 val 0x1
+vcpu0-7 [001] d..5. 212: sched_waking: comm=vhost-5 pid=9 prio=120 target_cpu=000
+x-3 [000] d..2. 250: sched_switch: prev_comm=x prev_pid=3 prev_prio=120 prev_state=S ==> next_comm=vhost-5 next_pid=9 next_prio=120
+vhost-5-9 [000] ..... 258: netif_receive_skb: dev=evmmn0 skbaddr=00000000a1b2c3d4 len=74
+vhost-5-9 [000] d..4. 260: sched_waking: comm=evmm-net-echo pid=12 prio=120 target_cpu=001
+vhost-5-9 [000] d..2. 262: sched_switch: prev_comm=vhost-5 prev_pid=9 prev_prio=120 prev_state=S ==> next_comm=x next_pid=3 next_prio=120
+z-4 [001] d..2. 270: sched_switch: prev_comm=z prev_pid=4 prev_prio=120 prev_state=S ==> next_comm=evmm-net-echo next_pid=12 next_prio=120
+evmm-net-echo-12 [001] ..... 275: net_dev_queue: dev=evmmn0 skbaddr=00000000a1b2c3d5 len=74
+evmm-net-echo-12 [001] d..4. 276: sched_waking: comm=vhost-5 pid=9 prio=120 target_cpu=000
+x-3 [000] d..2. 280: sched_switch: prev_comm=x prev_pid=3 prev_prio=120 prev_state=S ==> next_comm=vhost-5 next_pid=9 next_prio=120
+vhost-5-9 [000] d..4. 286: sched_waking: comm=qemu-system-x86 pid=5 prio=120 target_cpu=000
+qemu-system-x86-5 [000] ..... 295: sys_enter: NR 16 (9, ae03, 7ffd1000, 0, 0, 0)
+qemu-system-x86-5 [000] ..... 298: kvm_set_irq: gsi 5 level 1 source 0
+vcpu0-7 [001] ..... 320: kvm_inj_virq: IRQ 0x40
+vcpu0-7 [001] ..... 330: kvm_entry: vcpu 0
+";
+        let r = requests(&parse(t), &net());
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(
+            r[0].tsc,
+            [204, 212, 250, 258, 270, 275, 280, 286, 298, 298, 330]
         );
     }
 }

@@ -3,8 +3,9 @@
 //! on each path twice, once as it is and once with the host's tracepoints recorded
 //! ([`evmm_bench::tracefs`]: kvm_emulate_insn, kvm_exit, kvm_entry, kvm_mmio,
 //! kvm_fast_mmio, kvm_set_irq, kvm_msi_set_irq, kvm_inj_virq, kvm_userspace_exit,
-//! sched_waking, sched_switch, the return from the wait system calls and the entry of
-//! write and ioctl, on the host TSC), cuts every interrupted request into its stages ([`evmm_bench::kick_stages`]),
+//! sched_waking, sched_switch, the return from the wait system calls, the entry of
+//! write and ioctl, and frames crossing the tap (netif_receive_skb, netif_rx,
+//! net_dev_queue), on the host TSC), cuts every interrupted request into its stages ([`evmm_bench::kick_stages`]),
 //! and prints per path the p50/p90/p99 of each stage, their sum against the traced and
 //! untraced end-to-end figures (the tracing's own cost), and draws a swimlane of the
 //! typical (median) request per path ([`evmm_bench::swimlane`]).
@@ -75,11 +76,18 @@ enum Only {
 /// marks it running even when no `sched_switch` to it is traced.
 const WAIT_EXITS: &str = "id == 7 || id == 232 || id == 270 || id == 271 || id == 281 || id == 441";
 
+/// The tracepoints of frames crossing a network device, kept for the tap only: a
+/// frame entering the host's stack from it, and one queued on it.
+const TAP_EVENTS: [&str; 3] = ["net/netif_receive_skb", "net/netif_rx", "net/net_dev_queue"];
+
 /// The system calls that raise an interrupt: write (an irqfd) and ioctl
 /// (`KVM_IRQ_LINE`); their `sys_enter` ends a consumer's work.
 const RAISE_ENTERS: &str = "id == 1 || id == 16";
 
-const TRACEPOINTS: [&str; 13] = [
+const TRACEPOINTS: [&str; 16] = [
+    "net/netif_receive_skb",
+    "net/netif_rx",
+    "net/net_dev_queue",
     "raw_syscalls/sys_enter",
     "raw_syscalls/sys_exit",
     "kvm/kvm_emulate_insn",
@@ -252,6 +260,9 @@ fn trace_here(
         let trace = TraceInstance::new(&TRACEPOINTS, BUFFER_KB)?;
         trace.filter("raw_syscalls/sys_exit", WAIT_EXITS)?;
         trace.filter("raw_syscalls/sys_enter", RAISE_ENTERS)?;
+        for event in TAP_EVENTS {
+            trace.filter(event, &format!("name == \"{TAP}\""))?;
+        }
         let traced = run_guest(p, &disk, &socket, Some(&trace), cli, host)?;
         let text = trace.text()?;
         let lost = trace.overruns();
@@ -667,8 +678,8 @@ fn print_tables(host: &str, reports: &[PathReport]) {
          (the ioeventfd's eventfd_signal, or evmm's vCPU thread after an exit); wakeup = until it runs; \
          work = until it enters the system call that raises the interrupt (write of the irqfd, KVM_IRQ_LINE; \
          a kernel thread has none); raise = until the interrupt is raised (the kworker of an irqfd woken, or kvm_set_irq); \
-         on the network path work is tx (until the frame wakes the echo), echo wakeup, echo (until its answer \
-         wakes the consumer), rx wakeup and rx; \
+         on the network path work is tx (until the frame enters the host's stack from the tap), echo wakeup (until \
+         the echo runs), echo (until its answer is queued on the tap), rx wakeup (until the consumer runs again) and rx; \
          inject = until kvm_set_irq; deliver = until the guest's handler runs."
     );
 }
