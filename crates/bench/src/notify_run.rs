@@ -1,7 +1,43 @@
-//! What the notify-guest benchmarks set up alike: the guest and the disk file.
+//! What the notify-guest benchmarks set up alike: the guest, the disk file, and the
+//! second run in the nested host for the paths that need the kernel's vhost-net.
 
 use evmm_testhost::images::notify_guest;
+use evmm_testhost::route::rerun_in_nested_host;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Whether /dev/vhost-net exists here; an error when it must (in the nested host, which
+/// loads vhost_net for these benchmarks).
+pub fn vhost_net(required: bool) -> Result<bool, Box<dyn std::error::Error>> {
+    let here = Path::new("/dev/vhost-net").exists();
+    if required && !here {
+        return Err("the nested host has no /dev/vhost-net (vhost_net not loaded?)".into());
+    }
+    Ok(here)
+}
+
+/// Runs this benchmark program (`name` when argv[0] is missing) again in the nested
+/// test host, where /dev/vhost-net exists, with `args`, `--guest GUEST` and `--here`;
+/// its output comes through and its files come back. An error unless it exits 0.
+pub fn rerun_with_vhost_net(
+    name: &str,
+    args: &[String],
+    guest: &Path,
+    limit: Duration,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut argv = vec![std::env::args().next().unwrap_or_else(|| name.into())];
+    argv.extend(args.iter().cloned());
+    argv.extend([
+        "--guest".into(),
+        guest.display().to_string(),
+        "--here".into(),
+    ]);
+    let status = rerun_in_nested_host(&argv, limit, &[guest.to_path_buf()])?;
+    if status != 0 {
+        return Err(format!("the nested run exited {status}").into());
+    }
+    Ok(())
+}
 
 /// The notify guest: `given` if it names a file, else the one `crates/notify-guest`
 /// builds.

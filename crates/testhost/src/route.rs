@@ -84,12 +84,18 @@ const SEND_BACK_ENV: &str = "EVMM_SEND_BACK";
 /// The line that carries a file back from the nested host.
 const SEND_BACK_MARKER: &str = "EVMM-NESTED-FILE";
 
+/// Whether this program was started by [`rerun_in_nested_host`] (or
+/// [`rerun_where_guests_boot`]): it runs in the nested host and sends its files back.
+pub fn running_in_nested_host() -> bool {
+    std::env::var_os(SEND_BACK_ENV).is_some()
+}
+
 /// Writes a benchmark's output file `path`; in a program that
 /// [`rerun_where_guests_boot`] runs in the nested host, also sends it back to the same
 /// path on this host (as one line of its output), since L1's files end with L1.
 pub fn write_output(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::write(path, bytes)?;
-    if std::env::var_os(SEND_BACK_ENV).is_some() {
+    if running_in_nested_host() {
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         println!(
             "{SEND_BACK_MARKER} path={} hex={hex}",

@@ -17,12 +17,12 @@
 //! (histogram of kick → RX interrupt) into DIR. benches/net-notify-latency runs it.
 
 use clap::Parser;
-use evmm_bench::notify_run::guest_elf;
+use evmm_bench::notify_run::{guest_elf, rerun_with_vhost_net, vhost_net};
 use evmm_testhost::echo_netns::{self, EchoSummary};
 use evmm_testhost::notify_output::{NotifyRun, Stats};
 use evmm_testhost::process::slug;
 use evmm_testhost::qemu::notify_guest_microvm_net_argv;
-use evmm_testhost::route::{bench_main, rerun_in_nested_host, write_output};
+use evmm_testhost::route::{bench_main, running_in_nested_host, write_output};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -113,7 +113,7 @@ fn main() -> ExitCode {
 fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&cli.out)?;
     let guest = guest_elf(cli.guest.as_deref())?;
-    let in_nested_host = std::env::var_os("EVMM_SEND_BACK").is_some();
+    let in_nested_host = running_in_nested_host();
     let host = if in_nested_host { "nested" } else { "direct" };
     eprintln!(
         "rows on {}",
@@ -128,23 +128,13 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     }
     eprintln!("now every row again in the nested test host, where /dev/vhost-net exists");
-    let argv: Vec<String> = vec![
-        std::env::args()
-            .next()
-            .unwrap_or_else(|| "evmm-net-notify-bench".into()),
+    let args: Vec<String> = vec![
         "--requests".into(),
         cli.requests.to_string(),
         "--out".into(),
         cli.out.display().to_string(),
-        "--guest".into(),
-        guest.display().to_string(),
-        "--here".into(),
     ];
-    let status = rerun_in_nested_host(&argv, NESTED_LIMIT, &[guest])?;
-    if status != 0 {
-        return Err(format!("the nested run exited {status}").into());
-    }
-    Ok(())
+    rerun_with_vhost_net("evmm-net-notify-bench", &args, &guest, NESTED_LIMIT)
 }
 
 fn run_rows(
@@ -153,10 +143,7 @@ fn run_rows(
     host: &str,
     must_have_vhost: bool,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let vhost_net = Path::new("/dev/vhost-net").exists();
-    if must_have_vhost && !vhost_net {
-        return Err("the nested host has no /dev/vhost-net (vhost_net not loaded?)".into());
-    }
+    let vhost_net = vhost_net(must_have_vhost)?;
     let mut not_here = Vec::new();
     let mut done = Vec::new();
     let all = paths(cli, guest, host);

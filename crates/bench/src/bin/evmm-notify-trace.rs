@@ -28,7 +28,7 @@
 
 use clap::{Parser, ValueEnum};
 use evmm_bench::kick_stages::{requests, Anchors, Request};
-use evmm_bench::notify_run::{guest_elf, TempDisk};
+use evmm_bench::notify_run::{guest_elf, rerun_with_vhost_net, vhost_net, TempDisk};
 use evmm_bench::swimlane::{self, Panel};
 use evmm_bench::tracefs::{parse, TraceInstance};
 use evmm_testhost::echo_netns;
@@ -36,7 +36,7 @@ use evmm_testhost::notify_output::{NotifyRun, Stats};
 use evmm_testhost::process::{run_with_limit, slug};
 use evmm_testhost::qemu::{notify_guest_microvm_argv, notify_guest_microvm_net_argv};
 use evmm_testhost::qemu_cpu::kvm_cpu_model;
-use evmm_testhost::route::{bench_main, rerun_in_nested_host, write_output};
+use evmm_testhost::route::{bench_main, running_in_nested_host, write_output};
 use evmm_testhost::{Backend, BackendKind};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -189,7 +189,7 @@ fn main() -> ExitCode {
 fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&cli.out)?;
     let guest = guest_elf(cli.guest.as_deref())?;
-    let in_nested_host = std::env::var_os("EVMM_SEND_BACK").is_some();
+    let in_nested_host = running_in_nested_host();
     let host = if in_nested_host { "nested" } else { "direct" };
     eprintln!(
         "paths on {}",
@@ -204,25 +204,15 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     }
     eprintln!("now the network paths in the nested test host, where /dev/vhost-net exists");
-    let argv: Vec<String> = vec![
-        std::env::args()
-            .next()
-            .unwrap_or_else(|| "evmm-notify-trace".into()),
+    let args: Vec<String> = vec![
         "--requests".into(),
         cli.requests.to_string(),
         "--out".into(),
         cli.out.display().to_string(),
-        "--guest".into(),
-        guest.display().to_string(),
         "--only".into(),
         "net".into(),
-        "--here".into(),
     ];
-    let status = rerun_in_nested_host(&argv, NESTED_LIMIT, &[guest])?;
-    if status != 0 {
-        return Err(format!("the nested run exited {status}").into());
-    }
-    Ok(())
+    rerun_with_vhost_net("evmm-notify-trace", &args, &guest, NESTED_LIMIT)
 }
 
 /// Every selected path of this host, untraced then traced; the tables, the JSON and
@@ -233,10 +223,7 @@ fn trace_here(
     host: &str,
     must_have_vhost: bool,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let vhost_net = Path::new("/dev/vhost-net").exists();
-    if must_have_vhost && !vhost_net {
-        return Err("the nested host has no /dev/vhost-net (vhost_net not loaded?)".into());
-    }
+    let vhost_net = vhost_net(must_have_vhost)?;
     let disk_file = TempDisk::new("evmm-notify-trace", 64 << 20, &cli.out)?;
     let disk = disk_file.path().to_path_buf();
     let socket = cli.out.join("vhost-user-blk.sock");
