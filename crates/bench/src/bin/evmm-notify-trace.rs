@@ -664,7 +664,8 @@ fn print_tables(host: &str, reports: &[PathReport]) {
          (the guest's figure less the host's stages); signal = until the consumer is woken \
          (the ioeventfd's eventfd_signal, or evmm's vCPU thread after an exit); wakeup = until it runs; \
          work = until it enters the system call that raises the interrupt (write of the irqfd, KVM_IRQ_LINE; \
-         a kernel thread has none); raise = until the interrupt is raised (the kworker of an irqfd woken, or kvm_set_irq); \
+         a kernel thread has none) or wakes a relay that raises it (QEMU's loop for a vhost worker); \
+         raise = until the interrupt is raised (the kworker of an irqfd woken, or kvm_set_irq); \
          on the network path work is tx (until the frame enters the host's stack from the tap), echo wakeup (until \
          the echo runs), echo (until its answer is queued on the tap), rx wakeup (until the consumer runs again) and rx; \
          inject = until kvm_set_irq; deliver = until the guest's handler runs."
