@@ -178,6 +178,10 @@ struct PathReport {
     traced_total_p50_us: f64,
     /// The same in the run without tracing.
     guest_untraced_p50_us: f64,
+    /// Requests whose host stages took longer than the guest's own kick → handler
+    /// figure: a cut that cannot be right (paired with the wrong kick, or clocks that
+    /// disagree); their store stage is 0.
+    cut_longer_than_guest: usize,
     lost_events: u64,
 }
 
@@ -572,6 +576,7 @@ fn report(
         sum_of_p50s_us: sum,
         traced_total_p50_us: us(total.p50),
         guest_untraced_p50_us,
+        cut_longer_than_guest: reqs.iter().filter(|r| r.host.total() > r.guest).count(),
         lost_events,
     }
 }
@@ -639,13 +644,14 @@ fn print_tables(host: &str, reports: &[PathReport]) {
             );
         }
     }
-    println!("\n| path | requests | sum of stage p50s | guest's kick → handler p50, traced | the same, untraced | tracing's cost | events lost |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("\n| path | requests | cut longer than the guest's figure | sum of stage p50s | guest's kick → handler p50, traced | the same, untraced | tracing's cost | events lost |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for r in reports {
         println!(
-            "| {} | {} | {:.1} | {:.1} | {:.1} | {:+.1} | {} |",
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:+.1} | {} |",
             r.path,
             r.requests,
+            r.cut_longer_than_guest,
             r.sum_of_p50s_us,
             r.traced_total_p50_us,
             r.guest_untraced_p50_us,
