@@ -6,6 +6,25 @@ use evmm_testhost::route::rerun_in_nested_host;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// Where this benchmark runs: `"nested"` in the nested test host (a rerun of
+/// [`rerun_with_vhost_net`]), else `"direct"`; says on stderr whose KVM runs its `what`.
+pub fn host_label(what: &str) -> &'static str {
+    let nested = evmm_testhost::route::running_in_nested_host();
+    eprintln!(
+        "{what} on {}",
+        if nested {
+            "the nested host (L1: its KVM on QEMU's emulated SVM)"
+        } else {
+            "this host's KVM"
+        }
+    );
+    if nested {
+        "nested"
+    } else {
+        "direct"
+    }
+}
+
 /// Whether /dev/vhost-net exists here; an error when it must (in the nested host, which
 /// loads vhost_net for these benchmarks).
 pub fn vhost_net(required: bool) -> Result<bool, Box<dyn std::error::Error>> {

@@ -17,12 +17,12 @@
 //! (histogram of kick → RX interrupt) into DIR. benches/net-notify-latency runs it.
 
 use clap::Parser;
-use evmm_bench::notify_run::{guest_elf, rerun_with_vhost_net, vhost_net};
+use evmm_bench::notify_run::{guest_elf, host_label, rerun_with_vhost_net, vhost_net};
 use evmm_testhost::echo_netns::{self, EchoSummary};
 use evmm_testhost::notify_output::{NotifyRun, Stats};
 use evmm_testhost::process::slug;
 use evmm_testhost::qemu::notify_guest_microvm_net_argv;
-use evmm_testhost::route::{bench_main, running_in_nested_host, write_output};
+use evmm_testhost::route::{bench_main, write_output};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -113,16 +113,8 @@ fn main() -> ExitCode {
 fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&cli.out)?;
     let guest = guest_elf(cli.guest.as_deref())?;
-    let in_nested_host = running_in_nested_host();
-    let host = if in_nested_host { "nested" } else { "direct" };
-    eprintln!(
-        "rows on {}",
-        if in_nested_host {
-            "the nested host (L1: its KVM on QEMU's emulated SVM)"
-        } else {
-            "this host's KVM"
-        }
-    );
+    let host = host_label("rows");
+    let in_nested_host = host == "nested";
     run_rows(cli, &guest, host, in_nested_host)?;
     if cli.here || in_nested_host {
         return Ok(());

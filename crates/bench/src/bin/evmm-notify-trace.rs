@@ -28,7 +28,7 @@
 
 use clap::{Parser, ValueEnum};
 use evmm_bench::kick_stages::{requests, Anchors, Request};
-use evmm_bench::notify_run::{guest_elf, rerun_with_vhost_net, vhost_net, TempDisk};
+use evmm_bench::notify_run::{guest_elf, host_label, rerun_with_vhost_net, vhost_net, TempDisk};
 use evmm_bench::swimlane::{self, Panel};
 use evmm_bench::tracefs::{parse, TraceInstance};
 use evmm_testhost::echo_netns;
@@ -36,7 +36,7 @@ use evmm_testhost::notify_output::{NotifyRun, Stats};
 use evmm_testhost::process::{run_with_limit, slug};
 use evmm_testhost::qemu::{notify_guest_microvm_argv, notify_guest_microvm_net_argv};
 use evmm_testhost::qemu_cpu::kvm_cpu_model;
-use evmm_testhost::route::{bench_main, running_in_nested_host, write_output};
+use evmm_testhost::route::{bench_main, write_output};
 use evmm_testhost::{Backend, BackendKind};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -193,16 +193,8 @@ fn main() -> ExitCode {
 fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&cli.out)?;
     let guest = guest_elf(cli.guest.as_deref())?;
-    let in_nested_host = running_in_nested_host();
-    let host = if in_nested_host { "nested" } else { "direct" };
-    eprintln!(
-        "paths on {}",
-        if in_nested_host {
-            "the nested host (L1: its KVM on QEMU's emulated SVM)"
-        } else {
-            "this host's KVM"
-        }
-    );
+    let host = host_label("paths");
+    let in_nested_host = host == "nested";
     trace_here(cli, &guest, host, in_nested_host)?;
     if cli.here || in_nested_host || cli.only == Only::Blk {
         return Ok(());
