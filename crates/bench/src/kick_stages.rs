@@ -193,7 +193,7 @@ fn one(events: &[Event], n: usize, k: usize, end: usize, a: &Anchors) -> Option<
             .iter()
             .position(|e| e.name == "netif_receive_skb" || e.name == "netif_rx")?;
         marks.push(window[at].tsc);
-        let consumer_ran = at;
+        let frame_sent = at;
         // echo wakeup: the echo runs.
         at += window[at..]
             .iter()
@@ -209,7 +209,7 @@ fn one(events: &[Event], n: usize, k: usize, end: usize, a: &Anchors) -> Option<
         marks.push(window[at].tsc);
         // rx wakeup: the consumer runs: at once if it is still on a CPU, else when it
         // is switched in (woken, or preempted meanwhile).
-        if !on_cpu(&window[consumer_ran..at], consumer) {
+        if !on_cpu(&window[frame_sent..at], consumer) {
             at += 1;
             at += runs(&window[at..], consumer)?;
         }
