@@ -200,6 +200,19 @@ fn triple_fault_exits_0_and_says_so_at_the_default_log_level() {
         "stderr: {}",
         out.stderr
     );
+    // Where it died, read under the vCPU's seccomp filter.
+    for part in [
+        "vCPU 0 triple-faulted: rip 0x",
+        " cr0 0x",
+        " idt 0x",
+        " exception ",
+    ] {
+        assert!(
+            out.stderr.contains(part),
+            "{part:?} in stderr: {}",
+            out.stderr
+        );
+    }
 }
 
 #[test]

@@ -205,8 +205,12 @@ const IOC_WRITE: u64 = 1;
 const IOC_READ: u64 = 2;
 const KVMIO: u64 = 0xae;
 const KVM_RUN: u64 = ioc(0, KVMIO, 0x80, 0);
-/// With `struct kvm_regs` (144 bytes): read on a KVM internal error.
+/// With `struct kvm_regs` (144 bytes): read on a KVM internal error and a triple fault.
 const KVM_GET_REGS: u64 = ioc(IOC_READ, KVMIO, 0x81, 144);
+/// With `struct kvm_sregs` (312 bytes): read on a triple fault.
+const KVM_GET_SREGS: u64 = ioc(IOC_READ, KVMIO, 0x83, 312);
+/// With `struct kvm_vcpu_events` (64 bytes): read on a triple fault.
+const KVM_GET_VCPU_EVENTS: u64 = ioc(IOC_READ, KVMIO, 0x9f, 64);
 /// With `struct kvm_irqfd` (32 bytes).
 const KVM_IRQFD: u64 = ioc(IOC_WRITE, KVMIO, 0x76, 32);
 /// With `struct kvm_ioeventfd` (64 bytes).
@@ -281,7 +285,7 @@ fn allowed(kind: ThreadKind) -> Vec<Allow> {
             v.extend(always(MESSAGES));
             v.extend(always(&[SYS_io_uring_setup, SYS_io_uring_register]));
             v.extend(descriptor_flags());
-            let mut ioctl = vec![KVM_RUN, KVM_GET_REGS];
+            let mut ioctl = vec![KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, KVM_GET_VCPU_EVENTS];
             ioctl.extend(TAP);
             v.push(ioctls(&ioctl));
             v.push(vhost_ioctls());

@@ -197,6 +197,44 @@ impl Vcpu {
         log::debug!("vCPU {} stopped", self.index);
     }
 
+    /// The vCPU's state in one line, for a guest that died without a word (a triple
+    /// fault): where it was, its paging and descriptor tables, and the event KVM was
+    /// delivering. What cannot be read is left out.
+    fn state_line(&self) -> String {
+        let mut line = String::new();
+        if let Ok(r) = self.fd.get_regs() {
+            line += &format!("rip {:#x} rsp {:#x} rflags {:#x}", r.rip, r.rsp, r.rflags);
+        }
+        if let Ok(s) = self.fd.get_sregs() {
+            line += &format!(
+                " cs {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} idt {:#x}/{:#x} gdt {:#x}/{:#x} tr {:#x}",
+                s.cs.selector,
+                s.cr0,
+                s.cr2,
+                s.cr3,
+                s.cr4,
+                s.efer,
+                s.idt.base,
+                s.idt.limit,
+                s.gdt.base,
+                s.gdt.limit,
+                s.tr.base
+            );
+        }
+        if let Ok(e) = self.fd.get_vcpu_events() {
+            line += &format!(
+                " exception {}:{} (error code {:#x}) interrupt {}:{} nmi {}",
+                e.exception.injected,
+                e.exception.nr,
+                e.exception.error_code,
+                e.interrupt.injected,
+                e.interrupt.nr,
+                e.nmi.injected
+            );
+        }
+        line
+    }
+
     /// Runs the guest until its next exit and handles it. An `Err` stops
     /// the VM with that reason.
     fn run_once(&mut self) -> Result<(), ExitReason> {
@@ -218,7 +256,10 @@ impl Vcpu {
                 // With the in-kernel LAPIC KVM handles HLT itself.
                 log::debug!("vCPU {index}: HLT exit");
             }
-            Ok(VcpuExit::Shutdown) => return Err(ExitReason::TripleFault),
+            Ok(VcpuExit::Shutdown) => {
+                log::warn!("vCPU {index} triple-faulted: {}", self.state_line());
+                return Err(ExitReason::TripleFault);
+            }
             Ok(VcpuExit::SystemEvent(kind, _)) => {
                 log::debug!("vCPU {index}: system event {kind}");
                 return Err(match kind {
