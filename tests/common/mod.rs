@@ -102,19 +102,24 @@ pub fn metrics_in(text: &str) -> serde_json::Value {
 /// success: in the nested host guests sometimes stall or reset, and evmm +
 /// qemu-storage-daemon sometimes takes L1 down (README, "Known problems"). What an
 /// attempt returns is then checked in full by the caller.
-pub fn up_to_three_attempts<T>(what: &str, mut attempt: impl FnMut() -> Result<T, String>) -> T {
+pub fn up_to_three_attempts<T>(what: &str, attempt: impl FnMut() -> Result<T, String>) -> T {
+    up_to_attempts(what, 3, attempt)
+}
+
+/// As [`up_to_three_attempts`], with `n` attempts.
+pub fn up_to_attempts<T>(what: &str, n: u32, mut attempt: impl FnMut() -> Result<T, String>) -> T {
     let mut failures = Vec::new();
-    for n in 1..=3 {
+    for i in 1..=n {
         match attempt() {
             Ok(v) => return v,
             Err(e) => {
-                eprintln!("{what}: attempt {n} of 3 FAILED (retried): {e}");
+                eprintln!("{what}: attempt {i} of {n} FAILED (retried): {e}");
                 failures.push(e);
             }
         }
     }
     panic!(
-        "{what}: all 3 attempts failed:\n{}",
+        "{what}: all {n} attempts failed:\n{}",
         failures.join("\n---\n")
     );
 }
